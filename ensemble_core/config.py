@@ -1,0 +1,214 @@
+"""Run configuration: one YAML file validated by pydantic.
+
+Unknown keys and wrong types are errors that name the key path (``model.quantization``,
+``tasks.2.template``, …). ``--set key=value`` overrides use the same dotted paths.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .data import TaskConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name: str = "tiny-llama"  # tiny-llama | smollm2-135m | path/to/file.gguf | local dir | hub id
+    gguf_file: str | None = None  # a GGUF file inside the directory ``name``
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    quantization: Literal["none", "nf4"] = "none"  # nf4 = QLoRA (bitsandbytes)
+    device: str = "auto"
+    max_length: int = Field(256, ge=8)
+    choice_mode: Literal["auto", "token", "sequence"] = "auto"
+    trust_remote_code: bool = False
+    # tiny-llama only
+    tiny_hidden_size: int = Field(64, ge=8)
+    tiny_layers: int = Field(2, ge=1)
+    tiny_seed: int = 0
+
+
+class AdapterConfig(_Strict):
+    kind: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1)
+    alpha: float = 16.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "v_proj"]
+    # PEFT init_lora_weights: "true" (B = 0, the standard), "false" (B random), "gaussian", "pissa"…
+    init: str = "true"
+
+
+class EstimationConfig(_Strict):
+    """Stage 1 (projected gradients) and stage 2 (subset regressions)."""
+    projection_dim: int = Field(400, ge=1)  # d
+    projection_seed: int = 0
+    projection_block_rows: int = Field(32768, ge=1)
+    batch_size: int = Field(16, ge=1)
+    linearity_check: bool = True
+    linearity_examples: int = Field(16, ge=1)
+    # stage 2
+    n_subsets: int = Field(60, ge=1)  # k
+    subset_size: int = Field(3, ge=2)  # s
+    min_pair_coverage: int = Field(1, ge=0)
+    l2: float = Field(1e-3, ge=0.0)  # λ
+    max_norm: float | None = Field(None, gt=0.0)
+    metric: Literal["loss", "accuracy"] = "loss"
+    subsets_per_task_run: int = Field(10, ge=1)
+
+
+class ClusteringConfig(_Strict):
+    method: Literal["sdp", "spectral"] = "sdp"
+    n_groups: int | Literal["auto"] = "auto"  # m
+    m_selection: Literal["trace", "density"] = "trace"
+    lam: float = 0.0  # λ of the trace term
+    threshold_c: float = Field(1.0, gt=0.0)  # round X̂_uv >= c/n
+    solver: str | None = None
+
+
+class TrainingConfig(_Strict):
+    learning_rate: float = Field(5e-4, gt=0.0)
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accumulation: int = Field(1, ge=1)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_steps: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class BoostingConfig(_Strict):
+    steps: int = Field(1, ge=0)  # b
+    eta: float = Field(0.1, gt=0.0)  # η
+    mode: Literal["first-order", "exact"] = "first-order"
+
+
+class RunnerConfig(_Strict):
+    kind: Literal["local", "dask"] = "local"
+    address: str | None = None  # a Dask scheduler address; None = a local cluster
+    n_workers: int = Field(2, ge=1)
+    work_pools: dict[str, str] = {}  # stage kind ("gpu", "cpu") -> Prefect work pool name
+
+
+class RunConfig(_Strict):
+    name: str = "ensemble-lora"
+    seed: int = 0
+    data_root: str = "../shared/data"  # any fsspec URL; relative paths are relative to the config
+    output_dir: str = "runs/{name}"  # any fsspec URL
+    cache_dir: str | None = None  # model cache (default ~/.cache/ensemble-lora)
+    model: ModelConfig = ModelConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    tasks: list[TaskConfig]
+    estimation: EstimationConfig = EstimationConfig()
+    clustering: ClusteringConfig = ClusteringConfig()
+    training: TrainingConfig = TrainingConfig()
+    boosting: BoostingConfig = BoostingConfig()
+    runner: RunnerConfig = RunnerConfig()
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, tasks):
+        if not tasks:
+            raise ValueError("at least one task is required")
+        seen = set()
+        for t in tasks:
+            if t.name in seen:
+                raise ValueError(f"duplicate task name {t.name!r}")
+            seen.add(t.name)
+        return tasks
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        n = len(self.tasks)
+        if isinstance(self.clustering.n_groups, int) and self.clustering.n_groups > n:
+            raise ValueError(f"clustering.n_groups = {self.clustering.n_groups} is larger than "
+                             f"the number of tasks ({n})")
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        return self.output_dir.format(name=self.name)
+
+    def fingerprint(self, *sections: str) -> str:
+        """Content hash of the whole config, or of some of its sections."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {s: data[s] for s in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    def task(self, name: str) -> TaskConfig:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(f"no task named {name!r}; tasks are {[t.name for t in self.tasks]}")
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{path}'")
+        else:
+            lines.append(f"'{path}': {e['msg']} (got {e.get('input')!r})"[:300])
+    return f"invalid config {source}: " + "; ".join(lines)
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur: Any = data
+    for k in keys[:-1]:
+        if isinstance(cur, list):
+            cur = cur[int(k)]
+        else:
+            cur = cur.setdefault(k, {})
+    last = keys[-1]
+    if isinstance(cur, list):
+        cur[int(last)] = value
+    else:
+        cur[last] = value
+
+
+def parse_config(data: dict, source: str = "<dict>", overrides: list[str] | None = None,
+                 base_dir: str | None = None) -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping at the top level")
+    data = json.loads(json.dumps(data))  # a private copy
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        _set_path(data, key.strip(), yaml.safe_load(raw))
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+    if base_dir is not None:  # relative local paths are relative to the config file
+        for attr in ("data_root", "output_dir"):
+            val = getattr(cfg, attr)
+            if "://" not in val and not Path(val).is_absolute():
+                setattr(cfg, attr, str((Path(base_dir) / val).resolve()))
+    return cfg
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> RunConfig:
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    base = str(Path(path).parent) if "://" not in path else None
+    return parse_config(data, source=path, overrides=overrides, base_dir=base)

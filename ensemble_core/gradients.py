@@ -1,0 +1,256 @@
+"""Stage 1: outputs h_c(s) and gradients g_c(s) = ∇_X h_c(s) at θ* (DESIGN.md step 1).
+
+Fast path: one batched forward, then one backward per answer-choice slot (token mode) or a single
+backward for the whole batch (sequence mode, one sequence per choice). Per-sequence gradients of
+every trainable ``nn.Linear`` (the LoRA A and B matrices) are formed inside the backward pass from
+the layer's saved input x and its output gradient δ: ∇W = Σ_t δ_tᵀ x_t per sequence — the
+standard per-sample-gradient identity for a linear map — and never via one backward per example.
+
+Reference: :func:`reference_gradients`, a plain autograd loop (one example, one choice, one
+backward at a time), kept as the test oracle.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .data import Example
+from .features import FeatureTable
+from .models import (ChoiceScorer, EncodedBatch, adapter_vector, choice_outputs,
+                     set_adapter_vector, trainable_parameters)
+from .projection import GaussianProjector
+
+
+class GradientError(ValueError):
+    pass
+
+
+class PerSampleLinearGrads:
+    """Hooks that turn each backward pass into per-sequence gradients of the trainable Linears.
+
+    Usage::
+
+        with PerSampleLinearGrads(model) as psg:
+            out = choice_outputs(model, batch)            # forward: inputs saved
+            psg.backward(out[rows].sum(), retain=True)    # one backward
+            G = psg.collect()                             # [N sequences, p]
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.params = trainable_parameters(model)
+        owner = {}
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                owner[id(m.weight)] = (m, "weight")
+                if m.bias is not None:
+                    owner[id(m.bias)] = (m, "bias")
+        self.slots = []
+        for name, p in self.params:
+            if id(p) not in owner:
+                raise GradientError(f"trainable parameter {name} is not the weight or bias of an "
+                                    "nn.Linear; the fast path supports Linear adapters (LoRA) "
+                                    "only — use reference_gradients")
+            self.slots.append(owner[id(p)])
+        self.modules = list(dict.fromkeys(m for m, _ in self.slots))
+        self.p = sum(p.numel() for _, p in self.params)
+        self._handles = []
+        self._x: dict[int, torch.Tensor] = {}
+        self._g: dict[tuple[int, str], torch.Tensor] = {}
+
+    def __enter__(self):
+        for m in self.modules:
+            self._handles.append(m.register_forward_hook(self._forward_hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._x.clear()
+        self._g.clear()
+
+    def _forward_hook(self, module, inputs, output):
+        x = inputs[0].detach()
+        self._x[id(module)] = x.reshape(x.shape[0], -1, x.shape[-1])
+        if output.requires_grad:
+            output.register_hook(lambda gy, m=module: self._on_grad(m, gy))
+
+    def _on_grad(self, module, gy):
+        x = self._x[id(module)]
+        if gy is None:  # autograd passes None for an all-zero (undefined) gradient
+            gy = x.new_zeros(*x.shape[:2], module.weight.shape[0])
+        gy = gy.reshape(gy.shape[0], -1, gy.shape[-1])
+        if module.weight.requires_grad:  # Σ_t δ_t x_tᵀ per sequence, in fp32
+            self._g[(id(module), "weight")] = torch.einsum(
+                "nto,nti->noi", gy.float(), x.float()).reshape(gy.shape[0], -1)
+        if module.bias is not None and module.bias.requires_grad:
+            self._g[(id(module), "bias")] = gy.float().sum(1)
+
+    def backward(self, scalar: torch.Tensor, retain: bool) -> None:
+        self._g.clear()
+        torch.autograd.grad(scalar, [p for _, p in self.params], retain_graph=retain,
+                            allow_unused=True)
+
+    def collect(self) -> torch.Tensor:
+        """[N, p] per-sequence gradients of the last backward, in named_parameters order."""
+        parts = []
+        for (m, kind), (name, _) in zip(self.slots, self.params):
+            g = self._g.get((id(m), kind))
+            if g is None:
+                raise GradientError(f"no gradient reached {name}")
+            parts.append(g)
+        return torch.cat(parts, dim=1)
+
+
+def batched_gradients(model, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs [R] and full (unprojected) gradients [R, p] for the rows of one batch."""
+    with PerSampleLinearGrads(model) as psg:
+        out = choice_outputs(model, batch)
+        R = out.shape[0]
+        if batch.mode == "sequence":  # one sequence per row: a single backward
+            psg.backward(out.sum(), retain=False)
+            return out.detach(), psg.collect()
+        # token mode: one backward per choice slot j, each row j of every example at once
+        offsets = np.concatenate([[0], np.cumsum(batch.n_choices)])
+        G = None
+        slots = max(batch.n_choices)
+        for j in range(slots):
+            ex = [i for i, c in enumerate(batch.n_choices) if c > j]
+            rows = torch.tensor([offsets[i] + j for i in ex], device=out.device)
+            psg.backward(out[rows].sum(), retain=j < slots - 1)
+            Gj = psg.collect()  # [N examples, p]
+            if G is None:
+                G = torch.empty(R, Gj.shape[1], dtype=Gj.dtype, device=Gj.device)
+            G[rows] = Gj[torch.tensor(ex, device=Gj.device)]
+        return out.detach(), G
+
+
+def reference_gradients(model, scorer: ChoiceScorer, examples: Sequence[Example],
+                        mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain autograd loop: one example and one choice at a time. Outputs [R], grads [R, p]."""
+    params = [p for _, p in trainable_parameters(model)]
+    mode = mode or scorer.mode_for(examples)
+    outs, grads = [], []
+    for ex in examples:
+        batch = scorer.encode([ex], mode=mode).to(_device(model))
+        out = choice_outputs(model, batch)
+        for c in range(len(ex.choices)):
+            g = torch.autograd.grad(out[c], params, retain_graph=c < len(ex.choices) - 1)
+            grads.append(torch.cat([x.reshape(-1).float() for x in g]))
+        outs.append(out.detach())
+    return torch.cat(outs), torch.stack(grads)
+
+
+def _device(model) -> torch.device:
+    return next(p for p in model.parameters()).device
+
+
+def extract_features(model, scorer: ChoiceScorer, examples: Sequence[Example],
+                     projector: GaussianProjector, *, task: str, split: str,
+                     batch_size: int = 16, progress: Callable[[int, int], None] | None = None,
+                     timings: dict | None = None) -> FeatureTable:
+    """Projected gradient features of a task split: the Parquet rows of stage 1.
+
+    Examples are batched by token length (less padding); rows come back in the input order.
+    """
+    if not examples:
+        raise GradientError(f"task {task}: split {split} has no examples")
+    mode = scorer.mode_for(examples)
+    lengths = [len(scorer._ids(ex.prompt)) + max(len(scorer._ids(c)) for c in ex.choices)
+               for ex in examples]
+    order = np.argsort(lengths, kind="stable")
+    n_rows = [len(ex.choices) for ex in examples]
+    row_start = np.concatenate([[0], np.cumsum(n_rows)])
+    R = int(row_start[-1])
+    output = np.empty(R, np.float32)
+    grad = np.empty((R, projector.d), np.float32)
+    t_grad = t_proj = 0.0
+    device = _device(model)
+    done = 0
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        batch = scorer.encode([examples[i] for i in idx], mode=mode).to(device)
+        t0 = time.perf_counter()
+        out, G = batched_gradients(model, batch)
+        t1 = time.perf_counter()
+        Gp = projector.project(G)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        t_grad, t_proj = t_grad + t1 - t0, t_proj + t2 - t1
+        dst = np.concatenate([np.arange(row_start[i], row_start[i + 1]) for i in idx])
+        out_np, g_np = out.float().cpu().numpy(), Gp.cpu().numpy()
+        if not (np.isfinite(out_np).all() and np.isfinite(g_np).all()):
+            bad_row = int(np.flatnonzero(~(np.isfinite(out_np) & np.isfinite(g_np).all(1)))[0])
+            ex = examples[idx[np.searchsorted(np.cumsum([n_rows[i] for i in idx]), bad_row,
+                                              side="right")]]
+            raise GradientError(f"task {task}: non-finite output or gradient for example "
+                                f"{ex.example_id} ({split}); check the model dtype and inputs")
+        output[dst], grad[dst] = out_np, g_np
+        done += len(idx)
+        if progress:
+            progress(done, len(examples))
+    if timings is not None:
+        timings.update(gradient_s=t_grad, projection_s=t_proj, mode=mode)
+    choice = np.concatenate([np.arange(n) for n in n_rows]).astype(np.int32)
+    is_gold = np.concatenate([np.arange(len(ex.choices)) == ex.label for ex in examples])
+    example_id = np.array([ex.example_id for ex in examples for _ in ex.choices], dtype=object)
+    return FeatureTable(task, split, example_id, choice, is_gold, output, grad)
+
+
+@torch.no_grad()
+def outputs(model, scorer: ChoiceScorer, examples: Sequence[Example], batch_size: int = 32,
+            mode: str | None = None) -> torch.Tensor:
+    """h_c(s) for every row, no gradients (evaluation, linearity check)."""
+    mode = mode or scorer.mode_for(examples)
+    res = []
+    for b in range(0, len(examples), batch_size):
+        batch = scorer.encode(examples[b:b + batch_size], mode=mode).to(_device(model))
+        res.append(choice_outputs(model, batch).float().cpu())
+    return torch.cat(res)
+
+
+def linearity_check(model, scorer: ChoiceScorer, examples: Sequence[Example],
+                    projector: GaussianProjector, features: FeatureTable | None = None,
+                    distances: Sequence[float] = (0.0005, 0.001, 0.0015, 0.002, 0.0025),
+                    seed: int = 0, batch_size: int = 16) -> list[dict]:
+    """The paper's Table 5 / Figure 2: move the adapter to θ = θ* + P x at relative distance
+    ‖P x‖/‖θ*‖ = r and compare the true outputs h(θ) with the first-order model h0 + g̃ᵀx.
+
+    ``relative_error`` = ‖h(θ) − h0 − g̃ᵀx‖ / ‖h(θ)‖ (the paper's measure);
+    ``error_vs_change`` = ‖h(θ) − h0 − g̃ᵀx‖ / ‖h(θ) − h0‖ (how much of the change is missed).
+    """
+    if features is None:
+        features = extract_features(model, scorer, examples, projector, task="check",
+                                    split="check", batch_size=batch_size)
+    theta0 = adapter_vector(model)
+    norm0 = float(theta0.norm())
+    if norm0 == 0:
+        raise GradientError("adapter weights at θ* are all zero; relative distance undefined")
+    # h0 from the same batching as the perturbed outputs, so batch composition cancels out
+    h0 = outputs(model, scorer, examples, batch_size=batch_size).double()
+    Gp = torch.from_numpy(features.grad).double()
+    rng = np.random.default_rng(seed)
+    report = []
+    try:
+        for r in distances:
+            x = torch.from_numpy(rng.standard_normal(projector.d)).float()
+            delta = projector.expand(x).cpu()
+            scale = r * norm0 / float(delta.norm())
+            x, delta = x * scale, delta * scale
+            set_adapter_vector(model, theta0 + delta)
+            h = outputs(model, scorer, examples, batch_size=batch_size).double()
+            lin = h0 + Gp @ x.double()
+            err = float((h - lin).norm())
+            report.append({"relative_distance": float(r),
+                           "relative_error": err / float(h.norm()),
+                           "error_vs_change": err / max(float((h - h0).norm()), 1e-30),
+                           "n_rows": int(h.numel())})
+    finally:
+        set_adapter_vector(model, theta0)
+    return report

@@ -1,0 +1,47 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_root() -> str:
+    env = os.environ.get("ENSEMBLE_LORA_DATA")
+    return env if env else str(REPO.parent / "shared" / "data")
+
+
+@pytest.fixture(scope="session")
+def data_root() -> str:
+    root = _data_root()
+    if "://" not in root and not Path(root).is_dir():
+        pytest.fail(f"benchmark data not found at {root}; set ENSEMBLE_LORA_DATA")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Model cache shared by the whole session (ENSEMBLE_LORA_CACHE wins when set, so the
+    SmolLM2 conversion is done once per machine)."""
+    env = os.environ.get("ENSEMBLE_LORA_CACHE")
+    return Path(env) if env else tmp_path_factory.mktemp("model-cache")
+
+
+def tiny_config(data_root, out_dir, **over):
+    """A RunConfig dict for the tiny random Llama on a few real tasks."""
+    cfg = {
+        "name": "test",
+        "data_root": str(data_root),
+        "output_dir": str(out_dir),
+        "model": {"name": "tiny-llama", "max_length": 128},
+        "adapter": {"r": 4, "alpha": 8, "init": "false", "target_modules": ["q_proj", "v_proj"]},
+        "tasks": [
+            {"name": "rte", "builtin": "superglue/rte", "max_examples": {"train": 8, "validation": 6}},
+            {"name": "cb", "builtin": "superglue/cb", "max_examples": {"train": 8, "validation": 6}},
+            {"name": "copa", "builtin": "superglue/copa", "max_examples": {"train": 8, "validation": 6}},
+        ],
+        "estimation": {"projection_dim": 32, "batch_size": 4, "linearity_examples": 4},
+    }
+    for k, v in over.items():
+        cfg[k] = v
+    return cfg
