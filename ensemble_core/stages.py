@@ -11,6 +11,7 @@ Run directory layout::
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from pathlib import Path
@@ -53,9 +54,22 @@ def get_model(cfg: RunConfig) -> tuple[LoadedModel, threading.Lock]:
         return _MODELS[key]
 
 
+def features_fingerprint(cfg: RunConfig) -> str:
+    """Everything that determines stage-1 features besides the task's data."""
+    e = cfg.estimation
+    blob = json.dumps([cfg.fingerprint("model", "adapter", "seed"), e.projection_dim,
+                       e.projection_seed, e.projection_block_rows], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def data_fingerprint(td: TaskData) -> str:
-    blob = repr(sorted((k, str(v)) for k, v in td.provenance.items())).encode()
-    return hashlib.sha256(blob).hexdigest()
+    """Content of a task's data: file hashes, resolved task config, and the example ids of
+    each split (which captures carving and caps) — not where the files live."""
+    blob = json.dumps({"files": sorted(td.provenance.get("files", {}).values()),
+                       "config": td.config.model_dump(mode="json"),
+                       "splits": {s: [e.example_id for e in ex] for s, ex in td.splits.items()}},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def load_run_data(cfg: RunConfig) -> dict[str, TaskData]:

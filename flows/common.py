@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from ensemble_core.config import RunConfig, load_config, parse_config
+
+
+def resolve_config(config, overrides: list[str] | None = None) -> RunConfig:
+    """A flow's ``config`` parameter: a path/URL to a YAML file, an inline mapping, or a
+    RunConfig; ``overrides`` are ``key=value`` strings (dotted keys)."""
+    if isinstance(config, RunConfig):
+        return parse_config(config_dict(config), overrides=overrides) if overrides else config
+    if isinstance(config, str):
+        return load_config(config, overrides)
+    if isinstance(config, dict):
+        return parse_config(config, source="<inline config>", overrides=overrides)
+    raise TypeError(f"config must be a path, a mapping or a RunConfig, not {type(config).__name__}")
+
+
+def config_dict(cfg: RunConfig) -> dict:
+    """The JSON form passed to tasks: only what was set, so builtin task defaults still apply
+    when it is parsed again."""
+    return cfg.model_dump(mode="json", exclude_unset=True)

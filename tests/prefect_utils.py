@@ -1,0 +1,22 @@
+"""Helpers for tests that read task-run states back from the Prefect API."""
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId,
+                                            TaskRunFilter, TaskRunFilterFlowRunId)
+from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    """task-run name -> state name for a flow run and all its subflow runs."""
+    with get_client(sync_client=True) as client:
+        ids, frontier = [flow_run_id], [flow_run_id]
+        while frontier:  # subflows, recursively
+            children = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)),
+                sort=FlowRunSort.START_TIME_ASC, limit=200)
+            frontier = [c.id for c in children]
+            ids += frontier
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=ids)),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
+        return {tr.name: (tr.state.name if tr.state else None) for tr in runs}
