@@ -1,0 +1,65 @@
+"""Config validation: unknown keys and wrong types name the key; overrides; shipped configs."""
+from pathlib import Path
+
+import pytest
+
+from ensemble_core.config import ConfigError, load_config, parse_config
+
+from conftest import REPO, tiny_config
+
+
+def test_shipped_configs_parse():
+    tiny = load_config(str(REPO / "configs" / "tiny.yaml"))
+    assert tiny.model.name == "tiny-llama" and len(tiny.tasks) >= 3
+    assert Path(tiny.data_root).is_absolute()  # resolved relative to the config file
+    real = load_config(str(REPO / "configs" / "superglue-smollm2.yaml"))
+    assert real.model.name == "smollm2-135m" and len(real.tasks) >= 6
+
+
+@pytest.mark.parametrize("patch, match", [
+    ({"modle": {}}, "unknown key 'modle'"),
+    ({"model": {"name": "tiny-llama", "quantisation": "nf4"}}, "unknown key 'model.quantisation'"),
+    ({"model": {"quantization": "int3"}}, "'model.quantization'"),
+    ({"training": {"epochs": "many"}}, "'training.epochs'"),
+    ({"estimation": {"projection_dim": -4}}, "'estimation.projection_dim'"),
+    ({"tasks": []}, "'tasks'"),
+    ({"clustering": {"n_groups": 9}}, "n_groups = 9 is larger than the number of tasks"),
+])
+def test_config_errors_name_the_key(patch, match, tmp_path):
+    cfg = tiny_config("/data", tmp_path)
+    cfg.update(patch)
+    with pytest.raises(ConfigError, match=match):
+        parse_config(cfg)
+
+
+def test_task_errors_name_the_task_key(tmp_path):
+    cfg = tiny_config("/data", tmp_path)
+    cfg["tasks"][1] = dict(cfg["tasks"][1], templat="{x}")
+    with pytest.raises(ConfigError, match=r"unknown key 'tasks\.1\.templat'"):
+        parse_config(cfg)
+    cfg = tiny_config("/data", tmp_path)
+    cfg["tasks"].append(dict(cfg["tasks"][0]))
+    with pytest.raises(ConfigError, match="duplicate task name 'rte'"):
+        parse_config(cfg)
+
+
+def test_overrides_and_fingerprint(tmp_path):
+    cfg = parse_config(tiny_config("/data", tmp_path),
+                       overrides=["training.epochs=3", "model.quantization=nf4",
+                                  "tasks.0.max_examples={train: 4}"])
+    assert cfg.training.epochs == 3 and cfg.model.quantization == "nf4"
+    assert cfg.tasks[0].max_examples == {"train": 4}
+    base = parse_config(tiny_config("/data", tmp_path))
+    assert base.fingerprint("model") != cfg.fingerprint("model")
+    assert base.fingerprint("adapter") == cfg.fingerprint("adapter")
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        parse_config(tiny_config("/data", tmp_path), overrides=["training.epochs"])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_config(str(bad))
