@@ -154,9 +154,17 @@ def _build_from_gguf(out: Path, gguf_path: Path) -> None:
         raise
     except Exception as e:  # transformers raises many kinds here
         raise ModelError(f"cannot read GGUF file {gguf_path}: {type(e).__name__}: {e}") from e
-    # The dequantized weights are ordinary float tensors now: drop the GGUF marker.
+    # The dequantized weights are ordinary float tensors now: drop the GGUF markers so the
+    # model saves as a plain safetensors checkpoint.
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
     model.save_pretrained(out)
     tok.save_pretrained(out)
 

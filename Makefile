@@ -1,0 +1,25 @@
+# The two commands of the README, plus helpers. Everything installs what it needs first.
+PY ?= python3
+export ENSEMBLE_LORA_CACHE ?= $(HOME)/.cache/ensemble-lora
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-fast bench
+
+install:
+	$(PY) -m pip install -q -r requirements-lock.txt
+	$(PY) -m pip install -q --no-deps -e .
+
+## The main job: the whole pipeline on SmolLM2-135M and six SuperGLUE tasks.
+demo: install
+	ensemble-lora run configs/superglue-smollm2.yaml
+
+## The test suite (what CI runs).
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+## Everything but the real-model tests.
+test-fast: install
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+bench: install
+	$(PY) bench/gradients.py
