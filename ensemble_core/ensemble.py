@@ -1,0 +1,545 @@
+"""Combining adapters: the group ensembles built by boosting and the per-task weights over the
+m groups (DESIGN.md step 5; Algorithm 2, last step), and the saved ensemble as a predictor.
+
+Two levels, as in the paper:
+
+* **Group ensemble (boosting), in score space.** Group g's output for example s and choice c is
+  ``h_c(s) = h_group,c(s) + η · Σ_b h_boost_b,c(s)``: the boosting members are added to the
+  group adapter's *scores* (raw verbalizer logits in token mode, summed continuation
+  log-probabilities in sequence mode), each with scale η, and the group's probabilities are the
+  softmax over the example's choices of that sum. In ``ensemble.json`` every member carries its
+  scale explicitly (1 for the group adapter, η for boosting members).
+* **Weights over groups, in probability space.** For task i, ``p(s) = Σ_k w_ik p_k(s)`` with
+  ``w_i`` on the simplex, fitted on task i's validation examples to minimize the mean log loss
+  of the combined probability of the gold choice (a convex problem), starting from the one-hot
+  on task i's own group.
+
+``ensemble.json`` (written by ``write_ensemble_json``, read by ``EnsembleModel``)::
+
+    {"base_model": {...ModelConfig dict...}, "base_fingerprint": {...} | null,
+     "max_length": 256, "choice_mode": "auto", "eta": 0.1,
+     "tasks": {"rte": {"group": 0, "weights": [w_0, ..., w_{m-1}],
+                       "template": "...", "choices": [" yes", " no"],
+                       # optional: "choice_fields", "choice_template", "builtin",
+                       #           "choice_mode", "label_values"
+                       }},
+     "groups": [{"name": "group-0", "tasks": ["rte", ...],
+                 "members": [{"adapter": "adapters/group-0", "scale": 1.0},
+                             {"adapter": "adapters/group-0-boost-1", "scale": 0.1}]}]}
+
+Adapter paths are relative to the run directory (or absolute); each is an ordinary PEFT adapter
+directory (``training.save_adapter``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .data import DataError, Example
+from .training import load_adapter, predict_scores
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EnsembleError", "ENSEMBLE_FILE", "softmax", "combine_scores", "boosted_scores",
+    "combine_probabilities", "ensemble_log_loss", "fit_ensemble_weights", "validate_ensemble_spec",
+    "task_entry", "write_ensemble_json", "read_ensemble_json", "records_to_examples",
+    "EnsembleModel",
+]
+
+ENSEMBLE_FILE = "ensemble.json"
+
+
+class EnsembleError(ValueError):
+    """A malformed ensemble specification or an ensemble that cannot be used; the message names
+    the field, task or adapter at fault."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Combining outputs
+# ----------------------------------------------------------------------------------------------
+
+def softmax(scores) -> np.ndarray:
+    """Probabilities over one example's choices from its scores h_c (float64, stable)."""
+    v = np.asarray(scores, dtype=np.float64)
+    z = np.exp(v - v.max())
+    return z / z.sum()
+
+
+def combine_scores(member_scores: Sequence[Sequence[np.ndarray]],
+                   scales: Sequence[float]) -> list[np.ndarray]:
+    """Score-space sum over members: per example, ``Σ_k scales[k] · member_scores[k][i]``
+    (``member_scores[k][i]`` is member k's score vector for example i)."""
+    if len(member_scores) != len(scales) or not member_scores:
+        raise ValueError(f"combine_scores: {len(member_scores)} members but {len(scales)} "
+                         "scales (need at least one member)")
+    n = len(member_scores[0])
+    if any(len(m) != n for m in member_scores):
+        raise ValueError("combine_scores: members score different numbers of examples")
+    return [sum(float(s) * np.asarray(m[i], dtype=np.float64)
+                for m, s in zip(member_scores, scales)) for i in range(n)]
+
+
+def boosted_scores(group_scores: Sequence[np.ndarray],
+                   boost_scores: Sequence[Sequence[np.ndarray]], eta: float) -> list[np.ndarray]:
+    """A group ensemble's output after boosting: ``h = h_group + η · Σ_b h_boost_b`` per
+    example, in score space (the boosting members fit the residual of the log loss in the
+    same space as the group adapter's outputs)."""
+    return combine_scores([group_scores, *boost_scores], [1.0] + [eta] * len(boost_scores))
+
+
+def combine_probabilities(member_probs: Sequence[Sequence[np.ndarray]],
+                          weights: Sequence[float]) -> list[np.ndarray]:
+    """Probability-space mixture: per example, ``Σ_k w_k · member_probs[k][i]``."""
+    return combine_scores(member_probs, weights)
+
+
+def _gold_matrix(member_probs: Sequence[Sequence[np.ndarray]], gold: Sequence[int]) -> np.ndarray:
+    """A[i, k] = p_k(gold_i | s_i), validated."""
+    m = len(member_probs)
+    if m == 0:
+        raise ValueError("no ensemble members")
+    n = len(gold)
+    A = np.empty((n, m), dtype=np.float64)
+    for k, probs in enumerate(member_probs):
+        if len(probs) != n:
+            raise ValueError(f"member {k} has probabilities for {len(probs)} examples, gold has "
+                             f"{n} (member_probs is indexed [member][example])")
+        for i, (p, g) in enumerate(zip(probs, gold)):
+            p = np.asarray(p, dtype=np.float64)
+            if not 0 <= g < len(p):
+                raise ValueError(f"example {i}: gold index {g} outside 0..{len(p) - 1}")
+            if np.any(p < -1e-9) or abs(p.sum() - 1.0) > 1e-4:
+                raise ValueError(f"member {k}, example {i}: not a probability vector ({p})")
+            A[i, k] = p[g]
+    return A
+
+
+def ensemble_log_loss(member_probs: Sequence[Sequence[np.ndarray]], gold: Sequence[int],
+                      weights: Sequence[float], eps: float = 1e-12) -> float:
+    """Mean over examples of ``-log Σ_k w_k p_k(gold)``."""
+    A = _gold_matrix(member_probs, gold)
+    return float(-np.mean(np.log(np.maximum(A @ np.asarray(weights, np.float64), eps))))
+
+
+def fit_ensemble_weights(member_probs: Sequence[Sequence[np.ndarray]], gold: Sequence[int],
+                         start: int, *, method: str = "slsqp", max_iter: int = 500,
+                         tol: float = 1e-10, eps: float = 1e-12) -> np.ndarray:
+    """Weights w on the simplex (w >= 0, Σ w = 1) over m members minimizing
+    ``L(w) = -1/n Σ_i log Σ_k w_k p_k(gold_i | s_i)`` (Algorithm 2, last step).
+
+    ``member_probs[k][i]`` is member k's probability vector over example i's choices (softmax of
+    its scores); ``gold[i]`` the gold index; ``start`` the member to start from (the task's own
+    group): the optimization starts at that one-hot, and the result is never worse than it.
+    L is convex (−log of a linear function), so any local minimum is global.
+
+    ``method``: ``"slsqp"`` (scipy, with the analytic gradient) or ``"eg"`` (exponentiated
+    gradient, started from the one-hot smoothed by 1e-3 since multiplicative updates cannot
+    leave a face of the simplex). Without validation examples the one-hot is returned.
+    """
+    m = len(member_probs)
+    if m == 0:
+        raise ValueError("fit_ensemble_weights: no members")
+    if not 0 <= start < m:
+        raise ValueError(f"fit_ensemble_weights: start {start} outside 0..{m - 1}")
+    w0 = np.zeros(m)
+    w0[start] = 1.0
+    if m == 1 or len(gold) == 0:
+        return w0
+    A = _gold_matrix(member_probs, gold)
+    n = A.shape[0]
+
+    def loss(w):
+        return float(-np.mean(np.log(np.maximum(A @ w, eps))))
+
+    def grad(w):
+        return -(A / np.maximum(A @ w, eps)[:, None]).sum(0) / n
+
+    if method == "slsqp":
+        from scipy.optimize import minimize
+
+        res = minimize(loss, w0, jac=grad, method="SLSQP", bounds=[(0.0, 1.0)] * m,
+                       constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0,
+                                     "jac": lambda w: np.ones_like(w)}],
+                       options={"maxiter": max_iter, "ftol": tol})
+        w = res.x
+        if not res.success:
+            log.info("SLSQP did not converge (%s); using its last iterate", res.message)
+    elif method == "eg":
+        w = 0.999 * w0 + 0.001 / m
+        lr = 1.0
+        prev = loss(w)
+        for _ in range(max_iter):
+            g = grad(w)
+            cand = w * np.exp(-lr * (g - g.min()))
+            cand /= cand.sum()
+            cur = loss(cand)
+            if cur > prev + 1e-15:  # backtrack
+                lr *= 0.5
+                if lr < 1e-8:
+                    break
+                continue
+            w, done = cand, prev - cur < tol
+            prev = cur
+            if done:
+                break
+    else:
+        raise ValueError(f"fit_ensemble_weights: unknown method {method!r} (slsqp | eg)")
+    w = np.clip(np.nan_to_num(np.asarray(w, np.float64), nan=0.0), 0.0, None)
+    w = w / w.sum() if w.sum() > 0 else w0
+    w[w < 1e-12] = 0.0
+    w /= w.sum()
+    return w if loss(w) <= loss(w0) + 1e-12 else w0
+
+
+# ----------------------------------------------------------------------------------------------
+# ensemble.json
+# ----------------------------------------------------------------------------------------------
+
+def validate_ensemble_spec(spec: Mapping) -> None:
+    """Raise EnsembleError naming the field at fault unless ``spec`` follows the schema."""
+    if not isinstance(spec, Mapping):
+        raise EnsembleError("ensemble spec: expected a JSON object")
+    for key in ("base_model", "max_length", "tasks", "groups"):
+        if key not in spec:
+            raise EnsembleError(f"ensemble spec: missing field {key!r}")
+    groups = spec["groups"]
+    if not isinstance(groups, list) or not groups:
+        raise EnsembleError("ensemble spec: 'groups' must be a non-empty list")
+    m = len(groups)
+    for g, grp in enumerate(groups):
+        members = grp.get("members") if isinstance(grp, Mapping) else None
+        if not isinstance(members, list) or not members:
+            raise EnsembleError(f"ensemble spec: groups[{g}].members must be a non-empty list")
+        for j, mem in enumerate(members):
+            if not isinstance(mem, Mapping) or not isinstance(mem.get("adapter"), str):
+                raise EnsembleError(f"ensemble spec: groups[{g}].members[{j}].adapter must be a "
+                                    "path")
+            if not isinstance(mem.get("scale", 1.0), (int, float)):
+                raise EnsembleError(f"ensemble spec: groups[{g}].members[{j}].scale must be a "
+                                    "number")
+    tasks = spec["tasks"]
+    if not isinstance(tasks, Mapping) or not tasks:
+        raise EnsembleError("ensemble spec: 'tasks' must be a non-empty mapping")
+    for name, t in tasks.items():
+        where = f"ensemble spec: tasks.{name}"
+        if not isinstance(t, Mapping):
+            raise EnsembleError(f"{where}: expected an object")
+        for key in ("group", "weights", "template"):
+            if key not in t:
+                raise EnsembleError(f"{where}: missing field {key!r}")
+        if not isinstance(t["group"], int) or not 0 <= t["group"] < m:
+            raise EnsembleError(f"{where}.group = {t['group']!r}, expected 0..{m - 1}")
+        w = t["weights"]
+        if (not isinstance(w, list) or len(w) != m
+                or any(not isinstance(x, (int, float)) for x in w)):
+            raise EnsembleError(f"{where}.weights must be a list of {m} numbers (one per group), "
+                                f"got {w!r}")
+        if min(w) < -1e-9 or abs(sum(w) - 1.0) > 1e-6:
+            raise EnsembleError(f"{where}.weights must be nonnegative and sum to one, got {w}")
+        has_choices = t.get("choices") is not None
+        has_fields = t.get("choice_fields") is not None
+        if has_choices == has_fields:
+            raise EnsembleError(f"{where}: set exactly one of 'choices' and 'choice_fields'")
+
+
+def task_entry(task_config, group: int, weights: Sequence[float],
+               choice_mode: str | None = None) -> dict:
+    """The ``tasks`` entry of one task from its (builtin or user) TaskConfig: group, weights and
+    everything needed to format raw records like training did."""
+    from .data import resolve_task
+
+    cfg = resolve_task(task_config)
+    entry: dict[str, Any] = {"group": int(group), "weights": [float(x) for x in weights],
+                             "template": cfg.template}
+    if cfg.choices is not None:
+        entry["choices"] = list(cfg.choices)
+    else:
+        entry["choice_fields"] = list(cfg.choice_fields)
+        entry["choice_template"] = cfg.choice_template
+    if cfg.builtin:
+        entry["builtin"] = cfg.builtin
+    if cfg.label_values is not None:
+        entry["label_values"] = list(cfg.label_values)
+    if choice_mode is not None:
+        entry["choice_mode"] = choice_mode
+    return entry
+
+
+def write_ensemble_json(path, *, base_model, tasks: Mapping[str, Mapping],
+                        groups: Sequence[Mapping], max_length: int, choice_mode: str = "auto",
+                        base_fingerprint: dict | None = None, eta: float | None = None,
+                        **extra) -> str:
+    """Validate and write ``ensemble.json`` (a local path or fsspec URL) through a temporary
+    file renamed into place; returns the content sha256. ``base_model`` is a ModelConfig or
+    its dict; ``extra`` fields (e.g. metrics) are stored as given."""
+    from .storage import atomic_write_bytes
+
+    if hasattr(base_model, "model_dump"):
+        base_model = base_model.model_dump(mode="json")
+    spec = {"base_model": dict(base_model), "base_fingerprint": base_fingerprint,
+            "max_length": int(max_length), "choice_mode": choice_mode,
+            "tasks": {k: dict(v) for k, v in tasks.items()},
+            "groups": [dict(g) for g in groups], **extra}
+    if eta is not None:
+        spec["eta"] = float(eta)
+    validate_ensemble_spec(spec)
+    data = json.dumps(spec, indent=2, sort_keys=True, default=_json_default) + "\n"
+    return atomic_write_bytes(str(path), data.encode())
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON-serializable: {type(o).__name__}")
+
+
+def read_ensemble_json(path) -> dict:
+    import fsspec
+
+    try:
+        with fsspec.open(str(path), "rb") as f:
+            spec = json.loads(f.read())
+    except FileNotFoundError:
+        raise EnsembleError(f"ensemble file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise EnsembleError(f"{path}: not valid JSON ({e})") from None
+    try:
+        validate_ensemble_spec(spec)
+    except EnsembleError as e:
+        raise EnsembleError(f"{path}: {e}") from None
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------
+# Raw records -> examples
+# ----------------------------------------------------------------------------------------------
+
+def _fill(template: str, record: Mapping, task: str, i: int, what: str) -> str:
+    try:
+        return template.format(**record)
+    except KeyError as e:
+        raise DataError(f"task {task!r}: record {i} lacks field {e.args[0]!r}, which the "
+                        f"{what} names (record fields: {sorted(record)})") from None
+    except (IndexError, ValueError, AttributeError, TypeError) as e:
+        raise DataError(f"task {task!r}: record {i}: cannot fill the {what} {template!r}: "
+                        f"{e}") from None
+
+
+def _preprocess_builtin(builtin: str | None, records: list[dict], task: str) -> list[dict]:
+    """Apply a builtin task's record preprocessing (e.g. COPA's connective) so raw records
+    in the dataset's own format work. MultiRC flattens one record into one per answer."""
+    if not builtin:
+        return records
+    from . import data as _data
+
+    spec = getattr(_data, "_BUILTINS", {}).get(builtin)
+    if spec is None or spec.preprocess is None:
+        return records
+    recs = [_data._Record(i, dict(r)) for i, r in enumerate(records)]
+    try:
+        return [r.data for r in spec.preprocess(recs)]
+    except DataError as e:  # builtin messages start "line <number>: "; ours count records
+        msg = str(e)
+        msg = "record " + msg[len("line "):] if msg.startswith("line ") else msg
+        raise DataError(f"task {task!r}: {msg}") from None
+
+
+def records_to_examples(task: str, entry: Mapping, records: Sequence[Mapping]) -> list[Example]:
+    """Format raw records (dicts) with a task's template and choices, as in training. The label
+    is a placeholder (0): predictions do not need it."""
+    recs = _preprocess_builtin(entry.get("builtin"), [dict(r) for r in records], task)
+    out = []
+    for i, rec in enumerate(recs):
+        if not isinstance(rec, Mapping):
+            raise DataError(f"task {task!r}: record {i} is a {type(rec).__name__}, expected a "
+                            "mapping of field names to values")
+        prompt = _fill(entry["template"], rec, task, i, "template")
+        if entry.get("choices") is not None:
+            choices = tuple(entry["choices"])
+        else:
+            choices = []
+            for f in entry["choice_fields"]:
+                if f not in rec:
+                    raise DataError(f"task {task!r}: record {i} lacks field {f!r}, which "
+                                    f"choice_fields names (record fields: {sorted(rec)})")
+                choices.append(_fill(entry.get("choice_template", " {choice}"),
+                                     {**rec, "choice": rec[f]}, task, i, "choice_template"))
+            choices = tuple(choices)
+        out.append(Example(task, "predict", str(i), prompt, choices, 0))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The ensemble as a predictor
+# ----------------------------------------------------------------------------------------------
+
+def _adapter_name(path: str, taken: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(path).name) or "adapter"
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
+class EnsembleModel:
+    """The output of a run: one base model, every adapter of every group ensemble loaded under
+    its own name in a single PeftModel, and per-task weights over the groups.
+
+    ``predict(task, items)`` computes, for every group g with a nonzero weight for the task,
+    ``h_g = Σ_members scale · h_member`` (score space), ``p_g = softmax(h_g)`` over each
+    example's choices, and ``p = Σ_g w_g p_g``.
+    """
+
+    def __init__(self, model, tokenizer, spec: dict, run_dir: Path,
+                 adapter_names: dict[str, str]):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.run_dir = Path(run_dir)
+        self.adapter_names = adapter_names  # adapter path (as in the spec) -> PEFT adapter name
+
+    # -- loading --------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, run_dir, cache_dir=None, *, device: str | None = None,
+                        check_fingerprint: bool = True) -> "EnsembleModel":
+        """Read ``run_dir/ensemble.json``, load the base model once (``models.load_base``) and
+        every adapter under a distinct name. Local run directories only (PEFT loads adapters
+        from local files)."""
+        from .config import ModelConfig
+        from .models import load_base
+
+        run_dir = Path(run_dir)
+        spec = read_ensemble_json(run_dir / ENSEMBLE_FILE)
+        try:
+            mcfg = ModelConfig.model_validate(spec["base_model"])
+        except Exception as e:
+            raise EnsembleError(f"{run_dir / ENSEMBLE_FILE}: base_model: {e}") from None
+        if device is not None:
+            mcfg.device = device
+        paths = []
+        for g, grp in enumerate(spec["groups"]):
+            for mem in grp["members"]:
+                p = cls._resolve(run_dir, mem["adapter"])
+                if not (p / "adapter_config.json").is_file():
+                    raise EnsembleError(f"groups[{g}] ({grp.get('name', g)}): adapter "
+                                        f"{mem['adapter']!r} not found at {p}")
+                if mem["adapter"] not in paths:
+                    paths.append(mem["adapter"])
+        base, tok, record = load_base(mcfg, cache_dir)
+        expected = spec.get("base_fingerprint")
+        if check_fingerprint and expected:
+            diff = [k for k in ("name", "weights_sha256")
+                    if expected.get(k) is not None and record.get(k) != expected[k]]
+            if diff:
+                raise EnsembleError(
+                    f"{run_dir / ENSEMBLE_FILE}: the base model loaded from {mcfg.name!r} differs "
+                    f"from the one the ensemble was trained on: "
+                    + ", ".join(f"{k} {record.get(k)!r} vs {expected[k]!r}" for k in diff))
+        fp = record if check_fingerprint else None
+        taken: set[str] = set()
+        names = {p: _adapter_name(p, taken) for p in paths}
+        model = None
+        for p in paths:
+            target = base if model is None else model
+            model = load_adapter(target, cls._resolve(run_dir, p), adapter_name=names[p],
+                                 base_fingerprint=fp)
+        model.eval()
+        return cls(model, tok, spec, run_dir, names)
+
+    @staticmethod
+    def _resolve(run_dir: Path, adapter: str) -> Path:
+        p = Path(adapter).expanduser()
+        return p if p.is_absolute() else run_dir / p
+
+    # -- introspection --------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.spec["tasks"])
+
+    @property
+    def groups(self) -> list[dict]:
+        return self.spec["groups"]
+
+    def weights(self, task: str) -> np.ndarray:
+        return np.asarray(self._task(task)["weights"], dtype=np.float64)
+
+    def _task(self, task: str) -> dict:
+        try:
+            return self.spec["tasks"][task]
+        except KeyError:
+            raise EnsembleError(f"unknown task {task!r}; the ensemble knows "
+                                f"{sorted(self.spec['tasks'])}") from None
+
+    # -- prediction -----------------------------------------------------------------------
+    def examples(self, task: str, items: Sequence) -> list[Example]:
+        """Example objects as given; raw records formatted with the task's template."""
+        entry = self._task(task)
+        items = list(items)
+        if all(isinstance(x, Example) for x in items):
+            return items
+        if any(isinstance(x, Example) for x in items):
+            raise EnsembleError(f"task {task!r}: pass either Example objects or raw records, "
+                                "not a mix")
+        return records_to_examples(task, entry, items)
+
+    def _mode(self, task: str) -> str:
+        return self._task(task).get("choice_mode") or self.spec.get("choice_mode") or "auto"
+
+    @torch.no_grad()
+    def member_scores(self, task: str, examples: Sequence[Example], adapter: str,
+                      batch_size: int = 16) -> list[np.ndarray]:
+        """h_c(s) of one member adapter (its path as in ensemble.json) for every example."""
+        self.model.set_adapter(self.adapter_names[adapter], inference_mode=True)
+        return predict_scores(self.model, self.tokenizer, examples, self.spec["max_length"],
+                              batch_size, self._mode(task))
+
+    def group_probabilities(self, task: str, examples: Sequence[Example], batch_size: int = 16,
+                            groups: Sequence[int] | None = None) -> dict[int, list[np.ndarray]]:
+        """p_g per example for the given groups (default: all): softmax of the group
+        ensemble's score-space sum ``Σ scale · h_member``."""
+        cache: dict[str, list[np.ndarray]] = {}
+        out = {}
+        for g in (range(len(self.groups)) if groups is None else groups):
+            members = self.groups[g]["members"]
+            scores = []
+            for mem in members:
+                if mem["adapter"] not in cache:
+                    cache[mem["adapter"]] = self.member_scores(task, examples, mem["adapter"],
+                                                               batch_size)
+                scores.append(cache[mem["adapter"]])
+            h = combine_scores(scores, [float(m.get("scale", 1.0)) for m in members])
+            out[g] = [softmax(v) for v in h]
+        return out
+
+    def predict_proba(self, task: str, items: Sequence, batch_size: int = 16
+                      ) -> list[np.ndarray]:
+        examples = self.examples(task, items)
+        if not examples:
+            return []
+        w = self.weights(task)
+        used = [g for g in range(len(w)) if w[g] > 0]
+        probs = self.group_probabilities(task, examples, batch_size, used)
+        return combine_probabilities([probs[g] for g in used], [w[g] for g in used])
+
+    def predict(self, task: str, items: Sequence, batch_size: int = 16) -> list[dict]:
+        """One dict per example: ``label`` (index of the most probable choice), ``choice``
+        (its text) and ``probabilities`` (over the example's choices)."""
+        examples = self.examples(task, items)
+        probs = self.predict_proba(task, examples, batch_size)
+        out = []
+        for ex, p in zip(examples, probs):
+            k = int(np.argmax(p))
+            out.append({"label": k, "choice": ex.choices[k],
+                        "probabilities": [float(x) for x in p]})
+        return out
