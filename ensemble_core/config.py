@@ -73,9 +73,10 @@ class ClusteringConfig(_Strict):
     method: Literal["sdp", "spectral"] = "sdp"
     n_groups: int | Literal["auto"] = "auto"  # m
     m_selection: Literal["trace", "density"] = "trace"
-    lam: float = 0.0  # λ of the trace term
-    threshold_c: float = Field(1.0, gt=0.0)  # round X̂_uv >= c/n
-    solver: str | None = None
+    lam: float | None = None  # λ of the trace term (None: an automatic grid for m = "auto")
+    threshold_c: float = Field(0.5, gt=0.0)  # round X̂_uv >= c/n
+    max_groups: int | None = Field(None, ge=1)  # largest m considered by m_selection=density
+    solver: str | None = None  # a cvxpy solver name; default Clarabel, then SCS
 
 
 class TrainingConfig(_Strict):

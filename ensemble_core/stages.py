@@ -7,22 +7,33 @@ Run directory layout::
     gradients/<task>/<split>.parquet     stage 1 features (one row per example × choice)
     gradients/<task>/manifest.json       seed, d, p, fingerprints, template, row counts
     gradients/linearity.json             first-order check (Table 5 / Figure 2)
+    estimation/subsets-<i>.json          stage 2: surrogate results of a batch of subsets
+    affinity.json, groups.json           task affinity (eq. 1) and the SDP groups
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import threading
 import time
 from pathlib import Path
 
 from . import __version__
+from .affinity import task_affinity
+from .clustering import SDPClustering, SpectralClustering, groups_to_json
 from .config import RunConfig
 from .data import TaskData, load_tasks
+from .estimation import estimate_subset
+from .features import FeatureTable
+from .sampling import sample_subsets
+from .storage import read_features
 from .gradients import extract_features, linearity_check
-from .models import ChoiceScorer, LoadedModel, load_model
+from .models import ChoiceScorer, LoadedModel, adapter_vector, load_model
 from .projection import GaussianProjector
-from .storage import join, read_json, write_features, write_json, exists, file_sha256
+from .storage import (atomic_write_bytes, exists, file_sha256, join, read_json,
+                      write_features, write_json)
 
 GRADIENT_SPLITS = ("train", "validation")
 
@@ -105,8 +116,10 @@ def gradient_features(cfg: RunConfig, td: TaskData, progress=None) -> dict:
             files[split] = {"path": url, "sha256": sha, "rows": int(len(table.choice)),
                             "examples": table.n_examples}
             timings[split] = dict(tim, total_s=time.perf_counter() - t0)
+        theta_norm = float(adapter_vector(lm.model).norm())
     manifest = {
         "task": task, "seed": cfg.estimation.projection_seed, "d": projector.d, "p": projector.p,
+        "theta_norm": theta_norm,
         "projection": projector.fingerprint(), "model": lm.fingerprint,
         "template": td.config.template, "choices": td.config.choices,
         "choice_mode": scorer.mode_for(td.splits["train"]),
@@ -148,3 +161,95 @@ def run_linearity_check(cfg: RunConfig, td: TaskData) -> dict:
 
 def read_manifest(cfg: RunConfig, task: str) -> dict:
     return read_json(join(cfg.run_dir, "gradients", task, "manifest.json"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: subset regressions, affinity, clustering
+# ----------------------------------------------------------------------------------------------
+
+_TABLES: dict[tuple[str, str], FeatureTable] = {}
+_TABLES_LOCK = threading.Lock()
+
+
+def feature_table(path: str, sha256: str) -> FeatureTable:
+    """Read a features file once per process (keyed by path and content hash): a worker that
+    handles many subsets does not re-read what it already holds."""
+    key = (path, sha256)
+    with _TABLES_LOCK:
+        hit = _TABLES.get(key)
+    if hit is None:
+        hit = read_features(path)
+        with _TABLES_LOCK:
+            _TABLES[key] = hit
+    return hit
+
+
+def plan_subsets(cfg: RunConfig) -> list[tuple[int, ...]]:
+    """The k sampled task subsets S (seeded; every pair covered min_pair_coverage times)."""
+    e, n = cfg.estimation, len(cfg.tasks)
+    if n < 2:
+        raise ValueError(f"stage 2 needs at least two tasks, the config has {n}")
+    if e.subset_size > n:
+        raise ValueError(f"estimation.subset_size = {e.subset_size} is larger than the number "
+                         f"of tasks ({n})")
+    from math import comb
+    k = min(e.n_subsets, comb(n, e.subset_size))
+    return sample_subsets(n, k, e.subset_size, e.min_pair_coverage, seed=cfg.seed)
+
+
+def subset_batches(cfg: RunConfig, subsets) -> list[list[tuple[int, ...]]]:
+    b = cfg.estimation.subsets_per_task_run
+    return [list(subsets[i:i + b]) for i in range(0, len(subsets), b)]
+
+
+def estimate_subsets(cfg: RunConfig, gradient_records: dict, subsets, batch_index: int) -> dict:
+    """Stage 2 for a batch of subsets: fit the first-order surrogate on each S's train rows and
+    score every i ∈ S on its validation rows (f̂_i(S)). Writes estimation/subsets-<i>.json."""
+    names = [t.name for t in cfg.tasks]
+    tables = {}
+    for i in sorted({i for s in subsets for i in s}):
+        files = gradient_records[names[i]]["files"]
+        tables[i] = (feature_table(files["train"]["path"], files["train"]["sha256"]),
+                     feature_table(files["validation"]["path"], files["validation"]["sha256"]))
+        if tables[i][1].n_examples == 0:
+            raise ValueError(f"task {names[i]} has no validation rows")
+    e = cfg.estimation
+    results = [estimate_subset(s, tables, l2=e.l2, max_norm=e.max_norm) for s in subsets]
+    manifest = read_json(gradient_records[names[0]]["manifest"])
+    scale = (manifest["p"] / manifest["d"]) ** 0.5 / max(manifest.get("theta_norm", 0), 1e-30)
+    for r in results:  # the paper's Table 2: ‖P x̂‖/‖θ*‖ ≈ sqrt(p/d)·‖x̂‖/‖θ*‖
+        r["fit"]["relative_distance"] = r["fit"]["norm"] * scale
+        r["tasks"] = [names[i] for i in r["subset"]]
+        r["per_task"] = {str(i): v for i, v in r["per_task"].items()}  # JSON-stable keys
+    url = join(cfg.run_dir, "estimation", f"subsets-{batch_index:04d}.json")
+    write_json(url, {"batch": batch_index, "results": results})
+    worker = f"{socket.gethostname()}:{os.getpid()}"  # provenance: which process fitted these
+    return {"batch": batch_index, "path": url, "results": results, "worker": worker}
+
+
+def cluster_tasks(cfg: RunConfig, subset_results: list[dict]) -> dict:
+    """Affinity T (eq. 1) from the subset results, then groups by the SDP relaxation
+    (Appendix A.1) or the spectral baseline. Writes affinity.json and groups.json."""
+    names = [t.name for t in cfg.tasks]
+    aff = task_affinity(subset_results, names, metric=cfg.estimation.metric)
+    c = cfg.clustering
+    m = None if c.n_groups == "auto" else int(c.n_groups)
+    if c.method == "spectral":
+        if m is None:
+            raise ValueError("clustering.method = spectral needs clustering.n_groups")
+        est = SpectralClustering(m, seed=cfg.seed).fit(aff.matrix)
+        info = {"method": "spectral"}
+    else:
+        est = SDPClustering(m=m, lam=c.lam, c=c.threshold_c, m_selection=c.m_selection,
+                            max_groups=c.max_groups, solver=c.solver).fit(aff.matrix)
+        info = {"method": "sdp", "status": est.status_, "solver": est.solver_,
+                "objective": float(est.objective_), "selection": est.selection_,
+                "X": est.X_.tolist()}
+    groups = groups_to_json(est.groups_, names)
+    groups.update(info)
+    aff_url, groups_url = join(cfg.run_dir, "affinity.json"), join(cfg.run_dir, "groups.json")
+    aff_sha = atomic_write_bytes(aff_url, aff.to_json().encode())
+    groups_sha = write_json(groups_url, groups)
+    return {"affinity": {"path": aff_url, "sha256": aff_sha},
+            "groups": {"path": groups_url, "sha256": groups_sha},
+            "group_tasks": [g["tasks"] for g in groups["groups"]]}

@@ -19,3 +19,16 @@ def config_dict(cfg: RunConfig) -> dict:
     """The JSON form passed to tasks: only what was set, so builtin task defaults still apply
     when it is parsed again."""
     return cfg.model_dump(mode="json", exclude_unset=True)
+
+
+def task_runner_for(cfg: RunConfig):
+    """A DaskTaskRunner when the config asks for Dask (a scheduler address, or a local
+    cluster of runner.n_workers processes); None keeps the flow's default thread pool."""
+    if cfg.runner.kind != "dask":
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    if cfg.runner.address:
+        return DaskTaskRunner(address=cfg.runner.address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.runner.n_workers,
+                                          "threads_per_worker": 1, "processes": True})
