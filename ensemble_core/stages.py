@@ -37,8 +37,12 @@ from .storage import (atomic_write_bytes, exists, file_sha256, join, read_json,
 
 GRADIENT_SPLITS = ("train", "validation")
 
-_MODELS: dict[str, tuple[LoadedModel, threading.Lock]] = {}
+_MODELS: dict[str, LoadedModel] = {}
 _MODELS_LOCK = threading.Lock()
+# Model work in one process runs one at a time: it shares a device, seeds the global torch RNG
+# (adapter init, dropout) and installs hooks, so interleaving threads would be neither fast nor
+# reproducible. Parallelism across devices comes from several worker processes.
+DEVICE_LOCK = threading.RLock()
 
 
 def code_version() -> str:
@@ -54,15 +58,13 @@ def model_key(cfg: RunConfig) -> str:
     return cfg.fingerprint("model", "adapter", "seed")
 
 
-def get_model(cfg: RunConfig) -> tuple[LoadedModel, threading.Lock]:
-    """The base model with a fresh adapter θ*, loaded once per process (and a lock: the gradient
-    hooks must not run concurrently on one model)."""
+def get_model(cfg: RunConfig) -> tuple[LoadedModel, threading.RLock]:
+    """The base model with a fresh adapter θ*, loaded once per process, and the device lock."""
     key = model_key(cfg)
-    with _MODELS_LOCK:
+    with DEVICE_LOCK:
         if key not in _MODELS:
-            _MODELS[key] = (load_model(cfg, cfg.cache_dir and Path(cfg.cache_dir)),
-                            threading.Lock())
-        return _MODELS[key]
+            _MODELS[key] = load_model(cfg, cfg.cache_dir and Path(cfg.cache_dir))
+        return _MODELS[key], DEVICE_LOCK
 
 
 def features_fingerprint(cfg: RunConfig) -> str:
@@ -205,6 +207,7 @@ def subset_batches(cfg: RunConfig, subsets) -> list[list[tuple[int, ...]]]:
 def estimate_subsets(cfg: RunConfig, gradient_records: dict, subsets, batch_index: int) -> dict:
     """Stage 2 for a batch of subsets: fit the first-order surrogate on each S's train rows and
     score every i ∈ S on its validation rows (f̂_i(S)). Writes estimation/subsets-<i>.json."""
+    t0 = time.perf_counter()
     names = [t.name for t in cfg.tasks]
     tables = {}
     for i in sorted({i for s in subsets for i in s}):
@@ -224,12 +227,14 @@ def estimate_subsets(cfg: RunConfig, gradient_records: dict, subsets, batch_inde
     url = join(cfg.run_dir, "estimation", f"subsets-{batch_index:04d}.json")
     write_json(url, {"batch": batch_index, "results": results})
     worker = f"{socket.gethostname()}:{os.getpid()}"  # provenance: which process fitted these
-    return {"batch": batch_index, "path": url, "results": results, "worker": worker}
+    return {"batch": batch_index, "path": url, "results": results, "worker": worker,
+            "seconds": time.perf_counter() - t0}
 
 
 def cluster_tasks(cfg: RunConfig, subset_results: list[dict]) -> dict:
     """Affinity T (eq. 1) from the subset results, then groups by the SDP relaxation
     (Appendix A.1) or the spectral baseline. Writes affinity.json and groups.json."""
+    t0 = time.perf_counter()
     names = [t.name for t in cfg.tasks]
     aff = task_affinity(subset_results, names, metric=cfg.estimation.metric)
     c = cfg.clustering
@@ -252,4 +257,5 @@ def cluster_tasks(cfg: RunConfig, subset_results: list[dict]) -> dict:
     groups_sha = write_json(groups_url, groups)
     return {"affinity": {"path": aff_url, "sha256": aff_sha},
             "groups": {"path": groups_url, "sha256": groups_sha},
-            "group_tasks": [g["tasks"] for g in groups["groups"]]}
+            "group_tasks": [g["tasks"] for g in groups["groups"]],
+            "seconds": time.perf_counter() - t0}

@@ -33,8 +33,9 @@ def affinity_flow(config, overrides: list[str] | None = None,
     clusters = for_run(cluster_tasks, cfg)(data, results)
     for k, g in enumerate(clusters["group_tasks"]):
         log.info("group %d: %s", k, ", ".join(g))
+    seconds = sum(b["seconds"] for b in batch_records) + clusters["seconds"]
     return {"subsets": results, "workers": sorted({b["worker"] for b in batch_records}),
-            **clusters}
+            **clusters, "seconds": seconds}
 
 
 def run_affinity(config, overrides=None, gradient_records=None) -> dict:

@@ -20,7 +20,7 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 def _fmt(v) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.1f}" if abs(v) >= 1 else f"{v:.4g}"
     return str(v)
 
 
@@ -43,8 +43,64 @@ def _cmd_gradients(args) -> int:
     return 0
 
 
+def _cmd_affinity(args) -> int:
+    from .affinity import run_affinity
+
+    res = run_affinity(args.config, overrides=args.set)
+    print(f"{len(res['subsets'])} subsets fitted; affinity: {res['affinity']['path']}")
+    print(_table(["group", "tasks"], [[f"group-{k}", ", ".join(g)]
+                                      for k, g in enumerate(res["group_tasks"])]))
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from ensemble_core.report import ACCURACY_HEADERS, accuracy_rows
+
+    from .pipeline import ensemble_lora
+
+    res = ensemble_lora(args.config, overrides=args.set)
+    m = res["metrics"]
+    print("\nTest accuracy (%):")
+    print(_table(ACCURACY_HEADERS, accuracy_rows(m)))
+    c = m["compute"]
+    print(f"\nGroups: " + "; ".join(f"group-{k}: {', '.join(g)}"
+                                    for k, g in enumerate(res["groups"])))
+    print(f"Compute: ensemble pipeline {c['ensemble_pipeline_s']:.0f} s vs one adapter "
+          f"{c['baseline_s']:.0f} s (ratio {c['ratio']:.2f}x); peak memory "
+          f"{c['peak_memory_bytes'] / 2**30:.2f} GiB")
+    print(f"Run directory: {res['run_dir']} (report: {res['report']})")
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    import json
+
+    from ensemble_core.ensemble import EnsembleModel
+    from ensemble_core.storage import atomic_write_bytes
+
+    model = EnsembleModel.from_pretrained(args.run_dir)
+    with open(args.input, encoding="utf-8") as f:
+        records = []
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{args.input} line {n}: not valid JSON ({e.msg})") from None
+    preds = model.predict(args.task, records, batch_size=args.batch_size)
+    out = "".join(json.dumps(p) + "\n" for p in preds)
+    if args.output == "-":
+        print(out, end="")
+    else:
+        atomic_write_bytes(args.output, out.encode())
+        print(f"{len(preds)} predictions for task {args.task} written to {args.output}")
+    return 0
+
+
 COMMANDS = {
     "gradients": (_cmd_gradients, "stage 1: projected gradient features (Parquet)"),
+    "affinity": (_cmd_affinity, "stage 2: subset regressions, task affinity, SDP groups"),
+    "run": (_cmd_run, "the whole pipeline: features, groups, adapters, boosting, evaluation"),
 }
 
 
@@ -56,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("config", help="YAML config file (path or fsspec URL)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value by dotted key, e.g. training.epochs=3")
+    sp = sub.add_parser("predict", help="predict with a trained ensemble: jsonl in, jsonl out")
+    sp.add_argument("run_dir", help="a finished run directory (with ensemble.json)")
+    sp.add_argument("--task", required=True, help="task name as in the run's config")
+    sp.add_argument("--input", required=True, help="jsonl file of raw records")
+    sp.add_argument("--output", default="-", help="jsonl file to write (default stdout)")
+    sp.add_argument("--batch-size", type=int, default=16)
     return p
 
 
@@ -63,8 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:  # the per-model "Loading weights" bars drown the pipeline's own progress
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except Exception:
+        pass
     try:
-        return COMMANDS[args.command][0](args)
+        handler = _cmd_predict if args.command == "predict" else COMMANDS[args.command][0]
+        return handler(args)
     except KeyboardInterrupt:
         print("ensemble-lora: interrupted", file=sys.stderr)
         return 130

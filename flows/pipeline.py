@@ -1,0 +1,172 @@
+"""The whole EnsembleLoRA pipeline (Algorithm 2 of the paper), one subflow per stage."""
+from __future__ import annotations
+
+import numpy as np
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from ensemble_core import pipeline as core
+from ensemble_core.affinity import Affinity
+from ensemble_core.boosting import gold_rows_of, log_loss
+from ensemble_core.report import ACCURACY_HEADERS, accuracy_rows, write_report
+from ensemble_core.stages import feature_table, read_manifest
+from ensemble_core.storage import join, read_json, write_json
+from tasks.common import for_run
+from tasks.ensemble import (boost_group, fit_weights_and_evaluate, save_theta_star,
+                            score_member, train_adapter)
+
+from .affinity import run_affinity
+from .common import config_dict, resolve_config
+from .gradient_features import gradient_features
+
+
+@flow(name="group_adapters")
+def group_adapters(config, groups: list[list[str]]) -> dict:
+    """Stage 3: one adapter per group (fan-out), the all-task baseline, and θ*."""
+    cfg = resolve_config(config)
+    data = config_dict(cfg)
+    train = for_run(train_adapter, cfg)
+    futures = {f"group-{k}": train.submit(data, f"group-{k}", g) for k, g in enumerate(groups)}
+    futures[core.BASELINE] = train.submit(data, core.BASELINE, [t.name for t in cfg.tasks])
+    theta = for_run(save_theta_star, cfg).submit(data)
+    return {"adapters": {k: f.result() for k, f in futures.items()}, "theta_star": theta.result()}
+
+
+@flow(name="boosting_and_weights")
+def boosting_and_weights(config, adapters: dict, gradient_records: dict,
+                         estimation_s: float = 0.0) -> dict:
+    """Stage 4: b boosting steps on the group with the highest training loss, then the
+    per-task ensemble weights and the evaluation against the baseline."""
+    cfg = resolve_config(config)
+    log = get_run_logger()
+    data = config_dict(cfg)
+    names = [t.name for t in cfg.tasks]
+    score = for_run(score_member, cfg)
+    groups = [{"name": k, "tasks": a["tasks"], "members": [{"name": k, "scale": 1.0}]}
+              for k, a in adapters["adapters"].items() if k != core.BASELINE]
+    plans = {g["name"]: {"train": g["tasks"], "validation": names, "test": names} for g in groups}
+    plans[core.BASELINE] = {"test": names}
+    members = dict(adapters["adapters"])
+    if cfg.boosting.steps > 0:
+        plans[core.THETA_STAR] = {"validation": names, "test": names}
+        members[core.THETA_STAR] = adapters["theta_star"]
+    futures = {k: score.submit(data, members[k], plan) for k, plan in plans.items()}
+    score_records = {k: f.result() for k, f in futures.items()}
+    member_scores = {k: read_json(r["path"])["scores"] for k, r in score_records.items()}
+
+    boosting = []
+    for step in range(1, cfg.boosting.steps + 1):
+        losses = {}
+        for g in groups:  # the group ensemble's training loss (exact, from member scores)
+            tables = [feature_table(gradient_records[t]["files"]["train"]["path"],
+                                    gradient_records[t]["files"]["train"]["sha256"])
+                      for t in g["tasks"]]
+            h = [s for t in g["tasks"] for s in core.group_member_scores(
+                member_scores, g["members"], t, "train")]
+            flat = np.concatenate(h)
+            losses[g["name"]] = log_loss(flat, [len(x) for x in h], gold_rows_of(tables))
+        worst = max(groups, key=lambda g: losses[g["name"]])
+        log.info("boosting step %d: training losses %s; boosting %s", step,
+                 {k: round(v, 4) for k, v in losses.items()}, worst["name"])
+        group_scores = {t: {"train": [list(map(float, s)) for s in core.group_member_scores(
+            member_scores, worst["members"], t, "train")]} for t in worst["tasks"]}
+        shas = [score_records[m["name"]]["sha256"] for m in worst["members"]]
+        rec = for_run(boost_group, cfg)(data, worst, gradient_records, group_scores, shas, step)
+        boosting.append(rec)
+        log.info("boosting step %d (%s): train loss %.4f -> %.4f", step, worst["name"],
+                 rec["train_loss_before"], rec["train_loss_after"])
+        if not rec["accepted"]:
+            log.info("boosting stopped early: the training loss did not fall")
+            break
+        worst["members"] += [{"name": rec["name"], "scale": cfg.boosting.eta},
+                             {"name": core.THETA_STAR, "scale": -cfg.boosting.eta}]
+        score_records[rec["name"]] = score(
+            data, rec, {"train": worst["tasks"], "validation": names, "test": names})
+        member_scores[rec["name"]] = read_json(score_records[rec["name"]]["path"])["scores"]
+    write_json(join(cfg.run_dir, "boosting.json"), {"steps": boosting})
+
+    timings = _compute(gradient_records, adapters, boosting, estimation_s)
+    fp = read_manifest(cfg, names[0])["model"]["base"]
+    result = for_run(fit_weights_and_evaluate, cfg)(
+        data, groups, member_scores, sorted(r["sha256"] for r in score_records.values()),
+        core.BASELINE, timings, fp)
+    return dict(result, boosting=boosting, groups=groups)
+
+
+def _compute(gradient_records, adapters, boosting, estimation_s) -> dict:
+    """Wall seconds per part, from the records (so a resumed run reports the original work).
+    The compute ratio is (stage 1 + stage 2 + group adapters + boosting) / baseline training."""
+    s1 = sum(t["total_s"] for rec in gradient_records.values()
+             for t in read_json(rec["manifest"])["timings"].values())
+    groups_s = sum(a["train"]["wall_seconds"] for k, a in adapters["adapters"].items()
+                   if k != core.BASELINE)
+    base_s = adapters["adapters"][core.BASELINE]["train"]["wall_seconds"]
+    boost_s = sum(b.get("seconds", 0.0) for b in boosting)
+    ensemble_s = s1 + estimation_s + groups_s + boost_s
+    out = {"gradients_s": s1, "estimation_s": estimation_s, "group_adapters_s": groups_s,
+           "boosting_s": boost_s, "ensemble_pipeline_s": ensemble_s, "baseline_s": base_s,
+           "ratio": ensemble_s / max(base_s, 1e-9),
+           "baseline_flops": adapters["adapters"][core.BASELINE]["train"]["flops_estimate"],
+           "group_flops": sum(a["train"]["flops_estimate"]
+                              for k, a in adapters["adapters"].items() if k != core.BASELINE),
+           "peak_memory_bytes": max(a["train"]["peak_memory_bytes"]
+                                    for a in adapters["adapters"].values())}
+    return out
+
+
+@flow(name="ensemble_lora", log_prints=True)
+def ensemble_lora(config, overrides: list[str] | None = None) -> dict:
+    """Gradient features → subset regressions, affinity, groups → group adapters → boosting and
+    ensemble weights → evaluation against one adapter on all tasks."""
+    cfg = resolve_config(config, overrides)
+    log = get_run_logger()
+    grads = gradient_features(cfg)
+    aff = run_affinity(cfg, gradient_records=grads["tasks"])
+    adapters = group_adapters(cfg, aff["group_tasks"])
+    ens = boosting_and_weights(cfg, adapters, grads["tasks"], aff["seconds"])
+    metrics = ens["summary"]
+    with open(aff["affinity"]["path"]) as f:
+        affinity = Affinity.from_json(f.read())
+    report = write_report(cfg.run_dir, cfg.name, metrics, affinity,
+                          read_json(aff["groups"]["path"]), ens["boosting"],
+                          grads.get("linearity"))
+    manifest = _write_run_manifest(cfg, grads, aff, adapters, ens, report)
+    try:
+        create_markdown_artifact(report["markdown"], key=_key(cfg.name, "report"),
+                                 description="EnsembleLoRA report")
+        create_table_artifact([dict(zip(ACCURACY_HEADERS, r)) for r in accuracy_rows(metrics)],
+                              key=_key(cfg.name, "accuracy"), description="Test accuracy")
+    except Exception as e:  # artifacts are a convenience; never fail a finished run for them
+        log.warning("could not create artifacts: %s", e)
+    log.info("average test accuracy: baseline %.1f%%, ensemble %.1f%%",
+             100 * metrics["average"]["baseline_accuracy"],
+             100 * metrics["average"]["ensemble_accuracy"])
+    return {"run_dir": cfg.run_dir, "metrics": metrics, "manifest": manifest,
+            "report": report["path"], "groups": aff["group_tasks"]}
+
+
+def _key(name: str, what: str) -> str:
+    import re
+    return re.sub(r"[^a-z0-9-]+", "-", f"{name}-{what}".lower()).strip("-")
+
+
+def _write_run_manifest(cfg, grads, aff, adapters, ens, report) -> str:
+    from ensemble_core.stages import code_version
+
+    files = {}
+    for t, rec in grads["tasks"].items():
+        for split, f in rec["files"].items():
+            files[f"gradients/{t}/{split}.parquet"] = f["sha256"]
+    files["affinity.json"] = aff["affinity"]["sha256"]
+    files["groups.json"] = aff["groups"]["sha256"]
+    for name, a in list(adapters["adapters"].items()) + [("theta-star", adapters["theta_star"])]:
+        files[f"adapters/{name}/adapter_model.safetensors"] = a["sha256"]
+    for b in ens["boosting"]:
+        files[f"adapters/{b['name']}/adapter_model.safetensors"] = b["sha256"]
+    files["ensemble.json"] = ens["ensemble"]["sha256"]
+    files["metrics.json"] = ens["metrics"]["sha256"]
+    files["report.md"] = report["sha256"]
+    url = join(cfg.run_dir, "manifest.json")
+    write_json(url, {"name": cfg.name, "config_sha256": cfg.fingerprint(),
+                     "config": config_dict(cfg), "code_version": code_version(), "files": files})
+    return url
