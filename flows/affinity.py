@@ -44,3 +44,22 @@ def run_affinity(config, overrides=None, gradient_records=None) -> dict:
     runner = task_runner_for(cfg)
     fl = affinity_flow.with_options(task_runner=runner) if runner is not None else affinity_flow
     return fl(cfg, gradient_records=gradient_records)
+
+
+@flow(name="check_estimates")
+def check_estimates_flow(config, overrides: list[str] | None = None, r: int = 3) -> dict:
+    """The paper's Table 3: fine-tune for real on r of the sampled subsets and compare with
+    the first-order estimates (mean relative error, Spearman correlation, compute ratio)."""
+    from ensemble_core.checks import check_estimates
+
+    cfg = resolve_config(config, overrides)
+    log = get_run_logger()
+    records = gradient_features(cfg)["tasks"]
+    res = check_estimates(cfg, records, stages.plan_subsets(cfg), r, seed=cfg.seed,
+                          progress=lambda i, n: log.info("fine-tuned subset %d/%d", i, n))
+    s = res["summary"]
+    log.info("estimate check: %d pairs, mean relative error %.2f%%, Spearman %.2f, "
+             "compute ratio %.1fx (with amortized gradients %.1fx)", s["pairs"],
+             100 * s["mean_relative_error"], s["spearman"], s["compute_ratio_fits_only"],
+             s["compute_ratio_with_gradients"])
+    return res

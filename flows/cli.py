@@ -97,10 +97,28 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_check(args) -> int:
+    from .affinity import check_estimates_flow
+
+    res = check_estimates_flow(args.config, overrides=args.set, r=args.r)
+    print(_table(["subset", "task", "est. loss", "true loss", "est. acc", "true acc", "rel. err"],
+                 [["+".join(x["subset"]), x["task"], x["estimated_loss"], x["true_loss"],
+                   x["estimated_accuracy"], x["true_accuracy"],
+                   f"{100 * x['relative_error']:.1f}%"] for x in res["rows"]]))
+    s = res["summary"]
+    print(f"\n{s['pairs']} (subset, task) pairs: mean relative error of the loss "
+          f"{100 * s['mean_relative_error']:.2f}%, Spearman {s['spearman']:.2f}; "
+          f"fine-tuning {s['true_finetune_s']:.0f} s vs estimation {s['surrogate_fit_s']:.2f} s "
+          f"({s['compute_ratio_fits_only']:.0f}x; {s['compute_ratio_with_gradients']:.1f}x with "
+          f"the amortized gradient features)")
+    return 0
+
+
 COMMANDS = {
     "gradients": (_cmd_gradients, "stage 1: projected gradient features (Parquet)"),
     "affinity": (_cmd_affinity, "stage 2: subset regressions, task affinity, SDP groups"),
     "run": (_cmd_run, "the whole pipeline: features, groups, adapters, boosting, evaluation"),
+    "check-estimates": (_cmd_check, "Table 3: real fine-tuning on r subsets vs the estimates"),
 }
 
 
@@ -112,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("config", help="YAML config file (path or fsspec URL)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value by dotted key, e.g. training.epochs=3")
+    sub.choices["check-estimates"].add_argument(
+        "--r", type=int, default=3, help="number of sampled subsets to fine-tune for real")
     sp = sub.add_parser("predict", help="predict with a trained ensemble: jsonl in, jsonl out")
     sp.add_argument("run_dir", help="a finished run directory (with ensemble.json)")
     sp.add_argument("--task", required=True, help="task name as in the run's config")

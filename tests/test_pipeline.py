@@ -1,0 +1,77 @@
+"""The whole pipeline on configs/tiny.yaml under a real Prefect server: outputs, manifest,
+boosting, inference consistency; a second run is served entirely from the cache."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from ensemble_core.data import load_task
+from ensemble_core.ensemble import EnsembleModel
+from ensemble_core.storage import file_sha256
+from flows.pipeline import ensemble_lora
+
+from conftest import REPO
+from prefect_utils import task_states
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_root, cache_dir):
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    overrides = [f"output_dir={out}", f"data_root={data_root}", f"cache_dir={cache_dir}"]
+    with prefect_test_harness(server_startup_timeout=120):
+        first = ensemble_lora(str(REPO / "configs" / "tiny.yaml"), overrides, return_state=True)
+        states1 = task_states(first.state_details.flow_run_id)
+        second = ensemble_lora(str(REPO / "configs" / "tiny.yaml"), overrides, return_state=True)
+        states2 = task_states(second.state_details.flow_run_id)
+    return out, first.result(), states1, second.result(), states2
+
+
+def test_outputs_and_manifest(runs):
+    out, res, states1, _, _ = runs
+    for name in ["manifest.json", "metrics.json", "ensemble.json", "groups.json",
+                 "affinity.json", "report.md", "affinity.png", "boosting.json"]:
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    for rel, sha in manifest["files"].items():
+        assert file_sha256(str(out / rel)) == sha, rel
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["tasks"]) == {"rte", "cb", "copa", "wic"}
+    for m in metrics["tasks"].values():
+        assert 0 <= m["ensemble_accuracy"] <= 1 and abs(sum(m["weights"]) - 1) < 1e-6
+        assert min(m["weights"]) >= 0
+    assert metrics["compute"]["ratio"] > 0
+    assert all(s == "Completed" for s in states1.values()), states1
+
+
+def test_second_run_entirely_cached(runs):
+    _, res1, states1, res2, states2 = runs
+    assert set(states2) == set(states1)
+    assert all(s == "Cached" for s in states2.values()), states2
+    assert res2["metrics"] == res1["metrics"]
+
+
+def test_boosting_lowered_the_chosen_groups_training_loss(runs):
+    out = runs[0]
+    steps = json.loads((out / "boosting.json").read_text())["steps"]
+    assert steps, "tiny.yaml asks for one boosting step"
+    first = steps[0]
+    assert first["train_loss_after"] < first["train_loss_before"]
+    assert (out / "adapters" / first["name"] / "adapter_model.safetensors").is_file()
+
+
+def test_ensemble_model_reproduces_the_pipeline_evaluation(runs, data_root):
+    out = runs[0]
+    metrics = json.loads((out / "metrics.json").read_text())
+    model = EnsembleModel.from_pretrained(out)
+    cfg_tasks = {t["name"]: t for t in json.loads((out / "manifest.json").read_text())
+                 ["config"]["tasks"]}
+    from ensemble_core.data import TaskConfig
+    for task in ["rte", "copa"]:
+        td = load_task(TaskConfig(**cfg_tasks[task]), data_root)
+        preds = model.predict(task, td.splits["test"])
+        acc = np.mean([p["label"] == e.label for p, e in zip(preds, td.splits["test"])])
+        assert acc == pytest.approx(metrics["tasks"][task]["ensemble_accuracy"], abs=1e-9)
+        for p in preds:
+            assert abs(sum(p["probabilities"]) - 1) < 1e-5
