@@ -89,10 +89,33 @@ def load_run_data(cfg: RunConfig) -> dict[str, TaskData]:
     return load_tasks(cfg.tasks, cfg.data_root)
 
 
+_PROJECTORS: dict[tuple, GaussianProjector] = {}
+
+
 def projector_for(cfg: RunConfig, p: int, device) -> GaussianProjector:
+    """One projector (and its cache of P's blocks) per process and setting, shared by tasks."""
     e = cfg.estimation
-    return GaussianProjector(p, e.projection_dim, seed=e.projection_seed,
-                             block_rows=e.projection_block_rows, device=device)
+    if e.projection_dim > p:  # name the config key, not only the projector's d and p
+        a = cfg.adapter
+        raise ValueError(f"estimation.projection_dim = {e.projection_dim} (d) is larger than the "
+                         f"number of adapter parameters p = {p} (model {cfg.model.name!r}, "
+                         f"adapter r = {a.r} on {', '.join(a.target_modules)}); choose d <= {p}")
+    key = (p, e.projection_dim, e.projection_seed, e.projection_block_rows, str(device))
+    with _MODELS_LOCK:
+        if key not in _PROJECTORS:
+            _PROJECTORS[key] = GaussianProjector(p, e.projection_dim, seed=e.projection_seed,
+                                                 block_rows=e.projection_block_rows,
+                                                 device=device)
+        return _PROJECTORS[key]
+
+
+def release_models() -> None:
+    """Drop the process's cached θ* models and projection blocks (after stage 1)."""
+    with DEVICE_LOCK, _MODELS_LOCK:
+        _MODELS.clear()
+        _PROJECTORS.clear()
+    import gc
+    gc.collect()
 
 
 def gradient_features(cfg: RunConfig, td: TaskData, progress=None) -> dict:

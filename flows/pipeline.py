@@ -9,7 +9,7 @@ from ensemble_core import pipeline as core
 from ensemble_core.affinity import Affinity
 from ensemble_core.boosting import gold_rows_of, log_loss
 from ensemble_core.report import ACCURACY_HEADERS, accuracy_rows, write_report
-from ensemble_core.stages import feature_table, read_manifest
+from ensemble_core.stages import feature_table, read_manifest, release_models
 from ensemble_core.storage import join, read_json, write_json
 from tasks.common import for_run
 from tasks.ensemble import (boost_group, fit_weights_and_evaluate, save_theta_star,
@@ -120,10 +120,11 @@ def ensemble_lora(config, overrides: list[str] | None = None) -> dict:
     ensemble weights → evaluation against one adapter on all tasks."""
     cfg = resolve_config(config, overrides)
     log = get_run_logger()
-    grads = gradient_features(cfg)
-    aff = run_affinity(cfg, gradient_records=grads["tasks"])
-    adapters = group_adapters(cfg, aff["group_tasks"])
-    ens = boosting_and_weights(cfg, adapters, grads["tasks"], aff["seconds"])
+    grads = _stage(cfg, "gradient-features", gradient_features)
+    aff = _stage(cfg, "affinity", run_affinity, gradient_records=grads["tasks"])
+    adapters = _stage(cfg, "group-adapters", group_adapters, groups=aff["group_tasks"])
+    ens = _stage(cfg, "boosting-and-weights", boosting_and_weights, adapters=adapters,
+                 gradient_records=grads["tasks"], estimation_s=aff["seconds"])
     metrics = ens["summary"]
     with open(aff["affinity"]["path"]) as f:
         affinity = Affinity.from_json(f.read())
@@ -132,7 +133,7 @@ def ensemble_lora(config, overrides: list[str] | None = None) -> dict:
                           grads.get("linearity"))
     manifest = _write_run_manifest(cfg, grads, aff, adapters, ens, report)
     try:
-        create_markdown_artifact(report["markdown"], key=_key(cfg.name, "report"),
+        create_markdown_artifact(_inline_heatmap(report), key=_key(cfg.name, "report"),
                                  description="EnsembleLoRA report")
         create_table_artifact([dict(zip(ACCURACY_HEADERS, r)) for r in accuracy_rows(metrics)],
                               key=_key(cfg.name, "accuracy"), description="Test accuracy")
@@ -143,6 +144,60 @@ def ensemble_lora(config, overrides: list[str] | None = None) -> dict:
              100 * metrics["average"]["ensemble_accuracy"])
     return {"run_dir": cfg.run_dir, "metrics": metrics, "manifest": manifest,
             "report": report["path"], "groups": aff["group_tasks"]}
+
+
+# Stage deployments (prefect.yaml): name -> (flow/deployment, the kind of work pool it runs on).
+STAGE_DEPLOYMENTS = {
+    "gradient-features": ("gradient_features/gradient-features", "gpu"),
+    "affinity": ("affinity/affinity", "cpu"),
+    "group-adapters": ("group_adapters/group-adapters", "gpu"),
+    "boosting-and-weights": ("boosting_and_weights/boosting-and-weights", "cpu"),
+}
+
+
+def _stage(cfg, name: str, fn, **params):
+    """One stage of the pipeline: ``fn`` (its subflow) in this process, or, when the config's
+    ``runner.work_pools`` names a pool for the stage's kind (gpu/cpu), a run of the stage's
+    deployment on that pool, waited for; its result either way. A deployment run's result is
+    read back from Prefect's result storage (JSON), so the workers must persist results
+    (prefect.yaml sets PREFECT_RESULTS_PERSIST_BY_DEFAULT) to storage this process can read."""
+    deployment, kind = STAGE_DEPLOYMENTS[name]
+    pool = cfg.runner.work_pools.get(kind)
+    if not pool:
+        return fn(cfg, **params)
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import MissingResult
+
+    with get_client(sync_client=True) as client:
+        on = client.read_deployment_by_name(deployment).work_pool_name
+    if on != pool:
+        raise ValueError(f"runner.work_pools.{kind} is {pool!r} but deployment {deployment!r} "
+                         f"runs on work pool {on!r}; redeploy it (prefect.yaml) or fix the config")
+    run = run_deployment(deployment, parameters=dict(params, config=config_dict(cfg)),
+                         timeout=None, poll_interval=2)
+    if not run.state.is_completed():
+        raise RuntimeError(f"stage {name} (flow run {run.name}, {run.id}) ended "
+                           f"{run.state.name}: {run.state.message or ''}".strip())
+    try:
+        return run.state.result()
+    except MissingResult as e:
+        raise RuntimeError(f"stage {name} finished but its result was not persisted; run its "
+                           "workers with PREFECT_RESULTS_PERSIST_BY_DEFAULT=true") from e
+
+
+def _inline_heatmap(report: dict) -> str:
+    """The report's Markdown with the affinity heatmap inlined (a data URI), since the UI
+    cannot resolve the report's relative image path."""
+    import base64
+
+    import fsspec
+    try:
+        with fsspec.open(report["heatmap"]["path"], "rb") as f:
+            png = base64.b64encode(f.read()).decode()
+    except Exception:
+        return report["markdown"]
+    return report["markdown"].replace("](affinity.png)", f"](data:image/png;base64,{png})")
 
 
 def _key(name: str, what: str) -> str:
