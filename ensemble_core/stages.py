@@ -92,6 +92,34 @@ def load_run_data(cfg: RunConfig) -> dict[str, TaskData]:
 _PROJECTORS: dict[tuple, GaussianProjector] = {}
 
 
+class RunDirError(ValueError):
+    pass
+
+
+def claim_run_dir(cfg: RunConfig) -> dict:
+    """Mark the run directory as this run's (``run.json``) or check that it is.
+
+    A run directory belongs to one run identity: its name, base model, adapter and seed —
+    nothing computed under another identity can be reused. Data, estimation, clustering,
+    training and boosting settings may change between runs in one directory: the stages whose
+    inputs changed are recomputed, the rest is served from the cache.
+    """
+    ident = {"name": cfg.name, "model": cfg.model.model_dump(mode="json"),
+             "adapter": cfg.adapter.model_dump(mode="json"), "seed": cfg.seed}
+    url = join(cfg.run_dir, "run.json")
+    if exists(url):
+        have = read_json(url)
+        diff = [k for k in ident if have.get(k) != ident[k]]
+        if diff:
+            raise RunDirError(
+                f"run directory {cfg.run_dir} belongs to another run (different "
+                f"{', '.join(diff)}); choose another output_dir, e.g. --set "
+                f"output_dir=runs/{cfg.name}-2")
+        return have
+    write_json(url, ident)
+    return ident
+
+
 def projector_for(cfg: RunConfig, p: int, device) -> GaussianProjector:
     """One projector (and its cache of P's blocks) per process and setting, shared by tasks."""
     e = cfg.estimation

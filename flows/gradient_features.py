@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from ensemble_core.stages import gradient_record_valid
+from ensemble_core.stages import claim_run_dir, gradient_record_valid
 from tasks.common import for_run
 from tasks.gradients import compute_gradients, linearity_check
 
@@ -14,6 +14,7 @@ from .common import config_dict, resolve_config
 def gradient_features(config, overrides: list[str] | None = None) -> dict:
     """Outputs h(s) and projected gradients g̃ = Pᵀ∇h(s) at θ* for every task (DESIGN step 1)."""
     cfg = resolve_config(config, overrides)
+    claim_run_dir(cfg)
     log = get_run_logger()
     data = config_dict(cfg)
     compute = for_run(compute_gradients, cfg)

@@ -9,7 +9,8 @@ from ensemble_core import pipeline as core
 from ensemble_core.affinity import Affinity
 from ensemble_core.boosting import gold_rows_of, log_loss
 from ensemble_core.report import ACCURACY_HEADERS, accuracy_rows, write_report
-from ensemble_core.stages import feature_table, read_manifest, release_models
+from ensemble_core.stages import (claim_run_dir, feature_table, read_manifest,
+                                  release_models)
 from ensemble_core.storage import join, read_json, write_json
 from tasks.common import for_run
 from tasks.ensemble import (boost_group, fit_weights_and_evaluate, save_theta_star,

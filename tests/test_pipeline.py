@@ -75,3 +75,17 @@ def test_ensemble_model_reproduces_the_pipeline_evaluation(runs, data_root):
         assert acc == pytest.approx(metrics["tasks"][task]["ensemble_accuracy"], abs=1e-9)
         for p in preds:
             assert abs(sum(p["probabilities"]) - 1) < 1e-5
+
+
+def test_run_directory_of_another_config_is_refused(runs, data_root):
+    from ensemble_core.config import load_config
+    from ensemble_core.stages import RunDirError, claim_run_dir
+
+    out = runs[0]
+    same = load_config(str(REPO / "configs" / "tiny.yaml"),
+                       [f"output_dir={out}", "training.epochs=2", "tasks.0.max_examples.train=8"])
+    claim_run_dir(same)  # other training/data settings: resumable, recomputed where needed
+    other = load_config(str(REPO / "configs" / "tiny.yaml"),
+                        [f"output_dir={out}", "adapter.r=8"])
+    with pytest.raises(RunDirError, match=r"belongs to another run \(different adapter\)"):
+        claim_run_dir(other)
