@@ -1,0 +1,539 @@
+"""Partitioning tasks into groups from the task affinity T (DESIGN.md step 3; Appendix A.1).
+
+SDP relaxation of "maximize the total within-group affinity" (each group normalized by its size):
+
+    maximize   ⟨T, X⟩ + λ · Tr X
+    subject to X · 1 = 1,   X ≥ 0 (elementwise),   X ⪰ 0            [+ Tr X = m when m is given]
+
+For a partition into groups G_1..G_m the feasible point X = Σ_k 1_{G_k} 1_{G_k}ᵀ / |G_k| has
+Tr X = m, so the trace counts groups and λ trades affinity for the number of groups (trace
+regularization). T is symmetrized, (T + Tᵀ)/2, because ⟨T, X⟩ only sees the symmetric part of T
+for symmetric X. Adding a constant a_i to row i of T adds Σ_i a_i to the objective (X·1 = 1), so
+the optimum does not change; we use that freedom to work with the row-centered affinity
+A = sym(T_ij − T_ii) ("how much j helps i beyond i's average"), scaled to max |A| = 1, which makes
+solver tolerances and the automatic λ grid independent of the units of T.
+
+Rounding (X̂ → groups): tasks u, v go together when X̂_uv ≥ c/n. In an exact block solution
+X̂_uv = 1/|G| ≥ 1/n inside a group and 0 across groups, so c ∈ (0, 1] separates them; the default
+c = 0.5 sits halfway, robust to solver noise on either side. The threshold graph need not be
+transitive, so the groups are formed greedily: repeatedly take the unassigned task with the
+largest X̂_uu (smallest implied group; ties → lowest index) and give it every unassigned task
+v with X̂_uv ≥ c/n. With m given, the rounding is then made exactly m groups: merge the two
+groups with the highest mean affinity, or split the least coherent group around its least
+affine pair — all ties broken by task index, so the result is deterministic.
+
+Choosing m automatically (``m_selection``):
+- ``"trace"``: solve for a grid of λ (default: −n·max|A|·{1e-3..1}, 0, +max|A|·{1e-3..1}, log
+  spaced), round each solution and take the number of groups that is optimal over the longest
+  λ-range (the most stable m; each grid point owns the λ-interval between the midpoints to its
+  neighbours, so a densely sampled neighbourhood of λ = 0 does not outvote a wide plateau; the
+  trivial 1 and n only if nothing else occurs; ties → fewer groups). Then re-solve with
+  Tr X = m.
+- ``"density"``: for m = 1..min(n, max_groups) solve with Tr X = m, round to m groups and score
+  the average within-group density contrast: per task, mean affinity inside its group minus
+  mean affinity to the closest other group (singletons and m = 1 score 0), averaged over tasks
+  (A units); take the best (ties → fewer groups).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["SDPClustering", "SpectralClustering", "SDPSolveError", "solve_sdp",
+           "round_solution", "spectral_cluster", "groups_to_json", "labels_to_groups"]
+
+_OK = ("optimal", "optimal_inaccurate")
+# Clarabel's interior-point KKT system for an n×n PSD cone is dense in n(n+1)/2 unknowns, so its
+# cost grows like n^6; SCS (first-order) scales much better. Auto order: Clarabel first for small
+# problems (accurate, fast), SCS first above this size, Clarabel never above the second size.
+_CLARABEL_FIRST_MAX_N = 30
+_CLARABEL_MAX_N = 120
+
+
+class SDPSolveError(RuntimeError):
+    """No solver returned a usable solution of the clustering SDP."""
+
+
+# --------------------------------------------------------------------------------------------
+# Input handling
+# --------------------------------------------------------------------------------------------
+def _as_matrix(T) -> np.ndarray:
+    mat = getattr(T, "matrix", T)  # accepts affinity.Affinity
+    mat = np.asarray(mat, dtype=np.float64)
+    if mat.ndim != 2 or mat.shape[0] != mat.shape[1]:
+        raise ValueError(f"affinity must be a square matrix, got shape {mat.shape}")
+    if mat.shape[0] < 2:
+        raise ValueError(f"clustering needs at least 2 tasks, got {mat.shape[0]}")
+    if not np.all(np.isfinite(mat)):
+        i, j = (int(v) for v in np.argwhere(~np.isfinite(mat))[0])
+        raise ValueError(f"affinity contains NaN/inf (first at [{i}, {j}] = {mat[i, j]})")
+    return mat
+
+
+def _check_m(m, n: int) -> None:
+    if m is None:
+        return
+    if int(m) != m or m < 1:
+        raise ValueError(f"number of groups m must be a positive integer, got {m!r}")
+    if m > n:
+        raise ValueError(f"number of groups m={m} exceeds the number of tasks n={n}")
+
+
+def centered_affinity(T) -> np.ndarray:
+    """A = sym(T_ij − T_ii), zero diagonal. Same SDP optimum as T (row shifts are constant)."""
+    mat = _as_matrix(T)
+    rel = mat - np.diag(mat)[:, None]
+    return (rel + rel.T) / 2.0
+
+
+def labels_to_groups(labels: Sequence[int]) -> list[list[int]]:
+    labels = np.asarray(labels)
+    groups = [sorted(int(i) for i in np.flatnonzero(labels == g)) for g in np.unique(labels)]
+    return sorted((g for g in groups if g), key=lambda g: g[0])
+
+
+def _groups_to_labels(groups: list[list[int]], n: int) -> np.ndarray:
+    labels = np.full(n, -1, dtype=np.int64)
+    for k, g in enumerate(sorted((sorted(g) for g in groups), key=lambda g: g[0])):
+        labels[g] = k
+    assert (labels >= 0).all(), "every task must be in exactly one group"
+    return labels
+
+
+# --------------------------------------------------------------------------------------------
+# The SDP (Appendix A.1)
+# --------------------------------------------------------------------------------------------
+def _solver_order(solver, n: int) -> list[str]:
+    if solver is None:
+        if n <= _CLARABEL_FIRST_MAX_N:
+            return ["CLARABEL", "SCS"]
+        return ["SCS"] + (["CLARABEL"] if n <= _CLARABEL_MAX_N else [])
+    if isinstance(solver, str):
+        return [solver.upper()]
+    return [s.upper() for s in solver]
+
+
+def _solver_options(name: str) -> dict:
+    if name == "SCS":
+        # rounding needs X̂ to ~1e-4 (entries are ≥ 1/n or ≈ 0): eps 1e-5 is ample
+        return {"eps_abs": 1e-5, "eps_rel": 1e-5, "max_iters": 50_000}
+    if name == "CLARABEL":
+        return {"tol_gap_abs": 1e-7, "tol_gap_rel": 1e-7, "tol_feas": 1e-7}
+    return {}
+
+
+class _SDPProblem:
+    """The clustering SDP for one affinity, compiled once; λ is a cvxpy Parameter so a λ sweep
+    reuses the compiled problem (and SCS warm-starts from the previous solution)."""
+
+    def __init__(self, T, m: int | None = None, solver=None):
+        import cvxpy as cp
+
+        self._cp = cp
+        self.T = _as_matrix(T)
+        n = self.n = self.T.shape[0]
+        _check_m(m, n)
+        self.m = m
+        self.solver = solver
+        A = centered_affinity(self.T)
+        self.scale = float(np.max(np.abs(A)))
+        if self.scale == 0.0:
+            raise ValueError("affinity is degenerate: T_ij − T_ii is zero for all pairs, every "
+                             "partition has the same objective")
+        self.X = cp.Variable((n, n), PSD=True)  # X ⪰ 0 (symmetric)
+        self.lam = cp.Parameter(name="lam_scaled")  # λ / max|A|
+        cons = [cp.sum(self.X, axis=1) == 1, self.X >= 0]  # X·1 = 1, X ≥ 0
+        obj = cp.sum(cp.multiply(A / self.scale, self.X))  # ⟨A, X⟩ ≡ ⟨sym T, X⟩ + const
+        if m is not None:
+            cons.append(cp.trace(self.X) == int(m))  # λ·Tr X = λm: constant, dropped
+        else:
+            obj = obj + self.lam * cp.trace(self.X)
+        self.problem = cp.Problem(cp.Maximize(obj), cons)
+        self._solved_once: set = set()
+
+    def solve(self, lam: float = 0.0):
+        cp, n = self._cp, self.n
+        self.lam.value = float(lam) / self.scale
+        attempts = []
+        for name in _solver_order(self.solver, n):
+            if name not in cp.installed_solvers():
+                attempts.append(f"{name}: not installed")
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self.problem.solve(solver=name, warm_start=name in self._solved_once,
+                                       **_solver_options(name))
+            except (cp.error.SolverError, ArithmeticError, ValueError) as exc:
+                attempts.append(f"{name}: {type(exc).__name__}: {exc}")
+                continue
+            status, Xval = self.problem.status, self.X.value
+            if status in _OK and Xval is not None and np.all(np.isfinite(Xval)):
+                self._solved_once.add(name)
+                Xv = (Xval + Xval.T) / 2.0
+                sym = (self.T + self.T.T) / 2.0
+                objective = float(np.sum(sym * Xv) + float(lam) * np.trace(Xv))
+                return Xv, objective, str(status), name
+            attempts.append(f"{name}: status {status}")
+        raise SDPSolveError(f"clustering SDP (n={n} tasks, {n * (n + 1) // 2} PSD variables, "
+                            f"{n * n} nonnegativity constraints, m={self.m}, λ={lam}) failed "
+                            f"with every solver: {'; '.join(attempts)}")
+
+
+def solve_sdp(T, lam: float = 0.0, m: int | None = None, solver=None):
+    """Solve max ⟨sym T, X⟩ + λ Tr X s.t. X·1 = 1, X ≥ 0, X ⪰ 0 (+ Tr X = m).
+
+    Internally solves the equivalent problem on the row-centered affinity scaled to max |A| = 1
+    (λ scaled alike). Returns ``(X, objective, status, solver_name)`` with the objective in the
+    units of T: ⟨(T+Tᵀ)/2, X⟩ + λ Tr X. Raises SDPSolveError when every solver fails.
+    """
+    return _SDPProblem(T, m=m, solver=solver).solve(lam)
+
+
+# --------------------------------------------------------------------------------------------
+# Rounding
+# --------------------------------------------------------------------------------------------
+def _mean_block(A: np.ndarray, rows: list[int], cols: list[int]) -> float:
+    return float(A[np.ix_(rows, cols)].mean())
+
+
+def _mean_within(A: np.ndarray, g: list[int]) -> float:
+    if len(g) < 2:
+        return 0.0
+    sub = A[np.ix_(g, g)]
+    return float((sub.sum() - np.trace(sub)) / (len(g) * (len(g) - 1)))
+
+
+def _merge_to(groups: list[list[int]], m: int, A: np.ndarray) -> list[list[int]]:
+    groups = sorted((sorted(g) for g in groups), key=lambda g: g[0])
+    while len(groups) > m:
+        best, pair = -math.inf, (0, 1)
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                v = _mean_block(A, groups[a], groups[b])
+                if v > best + 1e-12:  # strict: first (lowest-index) pair wins ties
+                    best, pair = v, (a, b)
+        a, b = pair
+        merged = sorted(groups[a] + groups[b])
+        groups = [g for k, g in enumerate(groups) if k not in pair] + [merged]
+        groups.sort(key=lambda g: g[0])
+    return groups
+
+
+def _split_to(groups: list[list[int]], m: int, A: np.ndarray) -> list[list[int]]:
+    groups = sorted((sorted(g) for g in groups), key=lambda g: g[0])
+    while len(groups) < m:
+        # least coherent splittable group (ties: larger, then lower first index)
+        cands = [k for k, g in enumerate(groups) if len(g) >= 2]
+        k = min(cands, key=lambda k: (_mean_within(A, groups[k]), -len(groups[k]),
+                                      groups[k][0]))
+        g = groups[k]
+        sub = A[np.ix_(g, g)].copy()
+        np.fill_diagonal(sub, np.inf)
+        u_, v_ = np.unravel_index(int(np.argmin(sub)), sub.shape)  # least affine pair
+        u, v = g[min(u_, v_)], g[max(u_, v_)]
+        left, right = [u], [v]
+        for w in g:
+            if w in (u, v):
+                continue
+            (left if A[w, u] >= A[w, v] else right).append(w)
+        groups = groups[:k] + groups[k + 1:] + [sorted(left), sorted(right)]
+        groups.sort(key=lambda g: g[0])
+    return groups
+
+
+def round_solution(X: np.ndarray, c: float = 0.5, m: int | None = None,
+                   affinity=None) -> np.ndarray:
+    """Round an SDP solution to labels: u ~ v when X̂_uv ≥ c/n (greedy, see module doc).
+
+    With ``m`` the groups are merged/split (by mean affinity, ``affinity`` if given else X̂)
+    until there are exactly m. Labels are canonical: groups numbered by their lowest task.
+    """
+    X = np.asarray(X, np.float64)
+    n = X.shape[0]
+    _check_m(m, n)
+    thr = c / n
+    diag = np.diag(X)
+    order = np.lexsort((np.arange(n), -diag))  # largest diagonal first, ties → lowest index
+    unassigned = np.ones(n, bool)
+    groups: list[list[int]] = []
+    for u in order:
+        if not unassigned[u]:
+            continue
+        members = np.flatnonzero(unassigned & (X[u] >= thr))
+        g = sorted(set(int(v) for v in members) | {int(u)})
+        unassigned[g] = False
+        groups.append(g)
+    if m is not None and len(groups) != m:
+        A = centered_affinity(affinity) if affinity is not None else (X + X.T) / 2.0
+        groups = _merge_to(groups, m, A) if len(groups) > m else _split_to(groups, m, A)
+    return _groups_to_labels(groups, n)
+
+
+def _density(A: np.ndarray, labels: np.ndarray) -> float:
+    """Average within-group density contrast of a partition (``m_selection="density"``).
+
+    Per task u: mean affinity to the other members of its group minus the mean affinity to the
+    closest other group (the one u is most affine to); singletons and the one-group partition
+    score 0. Averaged over tasks. Comparing with the *closest* other group (rather than all
+    other tasks) penalizes splitting a coherent group, which a plain within-minus-between mean
+    rewards through selection bias (small groups keep only their best pairs).
+    """
+    n = len(labels)
+    groups = labels_to_groups(labels)
+    if len(groups) < 2:
+        return 0.0
+    total = 0.0
+    for g in groups:
+        if len(g) < 2:
+            continue
+        others = [h for h in groups if h is not g]
+        for u in g:
+            within = (A[u, g].sum() - A[u, u]) / (len(g) - 1)
+            closest = max(float(A[u, h].mean()) for h in others)
+            total += within - closest
+    return total / n
+
+
+# --------------------------------------------------------------------------------------------
+# Estimators
+# --------------------------------------------------------------------------------------------
+class SDPClustering:
+    """Task grouping by the SDP relaxation (Appendix A.1), scikit-learn style.
+
+    Parameters
+    ----------
+    m : int or None — number of groups; None chooses it with ``m_selection``.
+    lam : float, sequence or None — λ of the trace term. With m given it only shifts the
+        reported objective. With m=None and ``m_selection="trace"`` it is the λ grid to sweep
+        (absolute, in the units of T); None = automatic grid scaled to the affinity.
+    c : float — rounding threshold X̂_uv ≥ c/n.
+    m_selection : "trace" | "density".
+    max_groups : int or None — largest m considered by ``"density"`` (default min(n, 10)).
+    solver : None (auto: Clarabel then SCS; SCS first for n > 30), a cvxpy solver name, or a list.
+    refine : int — bisection rounds locating the λ breakpoints of the ``"trace"`` sweep.
+
+    Fitted: ``labels_``, ``groups_`` (sorted lists of task indices), ``m_``, ``X_``,
+    ``objective_`` (⟨sym T, X̂⟩ + λ Tr X̂), ``status_``, ``solver_``, ``selection_`` (JSON-able
+    record of how m was chosen).
+    """
+
+    def __init__(self, m: int | None = None, lam=None, c: float = 0.5,
+                 m_selection: str = "trace", max_groups: int | None = None, solver=None,
+                 refine: int = 4):
+        self.m = m
+        self.lam = lam
+        self.c = c
+        self.m_selection = m_selection
+        self.max_groups = max_groups
+        self.solver = solver
+        self.refine = refine
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {"m": self.m, "lam": self.lam, "c": self.c, "m_selection": self.m_selection,
+                "max_groups": self.max_groups, "solver": self.solver, "refine": self.refine}
+
+    def _lam_grid(self, A_scale: float, n: int) -> list[float]:
+        if self.lam is None:
+            # In units of max|A|: all singletons are optimal once λ ≥ max A (≤ 1); one group
+            # needs λ ≈ −O(n). Log-spaced on both sides of 0 (dense near the small breakpoints).
+            neg = -(n * A_scale) * np.geomspace(1e-3, 1.0, 10)[::-1]
+            pos = A_scale * np.geomspace(1e-3, 1.0, 7)
+            return [float(v) for v in np.concatenate([neg, [0.0], pos])]
+        if np.ndim(self.lam) == 0:
+            return [float(self.lam)]
+        return sorted(float(v) for v in self.lam)
+
+    def _solve_m(self, T: np.ndarray, m: int):
+        """Solve with Tr X = m and round to exactly m groups (trivial m = 1, n need no SDP)."""
+        n = T.shape[0]
+        lam = float(self.lam) if self.lam is not None and np.ndim(self.lam) == 0 else 0.0
+        if m in (1, n):
+            X = np.full((n, n), 1.0 / n) if m == 1 else np.eye(n)
+            sym = (T + T.T) / 2.0
+            obj = float(np.sum(sym * X) + lam * np.trace(X))
+            return X, obj, "trivial", None, np.zeros(n, np.int64) if m == 1 else np.arange(n)
+        X, obj, status, name = solve_sdp(T, lam=0.0, m=m, solver=self.solver)
+        obj += lam * m
+        labels = round_solution(X, c=self.c, m=m, affinity=T)
+        return X, obj, status, name, labels
+
+    def fit(self, T) -> "SDPClustering":
+        T = _as_matrix(T)
+        n = T.shape[0]
+        _check_m(self.m, n)
+        if not self.c > 0:
+            raise ValueError(f"rounding constant c must be > 0, got {self.c}")
+        if self.m_selection not in ("trace", "density"):
+            raise ValueError(f"m_selection must be 'trace' or 'density', got "
+                             f"{self.m_selection!r}")
+        A = centered_affinity(T)
+        scale = float(np.max(np.abs(A)))
+        if scale == 0.0:
+            raise ValueError("affinity is degenerate: T_ij − T_ii is zero for all pairs")
+        m = self.m
+        selection: dict = {"method": "given" if m is not None else self.m_selection}
+        if m is None and self.m_selection == "trace":
+            sdp = _SDPProblem(T, m=None, solver=self.solver)
+            path: dict[float, int] = {}
+
+            def groups_at(lam: float) -> int:
+                X, _, _, _ = sdp.solve(lam)
+                return int(len(np.unique(round_solution(X, c=self.c))))
+
+            for lam in self._lam_grid(scale, n):
+                path[lam] = groups_at(lam)
+            # refine: bisect every grid interval whose end points disagree, so the λ-range of
+            # each m (the stability measure) is located to 2^-refine of the grid spacing
+            # (only around the two leading candidates: the others cannot change the choice
+            # much, and each bisection is an SDP solve)
+            for _ in range(int(self.refine)):
+                lams = sorted(path)
+                lead = _leading(_lam_widths(lams, [path[v] for v in lams]), n, 2)
+                mids = [(a + b) / 2.0 for a, b in zip(lams[:-1], lams[1:])
+                        if path[a] != path[b] and (path[a] in lead or path[b] in lead)]
+                for lam in mids:
+                    path[lam] = groups_at(lam)
+            lams = sorted(path)
+            ms = [path[lam] for lam in lams]
+            width = _lam_widths(lams, ms)
+            m = _leading(width, n, 1)[0]
+            selection.update({"lams": lams, "m_per_lam": ms,
+                              "lam_width": {str(k): v for k, v in sorted(width.items())}})
+        elif m is None:  # density
+            top = min(n, self.max_groups or 10)
+            scores, fits = {}, {}
+            for k in range(1, top + 1):
+                fits[k] = self._solve_m(T, k)
+                scores[k] = _density(A / scale, fits[k][4])
+            m = max(scores, key=lambda k: (scores[k], -k))
+            selection["scores"] = {str(k): float(v) for k, v in scores.items()}
+        if selection["method"] == "density":
+            X, obj, status, name, labels = fits[m]
+        else:
+            X, obj, status, name, labels = self._solve_m(T, int(m))
+        self.m_ = int(m)
+        self.X_ = X
+        self.objective_ = obj
+        self.status_ = status
+        self.solver_ = name
+        self.labels_ = labels
+        self.groups_ = labels_to_groups(labels)
+        self.selection_ = selection
+        return self
+
+    def fit_predict(self, T) -> np.ndarray:
+        return self.fit(T).labels_
+
+
+def _lam_widths(lams: Sequence[float], ms: Sequence[int]) -> dict[int, float]:
+    """Length of the λ-range over which each number of groups is the (rounded) optimum.
+
+    Each grid point owns the interval between the midpoints to its neighbours (end points: the
+    half interval to their one neighbour), so the measure is the linear λ-length of the stable
+    range, independent of how densely the grid samples it. A single-point grid gives width 1.
+    """
+    lams = np.asarray(lams, np.float64)
+    if len(lams) == 1:
+        return {int(ms[0]): 1.0}
+    mid = (lams[1:] + lams[:-1]) / 2.0
+    lo = np.concatenate([[lams[0]], mid])
+    hi = np.concatenate([mid, [lams[-1]]])
+    width: dict[int, float] = {}
+    for k, w in zip(ms, hi - lo):
+        width[int(k)] = width.get(int(k), 0.0) + float(w)
+    return width
+
+
+def _leading(width: dict[int, float], n: int, top: int) -> list[int]:
+    """The ``top`` numbers of groups with the longest λ-range; the trivial 1 and n only when
+    nothing else occurs; ties → fewer groups."""
+    nontrivial = {k: v for k, v in width.items() if 1 < k < n} or width
+    return sorted(nontrivial, key=lambda k: (-nontrivial[k], k))[:top]
+
+
+def spectral_cluster(T, m: int, seed: int = 0, n_init: int = 10) -> np.ndarray:
+    """Spectral-clustering baseline: normalized affinity → top-m eigenvectors → k-means.
+
+    The row-centered symmetric affinity is min-max scaled to [0, 1] off the diagonal (W_uu = 0),
+    normalized as D^{-1/2} W D^{-1/2}; the rows of its top-m eigenvectors are unit-normalized
+    (Ng–Jordan–Weiss) and clustered with scipy's k-means (k-means++ init, ``n_init`` seeded
+    restarts, lowest distortion wins). Deterministic for a given seed; canonical labels.
+    """
+    from scipy.cluster.vq import kmeans2, ClusterError
+
+    mat = _as_matrix(T)
+    n = mat.shape[0]
+    _check_m(m, n)
+    if m == 1:
+        return np.zeros(n, np.int64)
+    if m == n:
+        return np.arange(n, dtype=np.int64)
+    A = centered_affinity(mat)
+    off = ~np.eye(n, dtype=bool)
+    lo, hi = float(A[off].min()), float(A[off].max())
+    W = np.zeros((n, n)) if hi == lo else (A - lo) / (hi - lo)
+    W[~off] = 0.0
+    deg = W.sum(axis=1) + 1e-12
+    L = W / np.sqrt(deg)[:, None] / np.sqrt(deg)[None, :]
+    _, vecs = np.linalg.eigh(L)
+    U = vecs[:, -m:]
+    U = U / np.maximum(np.linalg.norm(U, axis=1, keepdims=True), 1e-12)
+    # fix eigenvector signs so the embedding (hence k-means) is reproducible across LAPACKs
+    U = U * np.where(U[np.argmax(np.abs(U), axis=0), np.arange(m)] < 0, -1.0, 1.0)
+    rng = np.random.default_rng(seed)
+    best, best_labels = math.inf, None
+    for _ in range(n_init):
+        sub = np.random.default_rng(int(rng.integers(2**63 - 1)))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cent, lab = kmeans2(U, m, iter=50, minit="++", missing="raise", rng=sub)
+        except ClusterError:
+            continue
+        if len(np.unique(lab)) != m:
+            continue
+        inertia = float(((U - cent[lab]) ** 2).sum())
+        if inertia < best - 1e-12:
+            best, best_labels = inertia, lab
+    if best_labels is None:
+        raise RuntimeError(f"k-means found no partition into m={m} non-empty groups of n={n} "
+                           "tasks")
+    return _groups_to_labels(labels_to_groups(best_labels), n)
+
+
+class SpectralClustering:
+    """Estimator wrapper of :func:`spectral_cluster` (baseline to the SDP)."""
+
+    def __init__(self, m: int, seed: int = 0, n_init: int = 10):
+        self.m = m
+        self.seed = seed
+        self.n_init = n_init
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {"m": self.m, "seed": self.seed, "n_init": self.n_init}
+
+    def fit(self, T) -> "SpectralClustering":
+        self.labels_ = spectral_cluster(T, self.m, seed=self.seed, n_init=self.n_init)
+        self.groups_ = labels_to_groups(self.labels_)
+        self.m_ = int(self.m)
+        return self
+
+    def fit_predict(self, T) -> np.ndarray:
+        return self.fit(T).labels_
+
+
+def groups_to_json(groups: Sequence[Sequence[int]], names: Sequence[str]) -> dict:
+    """JSON-able record for groups.json: task names and indices per group."""
+    names = [str(x) for x in names]
+    groups = sorted((sorted(int(i) for i in g) for g in groups), key=lambda g: g[0])
+    seen = [i for g in groups for i in g]
+    if sorted(seen) != list(range(len(names))):
+        raise ValueError(f"groups must place each of the {len(names)} tasks in exactly one "
+                         f"group, got {groups}")
+    return {"n_tasks": len(names), "n_groups": len(groups),
+            "groups": [{"id": k, "tasks": [names[i] for i in g], "indices": g}
+                       for k, g in enumerate(groups)]}

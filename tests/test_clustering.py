@@ -1,0 +1,235 @@
+"""Stage 3 (DESIGN.md step 3): task affinity (eq. 1) and SDP clustering (Appendix A.1)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ensemble_core.affinity import Affinity, task_affinity
+from ensemble_core.clustering import (SDPClustering, SDPSolveError, SpectralClustering,
+                                      groups_to_json, labels_to_groups, round_solution,
+                                      solve_sdp, spectral_cluster)
+from ensemble_core.sampling import sample_subsets
+
+NAMES3 = ["boolq", "cb", "rte"]
+
+
+# ---- affinity (eq. 1) -----------------------------------------------------------------------
+def _hand_results():
+    r = lambda loss, acc: {"loss": loss, "accuracy": acc}  # noqa: E731
+    return [
+        ((0, 1), {0: r(1.0, 0.5), 1: r(2.0, 0.4)}),
+        ((0, 1, 2), {0: r(3.0, 0.7), 1: r(4.0, 0.6), 2: r(5.0, 0.9)}),
+        ((1, 2), {1: r(6.0, 0.2), 2: r(7.0, 0.3)}),
+        ((0, 2), {"0": r(8.0, 0.1), "2": r(9.0, 0.8)}),  # JSON round-trip keys
+    ]
+
+
+def test_eq1_on_hand_built_example():
+    aff = task_affinity(_hand_results(), NAMES3, metric="loss")
+    # T_ij = −mean loss of task i over the subsets containing i and j; T_ii over subsets ∋ i
+    expected = -np.array([
+        [(1 + 3 + 8) / 3, (1 + 3) / 2, (3 + 8) / 2],
+        [(2 + 4) / 2, (2 + 4 + 6) / 3, (4 + 6) / 2],
+        [(5 + 9) / 2, (5 + 7) / 2, (5 + 7 + 9) / 3],
+    ])
+    np.testing.assert_allclose(aff.matrix, expected)
+    np.testing.assert_array_equal(aff.counts, [[3, 2, 2], [2, 3, 2], [2, 2, 3]])
+    assert aff.names == NAMES3 and aff.metric == "loss"
+    acc = task_affinity(_hand_results(), NAMES3, metric="accuracy")
+    assert acc.matrix[0, 1] == pytest.approx((0.5 + 0.7) / 2)
+    assert acc.matrix[2, 2] == pytest.approx((0.9 + 0.3 + 0.8) / 3)
+
+
+def test_orientation_larger_means_helps():
+    # task 0 has a lower loss / higher accuracy with task 1 than with task 2
+    r = lambda loss, acc: {"loss": loss, "accuracy": acc}  # noqa: E731
+    res = [((0, 1), {0: r(0.2, 0.9), 1: r(0.5, 0.5)}),
+           ((0, 2), {0: r(0.9, 0.4), 2: r(0.5, 0.5)}),
+           ((1, 2), {1: r(0.5, 0.5), 2: r(0.6, 0.5)})]
+    for metric in ("loss", "accuracy"):
+        T = task_affinity(res, NAMES3, metric=metric).matrix
+        assert T[0, 1] > T[0, 2], metric
+
+
+def test_affinity_records_and_json_round_trip():
+    records = [{"subset": list(s), "per_task": p} for s, p in _hand_results()]
+    aff = task_affinity(records, NAMES3)
+    back = Affinity.from_json(aff.to_json())
+    np.testing.assert_array_equal(back.matrix, aff.matrix)
+    np.testing.assert_array_equal(back.counts, aff.counts)
+    assert back.names == aff.names and back.metric == aff.metric
+    assert "negative validation loss" in json.loads(aff.to_json())["orientation"]
+
+
+def test_affinity_errors():
+    res = _hand_results()
+    with pytest.raises(ValueError, match="'cb' and 'rte'"):  # pair (1,2) never together
+        task_affinity([res[0], res[3]], NAMES3)
+    bad = [((0, 1), {0: {"loss": np.nan, "accuracy": 1.0}, 1: {"loss": 1.0, "accuracy": 1.0}})]
+    with pytest.raises(ValueError, match=r"'boolq'.*\(0, 1\)"):
+        task_affinity(bad + res, NAMES3)
+    inf = [((1, 2), {1: {"loss": 1.0, "accuracy": 1.0}, 2: {"loss": np.inf, "accuracy": 1.0}})]
+    with pytest.raises(ValueError, match=r"'rte'.*\(1, 2\)"):
+        task_affinity(inf + res, NAMES3)
+    const = [((s), {i: {"loss": 0.7, "accuracy": 0.5} for i in s}) for s, _ in res]
+    with pytest.raises(ValueError, match="constant"):
+        task_affinity(const, NAMES3)
+    rows = [((s), {i: {"loss": 0.1 * (i + 1), "accuracy": 0.5} for i in s}) for s, _ in res]
+    with pytest.raises(ValueError, match="constant within every row"):
+        task_affinity(rows, NAMES3)
+    with pytest.raises(ValueError, match="no result for task 'rte'"):
+        task_affinity([((0, 2), {0: {"loss": 1.0, "accuracy": 1.0}})], NAMES3)
+    with pytest.raises(ValueError, match="metric"):
+        task_affinity(res, NAMES3, metric="f1")
+
+
+# ---- planted groups -------------------------------------------------------------------------
+def planted_from_subsets(sizes=(4, 4, 4), noise=0.1, seed=0, k=60):
+    """Simulate the whole step: subset results where same-group partners lower the loss."""
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    labels = np.repeat(np.arange(len(sizes)), sizes)[rng.permutation(n)]
+    base = rng.uniform(0.3, 1.0, n)
+    results = []
+    for s in sample_subsets(n, k, 3, seed=seed):
+        per = {}
+        for i in s:
+            same = sum(labels[j] == labels[i] for j in s if j != i)
+            loss = base[i] - 0.2 * same + 0.2 * (len(s) - 1 - same) + noise * rng.standard_normal()
+            per[i] = {"loss": loss, "accuracy": 0.5}
+        results.append((s, per))
+    return task_affinity(results, [f"task{i}" for i in range(n)]), labels
+
+
+def planted_matrix(n_groups=3, size=4, noise=0.15, seed=0):
+    """High within, low between, plus noise (diagonal like the within-group entries)."""
+    rng = np.random.default_rng(seed)
+    n = n_groups * size
+    labels = np.repeat(np.arange(n_groups), size)[rng.permutation(n)]
+    T = np.where(labels[:, None] == labels[None, :], 1.0, 0.0) + noise * rng.standard_normal((n, n))
+    return T, labels
+
+
+PLANTED = [("subsets", 0), ("subsets", 1), ("matrix", 0), ("matrix", 1)]
+
+
+def _planted(kind, seed):
+    return planted_from_subsets(seed=seed) if kind == "subsets" else planted_matrix(seed=seed)
+
+
+def _partition_ok(groups, n):
+    flat = [i for g in groups for i in g]
+    return sorted(flat) == list(range(n)) and all(g == sorted(g) for g in groups)
+
+
+@pytest.mark.parametrize("kind,seed", PLANTED)
+def test_sdp_recovers_planted_groups_with_m_given(kind, seed):
+    T, labels = _planted(kind, seed)
+    est = SDPClustering(m=3).fit(T)
+    assert est.groups_ == labels_to_groups(labels)
+    assert _partition_ok(est.groups_, 12) and est.m_ == 3
+    X = est.X_  # feasible for the SDP
+    np.testing.assert_allclose(X.sum(axis=1), 1.0, atol=1e-5)
+    assert X.min() > -1e-6 and np.linalg.eigvalsh(X).min() > -1e-6
+    assert np.trace(X) == pytest.approx(3.0, abs=1e-5)
+    assert est.status_ in ("optimal", "optimal_inaccurate")
+
+
+@pytest.mark.parametrize("selection", ["trace", "density"])
+@pytest.mark.parametrize("kind,seed", PLANTED)
+def test_sdp_recovers_planted_groups_with_m_automatic(kind, seed, selection):
+    T, labels = _planted(kind, seed)
+    est = SDPClustering(m_selection=selection).fit(T)
+    assert est.m_ == 3 and est.groups_ == labels_to_groups(labels)
+    assert _partition_ok(est.groups_, 12)
+    json.dumps(est.selection_)
+
+
+def test_unequal_planted_groups_and_scs():
+    T, labels = planted_from_subsets(sizes=(5, 4, 3), seed=2)
+    assert SDPClustering().fit(T).groups_ == labels_to_groups(labels)
+    assert SDPClustering(m=3, solver="SCS").fit(T).groups_ == labels_to_groups(labels)
+
+
+def test_sdp_is_deterministic_and_row_shift_invariant():
+    T, _ = planted_matrix(seed=3)
+    a = SDPClustering(m=3).fit(T)
+    b = SDPClustering(m=3).fit(T.copy())
+    assert a.groups_ == b.groups_ and np.array_equal(a.labels_, b.labels_)
+    shifted = T + np.random.default_rng(0).normal(size=(12, 1)) * 5  # constant per row
+    assert SDPClustering(m=3).fit(shifted).groups_ == a.groups_
+    assert SDPClustering().fit(shifted).groups_ == SDPClustering().fit(T).groups_
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 12])
+def test_exactly_m_groups(m):
+    T, _ = planted_matrix(seed=4)
+    est = SDPClustering(m=m).fit(T)
+    assert len(est.groups_) == m and est.m_ == m and _partition_ok(est.groups_, 12)
+    assert list(est.labels_) == [k for i in range(12) for k, g in enumerate(est.groups_) if i in g]
+
+
+def test_rounding_threshold_and_resolution():
+    # exact block solution: {0,1} (1/2 each) and {2,3,4} (1/3 each)
+    X = np.zeros((5, 5))
+    X[:2, :2] = 1 / 2
+    X[2:, 2:] = 1 / 3
+    assert labels_to_groups(round_solution(X)) == [[0, 1], [2, 3, 4]]
+    assert labels_to_groups(round_solution(X, m=3)) != [[0, 1], [2, 3, 4]]
+    assert len(labels_to_groups(round_solution(X, m=1))) == 1
+    # a non-transitive threshold graph still yields a partition
+    Y = np.eye(4) * 0.5
+    Y[0, 1] = Y[1, 0] = Y[1, 2] = Y[2, 1] = 0.5
+    groups = labels_to_groups(round_solution(Y))
+    assert _partition_ok(groups, 4)
+
+
+def test_objective_matches_formula():
+    T, _ = planted_matrix(seed=5)
+    X, obj, status, solver = solve_sdp(T, lam=0.3)
+    assert obj == pytest.approx(np.sum((T + T.T) / 2 * X) + 0.3 * np.trace(X), rel=1e-9)
+    assert solver == "CLARABEL" and status == "optimal"
+
+
+@pytest.mark.parametrize("kind,seed", PLANTED)
+def test_spectral_baseline_recovers_planted_groups(kind, seed):
+    T, labels = _planted(kind, seed)
+    est = SpectralClustering(m=3, seed=0).fit(T)
+    assert est.groups_ == labels_to_groups(labels)
+    assert np.array_equal(spectral_cluster(T, 3, seed=0), spectral_cluster(T, 3, seed=0))
+
+
+def test_clustering_errors():
+    T, _ = planted_matrix()
+    with pytest.raises(ValueError, match="m=13 exceeds"):
+        SDPClustering(m=13).fit(T)
+    with pytest.raises(ValueError, match="m=13 exceeds"):
+        spectral_cluster(T, 13)
+    with pytest.raises(ValueError, match="at least 2 tasks"):
+        SDPClustering().fit(np.ones((1, 1)))
+    with pytest.raises(ValueError, match="at least 2 tasks"):
+        SpectralClustering(m=1).fit(np.ones((1, 1)))
+    bad = T.copy()
+    bad[2, 5] = np.nan
+    with pytest.raises(ValueError, match=r"NaN.*\[2, 5\]"):
+        SDPClustering(m=3).fit(bad)
+    with pytest.raises(ValueError, match="square"):
+        SDPClustering().fit(np.ones((3, 4)))
+    with pytest.raises(ValueError, match="m_selection"):
+        SDPClustering(m_selection="gap").fit(T)
+    with pytest.raises(SDPSolveError, match="n=12 tasks.*NO_SUCH_SOLVER"):
+        SDPClustering(m=3, solver="NO_SUCH_SOLVER").fit(T)
+
+
+def test_accepts_affinity_object_and_groups_json():
+    aff, labels = planted_from_subsets(seed=0)
+    est = SDPClustering(m=3).fit(aff)
+    out = groups_to_json(est.groups_, aff.names)
+    assert out["n_groups"] == 3 and out["n_tasks"] == 12
+    assert sorted(n for g in out["groups"] for n in g["tasks"]) == sorted(aff.names)
+    assert [g["indices"] for g in out["groups"]] == est.groups_
+    assert json.loads(json.dumps(out)) == out
+    with pytest.raises(ValueError, match="exactly one group"):
+        groups_to_json([[0, 1], [1, 2]], ["a", "b", "c"])
