@@ -2,6 +2,7 @@
 PY ?= python3
 export ENSEMBLE_LORA_CACHE ?= $(HOME)/.cache/ensemble-lora
 export TOKENIZERS_PARALLELISM ?= false
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: install demo test test-fast bench
 

@@ -3,11 +3,13 @@
 1. SDP clustering (cvxpy) solve time on planted affinities for n = 10, 50, 100, 200 tasks
    (3 planted groups + noise, m given: one solve with Tr X = m). Each size runs in a child process
    and is stopped when it exceeds --limit seconds.
-2. Subset regressions: k = 200 subsets of size 3 over n = 10 synthetic tasks (d = 400, 64 train +
-   32 val examples per task, 2 choices), with 1 and with 2 worker processes.
+2. Subset regressions: k = 200 subsets of size 3 over n = 10 tasks, d = 400, with 1 and with 2
+   worker processes, on real stage-1 gradient files (SmolLM2-135M on 10 SuperGLUE/GLUE tasks,
+   32 train + 16 validation examples each; computed once and kept under --out) or, with
+   --synthetic, on synthetic tables (64 train + 32 val examples per task, 2 choices).
 
-    python bench/estimation_sdp.py [--limit 600] [--sizes 10,50,100,200] [--k 200] [--auto]
-                                   [--solver CLARABEL|SCS] [--skip-subsets]
+    python bench/estimation.py [--limit 600] [--sizes 10,50,100,200] [--k 200] [--auto]
+                               [--solver CLARABEL|SCS] [--skip-subsets] [--synthetic]
 """
 from __future__ import annotations
 
@@ -110,9 +112,48 @@ def synthetic_tasks(n_tasks: int, d: int, n_train: int, n_val: int, seed: int = 
     return tables
 
 
-def bench_subsets(k: int, n_tasks: int = 10, size: int = 3, d: int = 400) -> None:
+REAL_TASKS = ["superglue/boolq", "superglue/cb", "superglue/copa", "superglue/rte",
+              "superglue/wic", "superglue/wsc", "superglue/multirc", "glue/sst2", "glue/mrpc",
+              "glue/cola"]
+
+
+def real_tables(model: str, d: int, data_root: str, out_dir: str, n_train: int, n_val: int):
+    """Stage 1 on 10 real tasks (library path, no Prefect): the real gradient files the subset
+    regressions read. Files already written under out_dir are reused."""
+    from ensemble_core import stages
+    from ensemble_core.config import parse_config
+    from ensemble_core.data import load_task
+    from ensemble_core.storage import exists
+
+    cfg = parse_config({
+        "name": "bench-estimation", "data_root": data_root, "output_dir": out_dir,
+        "model": {"name": model, "max_length": 160},
+        "adapter": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+        "estimation": {"projection_dim": d, "batch_size": 8},
+        "tasks": [{"name": b.split("/")[1], "builtin": b,
+                   "max_examples": {"train": n_train, "validation": n_val}} for b in REAL_TASKS]})
+    tables = []
+    t0 = time.perf_counter()
+    for t in cfg.tasks:
+        man = f"{cfg.run_dir}/gradients/{t.name}/manifest.json"
+        if exists(man):
+            rec = stages.read_json(man)
+            files = rec["files"]
+        else:
+            files = stages.gradient_features(cfg, load_task(t, data_root))["files"]
+        tables.append((stages.read_features(files["train"]["path"]),
+                       stages.read_features(files["validation"]["path"])))
+    print(f"   (stage 1 features of {len(tables)} real tasks ready in "
+          f"{time.perf_counter() - t0:.0f} s: {model}, d = {d}, {n_train} train + {n_val} "
+          f"validation examples per task)")
+    stages.release_models()
+    return tables
+
+
+def bench_subsets(k: int, n_tasks: int = 10, size: int = 3, d: int = 400, tables=None) -> None:
     import math
-    tables = synthetic_tasks(n_tasks, d, 64, 32)
+    real = tables is not None
+    tables = tables if real else synthetic_tasks(n_tasks, d, 64, 32)
     distinct = min(k, math.comb(n_tasks, size))
     subsets = sample_subsets(n_tasks, distinct, size, seed=0)
     note = ""
@@ -120,8 +161,10 @@ def bench_subsets(k: int, n_tasks: int = 10, size: int = 3, d: int = 400) -> Non
         rng = np.random.default_rng(1)
         subsets += [subsets[i] for i in rng.integers(0, distinct, k - distinct)]
         note = f" ({distinct} distinct + {k - distinct} repeats: C({n_tasks},{size})={distinct})"
+    what = ("real gradient files (Parquet) of SuperGLUE/GLUE tasks" if real
+            else "synthetic tasks, 64 train + 32 val examples/task, 2 choices")
     print(f"== subset regressions: k={k} subsets of size {size}{note}, n={n_tasks} tasks, d={d}, "
-          "64 train + 32 val examples/task, 2 choices")
+          f"{what}")
     times = {}
     results = {}
     for workers in (1, 2):
@@ -145,12 +188,21 @@ def main(argv=None) -> None:
     ap.add_argument("--k", type=int, default=200)
     ap.add_argument("--solver", default=None, help="force a cvxpy solver (default: auto order)")
     ap.add_argument("--skip-subsets", action="store_true", help="only the SDP part")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="synthetic gradient tables instead of real stage-1 files")
+    ap.add_argument("--model", default="smollm2-135m", help="model for the real gradient files")
+    ap.add_argument("--data-root", default=os.environ.get(
+        "ENSEMBLE_LORA_DATA", os.path.join(os.path.dirname(os.path.dirname(
+            os.path.dirname(os.path.abspath(__file__)))), "shared", "data")))
+    ap.add_argument("--out", default="runs", help="where the real gradient files are kept")
     ap.add_argument("--auto", action="store_true",
                     help="also time automatic m selection (trace sweep) for n <= 100")
     args = ap.parse_args(argv)
     bench_sdp([int(s) for s in args.sizes.split(",")], args.limit, args.auto, args.solver)
     if not args.skip_subsets:
-        bench_subsets(args.k)
+        tables = None if args.synthetic else real_tables(
+            args.model, 400, args.data_root, os.path.abspath(args.out) + "/{name}", 32, 16)
+        bench_subsets(args.k, tables=tables)
 
 
 if __name__ == "__main__":
