@@ -1,11 +1,12 @@
 """Gradient boosting of a group's ensemble with first-order adapters (Algorithm 2, Appendix A.2).
 
-A group's ensemble scores an example's choices as h(s) = h_G(s) + η Σ_k (h_k(s) − h0(s)), where
+A group's ensemble scores an example's choices as h(s) = h_G(s) + Σ_k (h_k(s) − h0(s)), where
 h_G is the group's fine-tuned adapter, h0 the base model at θ* and h_k a boosting adapter. A
-boosting step fits the next adapter to the residuals r_c(s) = 1[c = gold] − p_c(s) — the negative
-gradient of the log loss w.r.t. the scores — with the first-order model on the stage-1 projected
-gradients: h_k(s) − h0(s) ≈ g̃(s)ᵀx, so x̂ = argmin_x mean_(s,c) (r_c(s) − g̃_c(s)ᵀx)² + λ‖x‖²
-(ridge; closed form in d dimensions). The adapter θ* + P x̂ is then a real PEFT adapter.
+boosting step fits the residuals r_c(s) = 1[c = gold] − p_c(s) — the negative gradient of the log
+loss w.r.t. the scores — with the first-order model on the stage-1 projected gradients,
+g̃(s)ᵀx ≈ r(s): x̂ = argmin_x mean_(s,c) (r_c(s) − g̃_c(s)ᵀx)² + λ‖x‖² (ridge; closed form in d
+dimensions), and takes a step of size η: the boosting adapter is the real PEFT adapter
+θ* + η·P x̂, so h_k − h0 ≈ η·g̃ᵀx̂ while the adapter stays in the first-order regime.
 """
 from __future__ import annotations
 

@@ -144,12 +144,16 @@ def boost_group(cfg: RunConfig, group: dict, gradient_records: dict, group_score
     loss_before = log_loss(h_cur, n_choices, gold)
     x = fit_residual_adapter(tables, residuals(h_cur, n_choices, gold), l2=cfg.estimation.l2)
 
+    # Step size η in parameter space: the adapter is θ* + η·P x̂ and the group adds its whole
+    # change h_k − h0. To first order this is the same as η·g̃ᵀx̂, but the real adapter stays
+    # 1/η times closer to θ*, where the first-order model that fitted x̂ holds.
+    eta = cfg.boosting.eta
     lm = load_model(cfg, cfg.cache_dir and Path(cfg.cache_dir))
     theta0 = adapter_vector(lm.model)
     projector = GaussianProjector(theta0.numel(), cfg.estimation.projection_dim,
                                   seed=cfg.estimation.projection_seed,
                                   block_rows=cfg.estimation.projection_block_rows)
-    delta = projector.expand(torch.from_numpy(x).float())
+    delta = eta * projector.expand(torch.from_numpy(x).float())
     set_adapter_vector(lm.model, theta0 + delta)
     name = f"{group['name']}-boost-{step}"
     path = join(cfg.run_dir, "adapters", name)
@@ -157,11 +161,13 @@ def boost_group(cfg: RunConfig, group: dict, gradient_records: dict, group_score
     train = _examples(cfg, tasks, "train")
     h_k, _ = _flat(predict_scores(lm.model, lm.tokenizer, train, cfg.model.max_length,
                                   cfg.estimation.batch_size, cfg.model.choice_mode))
-    eta = cfg.boosting.eta
-    loss_after = log_loss(h_cur + eta * (h_k - h0), n_choices, gold)
+    loss_after = log_loss(h_cur + (h_k - h0), n_choices, gold)
+    G = np.concatenate([t.grad for t in tables]).astype(np.float64)
     return _adapter_record(name, path, tasks, {
-        "group": group["name"], "step": step, "train_loss_before": loss_before,
-        "train_loss_after": loss_after, "predicted_change_norm": float(np.linalg.norm(x)),
+        "group": group["name"], "step": step, "eta": eta, "train_loss_before": loss_before,
+        "train_loss_after": loss_after,
+        "train_loss_first_order": log_loss(h_cur + eta * (G @ x), n_choices, gold),
+        "x_norm": float(np.linalg.norm(x)),
         "relative_distance": float(delta.norm() / max(float(theta0.norm()), 1e-30)),
         "accepted": bool(loss_after < loss_before), "seconds": time.perf_counter() - t0})
 

@@ -79,8 +79,9 @@ def boosting_and_weights(config, adapters: dict, gradient_records: dict,
         if not rec["accepted"]:
             log.info("boosting stopped early: the training loss did not fall")
             break
-        worst["members"] += [{"name": rec["name"], "scale": cfg.boosting.eta},
-                             {"name": core.THETA_STAR, "scale": -cfg.boosting.eta}]
+        # h = h_G + (h_k − h0): the step size η is inside the boosting adapter (θ* + η P x̂)
+        worst["members"] += [{"name": rec["name"], "scale": 1.0},
+                             {"name": core.THETA_STAR, "scale": -1.0}]
         score_records[rec["name"]] = score(
             data, rec, {"train": worst["tasks"], "validation": names, "test": names})
         member_scores[rec["name"]] = read_json(score_records[rec["name"]]["path"])["scores"]
