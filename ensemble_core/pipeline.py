@@ -26,7 +26,7 @@ from .data import Example, load_task
 from .ensemble import fit_ensemble_weights, softmax, task_entry, write_ensemble_json
 from .models import adapter_vector, load_model, set_adapter_vector
 from .projection import GaussianProjector
-from .stages import DEVICE_LOCK, feature_table
+from .stages import DEVICE_LOCK, feature_table, release_memory
 from .storage import file_sha256, join, read_json, write_json
 from .training import load_adapter, predict_scores, save_adapter, train_adapter
 
@@ -41,7 +41,10 @@ def _on_device(fn):
     @functools.wraps(fn)
     def wrapper(*a, **k):
         with DEVICE_LOCK:
-            return fn(*a, **k)
+            try:
+                return fn(*a, **k)
+            finally:
+                release_memory()
     return wrapper
 
 

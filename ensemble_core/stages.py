@@ -142,8 +142,29 @@ def release_models() -> None:
     with DEVICE_LOCK, _MODELS_LOCK:
         _MODELS.clear()
         _PROJECTORS.clear()
+    release_memory()
+
+
+def release_memory() -> None:
+    """Give freed memory back after a model stage: without it glibc keeps each worker thread's
+    arena at its peak (a training step's activations) and a long run's resident size only
+    grows; on CUDA, empty the caching allocator."""
+    import ctypes
     import gc
+
     gc.collect()
+    if torch_cuda_available():
+        import torch
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def torch_cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def gradient_features(cfg: RunConfig, td: TaskData, progress=None) -> dict:
@@ -184,6 +205,7 @@ def gradient_features(cfg: RunConfig, td: TaskData, progress=None) -> dict:
     }
     manifest_url = join(out_dir, "manifest.json")
     write_json(manifest_url, manifest)  # written last: its presence marks the task complete
+    release_memory()
     return {"task": task, "manifest": manifest_url, "files": files}
 
 
