@@ -175,6 +175,16 @@ def boost_group(cfg: RunConfig, group: dict, gradient_records: dict, group_score
         "accepted": bool(loss_after < loss_before), "seconds": time.perf_counter() - t0})
 
 
+def group_train_loss(member_scores: dict, group: dict, gradient_records: dict) -> float:
+    """The exact training loss of a group's current ensemble (from its members' scores)."""
+    tables = [feature_table(gradient_records[t]["files"]["train"]["path"],
+                            gradient_records[t]["files"]["train"]["sha256"])
+              for t in group["tasks"]]
+    h = [s for t in group["tasks"]
+         for s in group_member_scores(member_scores, group["members"], t, "train")]
+    return log_loss(np.concatenate(h), [len(x) for x in h], gold_rows_of(tables))
+
+
 def group_member_scores(member_scores: dict, members: list[dict], task: str, split: str):
     """A group's ensemble scores per example: Σ_members scale · h_member (score space)."""
     total = None

@@ -1,16 +1,13 @@
 """The whole EnsembleLoRA pipeline (Algorithm 2 of the paper), one subflow per stage."""
 from __future__ import annotations
 
-import numpy as np
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from ensemble_core import pipeline as core
 from ensemble_core.affinity import Affinity
-from ensemble_core.boosting import gold_rows_of, log_loss
 from ensemble_core.report import ACCURACY_HEADERS, accuracy_rows, write_report
-from ensemble_core.stages import (claim_run_dir, feature_table, read_manifest,
-                                  release_models)
+from ensemble_core.stages import claim_run_dir, read_manifest, release_models
 from ensemble_core.storage import join, read_json, write_json
 from tasks.common import for_run
 from tasks.ensemble import (boost_group, fit_weights_and_evaluate, save_theta_star,
@@ -48,8 +45,10 @@ def boosting_and_weights(config, adapters: dict, gradient_records: dict,
     plans = {g["name"]: {"train": g["tasks"], "validation": names, "test": names} for g in groups}
     plans[core.BASELINE] = {"test": names}
     members = dict(adapters["adapters"])
-    if cfg.boosting.steps > 0:
+    if cfg.boosting.steps > 0:  # θ* is a member (scale −1) of every boosted group
         plans[core.THETA_STAR] = {"validation": names, "test": names}
+        if cfg.boosting.steps > 1:  # later steps need the boosted groups' train scores
+            plans[core.THETA_STAR]["train"] = names
         members[core.THETA_STAR] = adapters["theta_star"]
     futures = {k: score.submit(data, members[k], plan) for k, plan in plans.items()}
     score_records = {k: f.result() for k, f in futures.items()}
@@ -57,15 +56,8 @@ def boosting_and_weights(config, adapters: dict, gradient_records: dict,
 
     boosting = []
     for step in range(1, cfg.boosting.steps + 1):
-        losses = {}
-        for g in groups:  # the group ensemble's training loss (exact, from member scores)
-            tables = [feature_table(gradient_records[t]["files"]["train"]["path"],
-                                    gradient_records[t]["files"]["train"]["sha256"])
-                      for t in g["tasks"]]
-            h = [s for t in g["tasks"] for s in core.group_member_scores(
-                member_scores, g["members"], t, "train")]
-            flat = np.concatenate(h)
-            losses[g["name"]] = log_loss(flat, [len(x) for x in h], gold_rows_of(tables))
+        losses = {g["name"]: core.group_train_loss(member_scores, g, gradient_records)
+                  for g in groups}
         worst = max(groups, key=lambda g: losses[g["name"]])
         log.info("boosting step %d: training losses %s; boosting %s", step,
                  {k: round(v, 4) for k, v in losses.items()}, worst["name"])
