@@ -22,7 +22,7 @@ from .config import RunConfig
 from .data import load_task
 from .estimation import estimate_subset
 from .models import load_model
-from .stages import DEVICE_LOCK, feature_table
+from .stages import DEVICE_LOCK, feature_table, surrogate_max_norm
 from .storage import join, read_json, write_json
 from .training import evaluate, train_adapter
 
@@ -41,10 +41,11 @@ def check_estimates(cfg: RunConfig, gradient_records: dict, subsets: list, r: in
     stage1_s = sum(t["total_s"] for rec in gradient_records.values()
                    for t in read_json(rec["manifest"])["timings"].values())
     data = {n: load_task(cfg.task(n), cfg.data_root) for n in {names[i] for s in chosen for i in s}}
+    max_norm = surrogate_max_norm(cfg, read_json(gradient_records[names[0]]["manifest"]))
     rows, fit_s, true_s = [], 0.0, 0.0
     for k, s in enumerate(chosen):
         t0 = time.perf_counter()
-        est = estimate_subset(s, tables, l2=cfg.estimation.l2, max_norm=cfg.estimation.max_norm)
+        est = estimate_subset(s, tables, l2=cfg.estimation.l2, max_norm=max_norm)
         fit_s += time.perf_counter() - t0
         task_names = [names[i] for i in s]
         train = [e for n in task_names for e in data[n].splits["train"]]

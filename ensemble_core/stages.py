@@ -289,9 +289,10 @@ def estimate_subsets(cfg: RunConfig, gradient_records: dict, subsets, batch_inde
                      feature_table(files["validation"]["path"], files["validation"]["sha256"]))
         if tables[i][1].n_examples == 0:
             raise ValueError(f"task {names[i]} has no validation rows")
-    e = cfg.estimation
-    results = [estimate_subset(s, tables, l2=e.l2, max_norm=e.max_norm) for s in subsets]
     manifest = read_json(gradient_records[names[0]]["manifest"])
+    e = cfg.estimation
+    results = [estimate_subset(s, tables, l2=e.l2, max_norm=surrogate_max_norm(cfg, manifest))
+               for s in subsets]
     scale = (manifest["p"] / manifest["d"]) ** 0.5 / max(manifest.get("theta_norm", 0), 1e-30)
     for r in results:  # the paper's Table 2: ‖P x̂‖/‖θ*‖ ≈ sqrt(p/d)·‖x̂‖/‖θ*‖
         r["fit"]["relative_distance"] = r["fit"]["norm"] * scale
@@ -302,6 +303,16 @@ def estimate_subsets(cfg: RunConfig, gradient_records: dict, subsets, batch_inde
     worker = f"{socket.gethostname()}:{os.getpid()}"  # provenance: which process fitted these
     return {"batch": batch_index, "path": url, "results": results, "worker": worker,
             "seconds": time.perf_counter() - t0}
+
+
+def surrogate_max_norm(cfg: RunConfig, manifest: dict) -> float | None:
+    """The bound on ‖x̂‖: max_norm, and ‖P x‖ ≈ sqrt(p/d)·‖x‖ ≤ max_relative_distance·‖θ*‖."""
+    e = cfg.estimation
+    bounds = [b for b in [e.max_norm] if b is not None]
+    if e.max_relative_distance is not None and manifest.get("theta_norm"):
+        bounds.append(e.max_relative_distance * manifest["theta_norm"]
+                      / (manifest["p"] / manifest["d"]) ** 0.5)
+    return min(bounds) if bounds else None
 
 
 def cluster_tasks(cfg: RunConfig, subset_results: list[dict]) -> dict:

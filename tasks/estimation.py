@@ -5,9 +5,7 @@ from prefect import task
 
 from ensemble_core import stages
 
-from .common import as_config, keyed, stage_key
-
-ESTIMATION_KEYS = ("l2", "max_norm", "metric")
+from .common import as_config, keyed, retry_unless_input_error, stage_key
 
 
 def _inputs_of(records: dict, names) -> list:
@@ -21,13 +19,17 @@ def _subsets_key(context, parameters) -> str:
     names = [t.name for t in cfg.tasks]
     used = sorted({names[i] for s in parameters["subsets"] for i in s})
     e = cfg.estimation
-    return stage_key("subsets", cfg, (), [e.l2, e.max_norm], parameters["subsets"],
-                     [names[i] for s in parameters["subsets"] for i in s],
-                     _inputs_of(parameters["gradient_records"], used))
+    # Only what the fits read: the features of the tasks in these subsets (by content), l2 and
+    # max_norm, and the model/adapter (p and ‖θ*‖ of the relative distance). Not the whole
+    # config (sections ()), or changing one dataset would refit every subset.
+    return stage_key("subsets", cfg, ("model", "adapter", "seed"),
+                     [e.l2, e.max_norm, e.max_relative_distance], parameters["subsets"], [names[i] for s in parameters["subsets"] for i in s],
+                     _inputs_of(parameters["gradient_records"], used), parameters["batch_index"])
 
 
 @task(name="fit_subsets", tags=["cpu"], cache_policy=keyed(_subsets_key), persist_result=True,
-      result_serializer="json", retries=1, task_run_name="subsets[{batch_index}]")
+      result_serializer="json", retries=1, retry_condition_fn=retry_unless_input_error,
+      task_run_name="subsets[{batch_index}]")
 def fit_subsets(config: dict, gradient_records: dict, batch_index: int, subsets: list) -> dict:
     """First-order surrogate fits for a batch of task subsets (DESIGN step 2)."""
     cfg = as_config(config)
