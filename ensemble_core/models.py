@@ -61,9 +61,17 @@ def _atomic_dir(final: Path, build) -> Path:
     try:
         build(tmp)
         (tmp / ".complete").write_text("ok\n")
+        if (final / ".complete").exists():  # another process finished it meanwhile: keep
+            shutil.rmtree(tmp, ignore_errors=True)  # theirs (it may be loading from it)
+            return final
         if final.exists():  # a half-built leftover from an interrupted run
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process renamed its complete copy into place first
+            if not (final / ".complete").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -452,6 +452,7 @@ def save_adapter(model, out_dir, result: TrainResult | None = None, *,
         for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             if not (tmp / f).is_file():
                 raise RuntimeError(f"save_adapter: PEFT did not write {f} for adapter {name!r}")
+        _canonical_adapter_config(tmp / ADAPTER_CONFIG)
         if result is not None:
             _write_json_file(tmp / TRAINING_FILE, result.to_json())
         if base_fingerprint is not None:
@@ -467,6 +468,16 @@ def save_adapter(model, out_dir, result: TrainResult | None = None, *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _canonical_adapter_config(path: Path) -> None:
+    """PEFT keeps ``target_modules`` as a set and writes it in set order, which follows Python's
+    per-process string hashing: the same adapter saved by two processes would differ in
+    adapter_config.json. Sort it (PEFT reads it back as a set), keeping PEFT's formatting."""
+    cfg = json.loads(path.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
 def _module_io(module) -> tuple[int | None, int | None]:

@@ -12,15 +12,17 @@ import hashlib
 import json
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import get_run_logger
 from prefect.cache_policies import CachePolicy
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.transactions import IsolationLevel
 
 from ensemble_core.config import RunConfig, parse_config
 from ensemble_core.stages import code_version
+
+from .locking import RunLockManager, checked_key_fn
 
 
 def as_config(config) -> RunConfig:
@@ -47,9 +49,23 @@ def for_run(task_obj, cfg: RunConfig):
     base = Path(cfg.run_dir) / ".prefect"
     policy = task_obj.cache_policy.configure(
         key_storage=base / "cache",
-        lock_manager=FileSystemLockManager(lock_files_directory=base / "locks"),
+        # locks of a killed run are broken, not waited on forever (tasks/locking.py)
+        lock_manager=RunLockManager(lock_files_directory=base / "locks"),
         isolation_level=IsolationLevel.SERIALIZABLE)
+    # a record whose result payload is gone is recomputed, not a task failure
+    policy.cache_key_fn = checked_key_fn(policy.cache_key_fn, base / "cache", _logger())
     return task_obj.with_options(cache_policy=policy)
+
+
+def retry_unless_input_error(task, task_run, state) -> bool:
+    """Retry condition of the tasks with retries: a task that failed on its input (a
+    ValueError — config, data, model, shapes: ConfigError, DataError, ModelError, …) fails the
+    same way every time, so it is not retried; anything else (I/O, device, a lost worker) is."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:
+        return True
+    return not isinstance(exc, ValueError)
 
 
 class ProgressReporter:
@@ -62,25 +78,80 @@ class ProgressReporter:
         self.log = _logger()
         self._last = (0.0, -1.0)
         self._artifact = None
+        if not _in_run():  # plain Python use: logging only
+            return
         try:
             self._artifact = create_progress_artifact(
                 progress=0.0, key=artifact_key, description=f"Progress of {what}")
-        except Exception:  # outside a run context (plain Python use): logging only
-            self._artifact = None
+        except Exception as e:  # artifacts are a convenience; never fail the work for them
+            self.log.warning("could not create the progress artifact %r: %s", artifact_key, e)
 
     def __call__(self, done: int, total: int, detail: str = "") -> None:
         pct = 100.0 * done / max(total, 1)
         now = time.monotonic()
         t_last, p_last = self._last
         if done == total or pct - p_last >= 10 or now - t_last >= 30:
-            self._last = (now, pct)
             self.log.info("%s %s: %d/%d (%.0f%%)", self.what, detail, done, total, pct)
-            if self._artifact is not None:
-                from prefect.artifacts import update_progress_artifact
-                try:
-                    update_progress_artifact(self._artifact, progress=pct)
-                except Exception:
-                    pass
+            self._publish(now, pct)
+
+    def finish(self) -> None:
+        """Marks the work complete (100%), e.g. when training stopped before its last epoch."""
+        if self._last[1] < 100.0:
+            self._publish(time.monotonic(), 100.0)
+
+    def _publish(self, now: float, pct: float) -> None:
+        self._last = (now, pct)
+        if self._artifact is not None:
+            from prefect.artifacts import update_progress_artifact
+            try:
+                update_progress_artifact(self._artifact, progress=pct)
+            except Exception:
+                pass
+
+
+GPU_LIMIT = "gpu"
+
+
+@contextmanager
+def gpu_slot():
+    """Holds one slot of the global concurrency limit ``gpu`` while the body runs, so that no
+    more GPU tasks run at once, over all workers, than the limit allows
+    (``prefect gcl create gpu --limit 1``: one at a time).
+
+    A no-op when no limit named ``gpu`` exists, outside a Prefect run, or when the server cannot
+    be asked. (Prefect's own ``concurrency()`` neither creates a missing limit nor blocks on one;
+    it logs a warning on every call, which this check avoids.)
+    """
+    if not _global_limit_exists(GPU_LIMIT):
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(GPU_LIMIT, occupy=1):
+        yield
+
+
+def _global_limit_exists(name: str) -> bool:
+    if not _in_run():
+        return False  # plain Python use: do not reach for (or start) a server
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        with get_client(sync_client=True) as client:
+            try:
+                return bool(client.read_global_concurrency_limit_by_name(name).active)
+            except ObjectNotFound:
+                return False
+    except Exception as e:  # no server reachable: run without the limit
+        _logger().debug("concurrency limit %r not checked (%s); running without it", name, e)
+        return False
+
+
+def _in_run() -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
 
 
 def _logger():

@@ -6,7 +6,8 @@ from prefect import task
 from ensemble_core import pipeline, stages
 from ensemble_core.data import load_task
 
-from .common import ProgressReporter, as_config, keyed, stage_key
+from .common import (ProgressReporter, as_config, gpu_slot, keyed, retry_unless_input_error,
+                     stage_key)
 
 MODEL_SECTIONS = ("model", "adapter", "seed")
 
@@ -23,7 +24,8 @@ def _train_key(context, parameters) -> str:
 
 
 @task(name="train_adapter", tags=["gpu"], cache_policy=keyed(_train_key), persist_result=True,
-      result_serializer="json", retries=1, task_run_name="train[{name}]")
+      result_serializer="json", retries=1, retry_condition_fn=retry_unless_input_error,
+      task_run_name="train[{name}]")
 def train_adapter(config: dict, name: str, task_names: list) -> dict:
     """Fine-tune one adapter on the union of its tasks (a group, or all tasks: the baseline)."""
     cfg = as_config(config)
@@ -34,7 +36,10 @@ def train_adapter(config: dict, name: str, task_names: list) -> dict:
             progress(ev["epoch"], cfg.training.epochs,
                      f"epoch {ev['epoch']}: train loss {ev.get('train_loss', float('nan')):.4f}, "
                      f"val loss {ev.get('val_loss', float('nan')):.4f}")
-    return pipeline.train_group(cfg, name, task_names, progress=report)
+    with gpu_slot():
+        rec = pipeline.train_group(cfg, name, task_names, progress=report)
+    progress.finish()
+    return rec
 
 
 def _theta_key(context, parameters) -> str:
@@ -45,7 +50,8 @@ def _theta_key(context, parameters) -> str:
 @task(name="save_theta_star", tags=["gpu"], cache_policy=keyed(_theta_key), persist_result=True,
       result_serializer="json", task_run_name="theta-star")
 def save_theta_star(config: dict) -> dict:
-    return pipeline.save_theta_star(as_config(config))
+    with gpu_slot():
+        return pipeline.save_theta_star(as_config(config))
 
 
 def _score_key(context, parameters) -> str:
@@ -61,7 +67,8 @@ def _score_key(context, parameters) -> str:
       result_serializer="json", task_run_name="scores[{adapter[name]}]")
 def score_member(config: dict, adapter: dict, plan: dict) -> dict:
     """Scores h_c(s) of one member adapter on the splits and tasks of ``plan``."""
-    return pipeline.score_member(as_config(config), adapter, plan)
+    with gpu_slot():
+        return pipeline.score_member(as_config(config), adapter, plan)
 
 
 def _boost_key(context, parameters) -> str:
@@ -80,7 +87,9 @@ def _boost_key(context, parameters) -> str:
 def boost_group(config: dict, group: dict, gradient_records: dict, group_scores: dict,
                 score_shas: list, step: int) -> dict:
     """One boosting step: residual fit on projected gradients, restored as a PEFT adapter."""
-    return pipeline.boost_group(as_config(config), group, gradient_records, group_scores, step)
+    with gpu_slot():
+        return pipeline.boost_group(as_config(config), group, gradient_records, group_scores,
+                                    step)
 
 
 def _weights_key(context, parameters) -> str:

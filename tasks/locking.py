@@ -1,0 +1,284 @@
+"""File locks for the cache records of a run directory that survive their holder being killed.
+
+Prefect's ``FileSystemLockManager`` (SERIALIZABLE cache isolation) writes a lock file per cache
+key and waits while it exists. Its lock files never expire (Prefect acquires them without a hold
+timeout) and say nothing about who holds them, so a run killed while computing a task (SIGKILL,
+OOM killer, a lost machine) leaves a lock behind, and the next run on the same directory — the
+resume — waits for it forever. Lock creation is also two steps (create an empty file, then write
+it), so a concurrent reader can find an empty, unparseable lock file.
+
+:class:`RunLockManager` keeps Prefect's semantics and file layout and adds:
+
+* the lock file names its holder process (host, pid, process start time) and is created
+  atomically with its content (a complete temporary file hard-linked into place);
+* a lock whose holder process is gone — same host, and the pid no longer exists, is a zombie,
+  or was reused by a process started at another time — is stale and is broken (under a
+  short-lived ``.break`` guard, so two waiters never break a fresh lock by mistake);
+* a lock file that cannot be parsed is treated as held until it is 30 s old (a writer between
+  its two steps), then as stale.
+
+A lock held by a live process on another host cannot be checked from here and is waited for,
+as with Prefect's own manager.
+
+:func:`checked_key_fn` guards the other half of a cache record: Prefect keeps the record's
+metadata under the run directory (``key_storage``) but its payload in Prefect's result storage
+(``PREFECT_LOCAL_STORAGE_PATH``, by default ``~/.prefect/storage``). A record whose payload is
+gone or unreadable — another ``PREFECT_HOME``, a cleaned storage directory, a write cut short —
+would make Prefect fail the task ("Path ... does not exist") instead of recomputing it, and
+leave the key's lock held; such a record is removed before the cache is consulted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from prefect.locking.filesystem import FileSystemLockManager
+
+UNREADABLE_GRACE_S = 30.0  # an unparseable lock file younger than this is being written
+BREAK_GUARD_STALE_S = 30.0  # a .break guard older than this was left by a killed breaker
+
+_HOST = socket.gethostname()
+
+
+def process_start_time(pid: int) -> Optional[str]:
+    """The start time of a process (Linux: field 22 of /proc/<pid>/stat, in clock ticks since
+    boot), which tells a pid's original process from a later one that reused the pid; None when
+    unknown (no /proc, or no such process)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def process_alive(pid: int, started: Optional[str] = None) -> bool:
+    """Whether process ``pid`` exists on this host, is not a zombie, and (when ``started`` is
+    given and /proc is readable) is the process that started at that time."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    except OSError:
+        return True  # cannot tell: assume alive (waiting is safe, breaking is not)
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    fields = stat.rsplit(")", 1)[-1].split()
+    if fields and fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent
+        return False
+    if started is not None and len(fields) > 19 and fields[19] != started:
+        return False  # the pid was reused by another process
+    return True
+
+
+class RunLockManager(FileSystemLockManager):
+    """A ``FileSystemLockManager`` whose locks name their holder process and are broken when
+    that process is gone (see the module docstring)."""
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _get_lock_info(self, key: str, use_cache: bool = True):
+        try:
+            return super()._get_lock_info(key, use_cache=use_cache)
+        except ValueError:  # empty or partly written lock file
+            path = self._lock_path_for_key(key)
+            return {"holder": None, "expiration": None, "path": path, "unreadable": True}
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        info = self._get_lock_info(key, use_cache=use_cache)
+        if info is None:
+            return False
+        if info.get("unreadable"):
+            self._locks.pop(key, None)  # read it again next time
+            try:
+                age = time.time() - os.stat(info["path"]).st_mtime
+            except FileNotFoundError:
+                return False
+            if age < UNREADABLE_GRACE_S:
+                return True
+            return not self._break_stale(key, info)
+        if self._holder_gone(info):
+            return not self._break_stale(key, info)
+        return super().is_locked(key, use_cache=True)  # Prefect's expiration handling
+
+    @staticmethod
+    def _holder_gone(info: dict) -> bool:
+        pid = info.get("pid")
+        if info.get("host") != _HOST or not isinstance(pid, int):
+            return False  # another host, or a lock written by Prefect's own manager
+        return not process_alive(pid, info.get("started"))
+
+    def _break_stale(self, key: str, info: dict) -> bool:
+        """Remove a stale lock file unless someone else replaced it meanwhile. Returns True when
+        the lock is gone (broken here or by someone else)."""
+        path = Path(info["path"])
+        guard = path.with_name(path.name + ".break")
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:  # someone else is breaking it; a guard left by a killed breaker expires
+                if time.time() - os.stat(guard).st_mtime > BREAK_GUARD_STALE_S:
+                    os.unlink(guard)
+            except FileNotFoundError:
+                pass
+            return False
+        try:
+            self._locks.pop(key, None)
+            current = self._get_lock_info(key, use_cache=False)
+            if current is None:
+                return True
+            same = (current.get("holder") == info.get("holder")
+                    and current.get("pid") == info.get("pid")
+                    and bool(current.get("unreadable")) == bool(info.get("unreadable")))
+            if same:
+                path.unlink(missing_ok=True)
+                self._locks.pop(key, None)
+                return True
+            return False  # replaced by a new holder meanwhile: judge that one next time
+        finally:
+            os.close(fd)
+            guard.unlink(missing_ok=True)
+
+    # -- acquiring ---------------------------------------------------------------------------
+
+    def _create(self, path: Path, holder: str, expiration) -> bool:
+        """Create the lock file with its full content in one step; False if it exists."""
+        data = json.dumps({"holder": holder,
+                           "expiration": str(expiration) if expiration is not None else None,
+                           "host": _HOST, "pid": os.getpid(),
+                           "started": process_start_time(os.getpid())}).encode()
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: exclusive create, then write
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _try_acquire(self, key: str, holder: str, hold_timeout: Optional[float]) -> bool:
+        from datetime import timedelta
+
+        from prefect.types._datetime import now
+
+        path = self._lock_path_for_key(key)
+        expiration = now("UTC") + timedelta(seconds=hold_timeout) \
+            if hold_timeout is not None else None
+        if self._create(path, holder, expiration):
+            self._locks[key] = {"holder": holder, "expiration": expiration, "path": path}
+            return True
+        return self.is_lock_holder(key, holder)  # re-entrant, as Prefect's manager
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout: Optional[float] = None,
+                     hold_timeout: Optional[float] = None) -> bool:
+        self._ensure_lock_files_directory_exists()
+        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        while True:
+            if self.is_locked(key) and not self.is_lock_holder(key, holder):
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                if left == 0.0 or not self.wait_for_lock(key, left):
+                    return False
+            if self._try_acquire(key, holder, hold_timeout):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)  # lost a race for a free lock: wait for the winner
+
+    async def aacquire_lock(self, key: str, holder: str,
+                            acquire_timeout: Optional[float] = None,
+                            hold_timeout: Optional[float] = None) -> bool:
+        import anyio
+
+        self._ensure_lock_files_directory_exists()
+        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        while True:
+            if self.is_locked(key) and not self.is_lock_holder(key, holder):
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                if left == 0.0 or not await self.await_for_lock(key, left):
+                    return False
+            if self._try_acquire(key, holder, hold_timeout):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            await anyio.sleep(0.05)
+
+
+def checked_key_fn(key_fn, key_dir: Path, log=None):
+    """``key_fn`` (a Prefect cache key function), removing an orphaned cache record under
+    ``key_dir`` before returning its key (see the module docstring)."""
+    import functools
+
+    @functools.wraps(key_fn)
+    def wrapper(context, parameters):
+        key = key_fn(context, parameters)
+        if key:
+            drop_orphaned_record(Path(key_dir) / key, log)
+        return key
+    return wrapper
+
+
+def drop_orphaned_record(meta_path: Path, log=None) -> bool:
+    """Remove the cache record metadata at ``meta_path`` when the payload it points to is
+    missing or (for JSON results) unreadable. Returns True when it was removed.
+
+    Prefect writes a record's payload, then its metadata, each in place: unreadable metadata
+    younger than ``UNREADABLE_GRACE_S`` is being written and is left alone; a payload that is
+    missing or cut short under complete metadata is an orphan (a rewrite in progress writes the
+    metadata again after it, so dropping it costs nothing)."""
+    try:
+        raw = meta_path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    try:
+        meta = json.loads(raw)
+        payload = Path(meta["storage_key"])
+        serializer = (meta.get("serializer") or {}).get("type")
+        elsewhere = meta.get("storage_block_id") is not None or "://" in str(payload)
+    except (ValueError, KeyError, TypeError) as e:
+        try:
+            if time.time() - meta_path.stat().st_mtime < UNREADABLE_GRACE_S:
+                return False
+        except FileNotFoundError:
+            return False
+        why = f"it is unreadable ({type(e).__name__})"
+    else:
+        if elsewhere:
+            return False  # stored by a saved block or at a URL: Prefect's business
+        try:
+            data = payload.read_bytes()
+            if serializer == "json":
+                json.loads(data)
+            return False
+        except FileNotFoundError:
+            why = "its result payload is missing"
+        except (ValueError, OSError) as e:
+            why = f"its result payload is unreadable ({type(e).__name__})"
+    meta_path.unlink(missing_ok=True)
+    if log is not None:
+        log.warning("cache record %s dropped: %s; the task is computed again", meta_path.name, why)
+    return True
