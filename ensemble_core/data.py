@@ -172,8 +172,8 @@ def _parse_jsonl(text: str, url: str) -> list[_Record]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{url} line {number}: malformed JSON ({e.msg} at column "
-                            f"{e.colno})") from e
+            raise DataError(f"{url} line {number}: malformed JSON at column {e.colno} "
+                            f"({e.msg})") from e
         if not isinstance(obj, dict):
             raise DataError(f"{url} line {number}: expected a JSON object, got "
                             f"{type(obj).__name__}")

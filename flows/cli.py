@@ -1,12 +1,17 @@
 """`ensemble-lora` command line: each subcommand starts a flow and prints a summary table.
 
-Exit code 0 on success; on an error, non-zero with a one-line reason.
+Exit code 0 on success; on an error, non-zero with one line on stderr,
+``ensemble-lora: error: <reason>``, where the reason is the failing task's own message (not
+Prefect's wrapper around it). Before a flow starts, the config, every task's data, the model
+source and the output location are checked, so a bad input fails in seconds, before anything
+is written to the run directory.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import re
 import sys
 
 
@@ -24,9 +29,87 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def preflight(cfg, stage2: bool = False) -> None:
+    """Fail fast, naming the culprit, on what would otherwise fail inside a task: every task's
+    data (files, format, fields, labels, splits), the model source, the stage-2 subset plan, and
+    whether the output location can be written. Writes nothing but the (empty) run directory.
+    When stages run on work pools (``runner.work_pools``), data, model and run directory are
+    the workers' to reach, and only the config-level checks are made here."""
+    from ensemble_core.stages import load_run_data, plan_subsets
+
+    if stage2:
+        plan_subsets(cfg)
+    if cfg.runner.work_pools:
+        return
+    load_run_data(cfg)
+    check_model_source(cfg.model, cfg.cache_dir)
+    check_writable(cfg.run_dir)
+
+
+def check_model_source(spec, cache_dir=None) -> None:
+    """The model name resolves to something loadable, without loading or converting it: a
+    builtin name, a GGUF file (present, with the GGUF magic bytes), a local model directory
+    (with config.json) or a hub id."""
+    from pathlib import Path
+
+    from ensemble_core.models import ModelError, materialize_base
+
+    name = spec.name
+    if name in ("tiny-llama", "smollm2-135m"):
+        return
+    if name.endswith(".gguf") or spec.gguf_file:
+        path = Path(name if name.endswith(".gguf") else Path(name) / spec.gguf_file).expanduser()
+        if not path.is_file():
+            raise ModelError(f"model {name!r}: GGUF file not found: {path}")
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise ModelError(f"model {name!r}: cannot read GGUF file {path}: {e}") from None
+        if magic != b"GGUF":
+            raise ModelError(f"model {name!r}: {path} is not a GGUF file (it does not start "
+                             f"with the GGUF magic bytes)")
+        return
+    materialize_base(spec, cache_dir and Path(cache_dir))  # dirs and hub ids: nothing is built
+
+
+def check_writable(run_dir: str) -> None:
+    """Create the run directory (if needed) and a probe file in it, or raise naming the path."""
+    import uuid
+
+    from ensemble_core.config import ConfigError
+    from ensemble_core.storage import fs_and_path
+
+    try:
+        fs, path = fs_and_path(run_dir)
+        fs.makedirs(path, exist_ok=True)
+        probe = f"{path.rstrip('/')}/.write-probe-{uuid.uuid4().hex[:12]}"
+        fs.pipe_file(probe, b"")
+        fs.rm(probe)
+    except Exception as e:
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        blocker = _file_in_the_way(run_dir)
+        if blocker:
+            why += f"; {blocker} is a file, not a directory"
+        raise ConfigError(f"output_dir {run_dir} is not writable: {why}") from None
+
+
+def _file_in_the_way(run_dir: str) -> str | None:
+    from pathlib import Path
+
+    if "://" in run_dir and not run_dir.startswith("file://"):
+        return None
+    p = Path(run_dir.replace("file://", ""))
+    for parent in [p, *p.parents]:
+        if parent.exists():
+            return str(parent) if not parent.is_dir() else None
+    return None
+
+
 def _cmd_gradients(args) -> int:
     from .gradient_features import gradient_features
 
+    preflight(_config(args))
     res = gradient_features(args.config, overrides=args.set)
     rows = []
     for name, rec in res["tasks"].items():
@@ -46,6 +129,7 @@ def _cmd_gradients(args) -> int:
 def _cmd_affinity(args) -> int:
     from .affinity import run_affinity
 
+    preflight(_config(args), stage2=True)
     res = run_affinity(args.config, overrides=args.set)
     print(f"{len(res['subsets'])} subsets fitted; affinity: {res['affinity']['path']}")
     print(_table(["group", "tasks"], [[f"group-{k}", ", ".join(g)]
@@ -58,6 +142,7 @@ def _cmd_run(args) -> int:
 
     from .pipeline import ensemble_lora
 
+    preflight(_config(args), stage2=True)
     res = ensemble_lora(args.config, overrides=args.set)
     m = res["metrics"]
     print("\nTest accuracy (%):")
@@ -72,13 +157,48 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _config(args):
+    from ensemble_core.config import load_config
+
+    return load_config(args.config, args.set)
+
+
+PREDICT_SETTINGS = {"device": str, "cache_dir": str, "batch_size": int}
+
+
+def _predict_settings(items: list[str]) -> dict:
+    """``--set`` for predict: the settings of loading and running the saved ensemble."""
+    import yaml
+
+    from ensemble_core.config import ConfigError
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = (x.strip() for x in item.split("=", 1))
+        key = key.removeprefix("model.")
+        if key not in PREDICT_SETTINGS:
+            raise ConfigError(f"predict: unknown --set key {key!r}; predict takes "
+                              f"{', '.join(sorted(PREDICT_SETTINGS))}")
+        value = yaml.safe_load(raw)
+        try:
+            out[key] = PREDICT_SETTINGS[key](value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"predict: --set {key} needs a {PREDICT_SETTINGS[key].__name__}, "
+                              f"got {raw!r}") from None
+    return out
+
+
 def _cmd_predict(args) -> int:
     import json
 
     from ensemble_core.ensemble import EnsembleModel
     from ensemble_core.storage import atomic_write_bytes
 
-    model = EnsembleModel.from_pretrained(args.run_dir)
+    settings = _predict_settings(args.set)
+    batch_size = settings.pop("batch_size", args.batch_size)
+    model = EnsembleModel.from_pretrained(args.run_dir, **settings)
     with open(args.input, encoding="utf-8") as f:
         records = []
         for n, line in enumerate(f, 1):
@@ -87,7 +207,7 @@ def _cmd_predict(args) -> int:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{args.input} line {n}: not valid JSON ({e.msg})") from None
-    preds = model.predict(args.task, records, batch_size=args.batch_size)
+    preds = model.predict(args.task, records, batch_size=batch_size)
     out = "".join(json.dumps(p) + "\n" for p in preds)
     if args.output == "-":
         print(out, end="")
@@ -138,11 +258,44 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--input", required=True, help="jsonl file of raw records")
     sp.add_argument("--output", default="-", help="jsonl file to write (default stdout)")
     sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="loading settings: device=cpu, cache_dir=DIR, batch_size=N")
     return p
 
 
+_PREFECT_WRAPPERS = re.compile(r"(Flow|Task) run encountered an exception:?\s*")
+_EXC_NAME = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt)"
+                       r"(?:\(|: )")
+
+
+def error_reason(exc: BaseException) -> str:
+    """One line saying what went wrong: the original message of the task or flow that failed,
+    without Prefect's "Flow run encountered an exception: ValueError: ..." wrapping."""
+    from prefect.exceptions import PrefectException
+
+    # a Prefect wrapper raised from the real error: report the real one
+    while isinstance(exc, PrefectException) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    msg = str(exc).strip()
+    while True:  # "Flow run encountered an exception: ValueError: <message>" -> "<message>"
+        m = _PREFECT_WRAPPERS.search(msg)
+        if not m:
+            break
+        inner = msg[m.end():]
+        name = _EXC_NAME.match(inner)
+        if name and name.group(0).endswith(": "):
+            inner = inner[name.end():].lstrip()
+        msg = (msg[:m.start()] + inner).strip()
+    if not msg:
+        return type(exc).__name__
+    return msg.splitlines()[0].strip()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # usage errors (argparse printed them) and --help
+        return e.code if isinstance(e.code, int) else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:  # the per-model "Loading weights" bars drown the pipeline's own progress
@@ -160,8 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # one line, naming what failed
         if os.environ.get("ENSEMBLE_LORA_DEBUG"):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"ensemble-lora: error: {msg}", file=sys.stderr)
+        print(f"ensemble-lora: error: {error_reason(e)}", file=sys.stderr)
         return 1
 
 
