@@ -1,0 +1,139 @@
+"""EnsembleLoRA as a service, with real processes: a `prefect server start` on 127.0.0.1,
+deployments/setup.sh (work pools, the `gpu` concurrency limit, `prefect deploy --all` from
+prefect.yaml), process workers started from elsewhere (the pull step moves each flow run into the
+checkout), and the tiny pipeline triggered through the `ensemble-lora` deployment: once
+in-process, once with its stages run on the stage deployments of the `gpu` and `cpu` pools."""
+import json
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO))
+from deployments import local_server, start, stop  # noqa: E402
+
+TINY = REPO / "configs" / "tiny.yaml"
+STAGES = {"gradient_features/gradient-features": "gpu", "affinity/affinity": "cpu",
+          "group_adapters/group-adapters": "gpu",
+          "boosting_and_weights/boosting-and-weights": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, data_root, cache_dir):
+    """Server + setup.sh + one process worker per pool; yields (env, tmp dir)."""
+    tmp = tmp_path_factory.mktemp("service")
+    with local_server(tmp / "prefect-home") as env:
+        env = dict(env, ENSEMBLE_LORA_DATA=data_root, ENSEMBLE_LORA_CACHE=str(cache_dir))
+        setup = subprocess.run(["bash", "deployments/setup.sh"], cwd=REPO, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+        assert setup.returncode == 0, setup.stdout[-4000:]
+        workers = []
+        try:
+            for pool in ("cpu", "gpu"):
+                workers.append(start(["prefect", "worker", "start", "--pool", pool,
+                                      "--type", "process", "--name", f"test-{pool}"],
+                                     env, tmp / f"worker-{pool}.log", cwd=tmp))
+            yield env, tmp
+        finally:
+            for w in workers:
+                stop(w)
+
+
+@contextmanager
+def _client(env):
+    """A sync Prefect client for the server in ``env``."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), \
+            get_client(sync_client=True) as client:
+        yield client
+
+
+def _run_and_wait(env, tmp, overrides, timeout=420):
+    """Triggers the ensemble-lora deployment as the README says (`prefect deployment run`) and
+    waits for the flow run to finish; returns it."""
+    out = subprocess.run(
+        ["prefect", "--no-prompt", "deployment", "run", "ensemble_lora/ensemble-lora",
+         "--params", json.dumps({"config": str(TINY), "overrides": overrides})],
+        cwd=tmp, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        timeout=120)
+    assert out.returncode == 0, out.stdout
+    run_id = next(line.split("UUID:")[1].strip() for line in out.stdout.splitlines()
+                  if "UUID:" in line)
+    deadline = time.monotonic() + timeout
+    with _client(env) as client:
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(run_id)
+            if run.state and run.state.is_final():
+                break
+            time.sleep(3)
+    logs = "\n".join((tmp / f"worker-{p}.log").read_text()[-3000:] for p in ("cpu", "gpu"))
+    assert run.state.is_final(), f"flow run not finished after {timeout} s\n{logs}"
+    assert run.state.is_completed(), f"{run.state.name}: {run.state.message}\n{logs}"
+    return run
+
+
+def test_deployments_schedule_and_pools(service):
+    env, _ = service
+    with _client(env) as client:
+        dep = client.read_deployment_by_name("ensemble_lora/ensemble-lora")
+        assert dep.work_pool_name == "cpu"
+        assert dep.parameters == {"config": "configs/superglue-smollm2.yaml", "overrides": []}
+        [sched] = dep.schedules
+        assert sched.active and sched.schedule.cron == "0 3 * * 1"
+        assert sched.schedule.timezone == "UTC"
+        assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
+            "directory": str(REPO)}}]
+        for name, pool in STAGES.items():
+            assert client.read_deployment_by_name(name).work_pool_name == pool
+        assert client.read_global_concurrency_limit_by_name("gpu").limit == 1
+
+
+def test_ensemble_lora_deployment_run(service):
+    """The whole tiny pipeline in the flow-run process of the `cpu` worker."""
+    env, tmp = service
+    run_dir = tmp / "run-local"
+    t0 = time.monotonic()
+    run = _run_and_wait(env, tmp, [f"output_dir={run_dir}"])
+    print(f"ensemble-lora deployment run: {time.monotonic() - t0:.0f} s")
+    assert run.work_pool_name == "cpu"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["tasks"]) == {"rte", "cb", "copa", "wic"}
+    assert run.state.result()["run_dir"] == str(run_dir)  # JSON-persisted (prefect.yaml env)
+
+
+def test_stages_on_work_pools(service):
+    """runner.work_pools: each stage is a run of its deployment, picked up by the worker of its
+    pool, and its result comes back to the orchestrating flow."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    env, tmp = service
+    run_dir = tmp / "run-pools"
+    t0 = time.monotonic()
+    run = _run_and_wait(env, tmp, [f"output_dir={run_dir}",
+                                   'runner.work_pools={"gpu": "gpu", "cpu": "cpu"}'])
+    print(f"ensemble-lora with stages on work pools: {time.monotonic() - t0:.0f} s")
+    assert (run_dir / "metrics.json").exists() and (run_dir / "report.md").exists()
+    with _client(env) as client:
+        for name, pool in STAGES.items():
+            dep = client.read_deployment_by_name(name)
+            [stage_run] = client.read_flow_runs(  # (sort, limit: see test_artifacts._artifacts)
+                flow_run_filter=FlowRunFilter(
+                    deployment_id=FlowRunFilterDeploymentId(any_=[dep.id])),
+                sort=FlowRunSort.START_TIME_ASC, limit=10)
+            assert stage_run.state.is_completed(), name
+            assert stage_run.work_pool_name == pool
+            parent = client.read_task_run(stage_run.parent_task_run_id)
+            assert parent.flow_run_id == run.id  # a subflow of the orchestrating run
+    # the stage runs really computed (in the workers' flow-run processes) into the run dir
+    grads = json.loads((run_dir / "gradients" / "rte" / "manifest.json").read_text())
+    assert grads["files"]["train"]["rows"] > 0
+    assert len(list((run_dir / "adapters").glob("group-*"))) >= 2
+    with _client(env) as client:  # GPU tasks took and gave back slots of the `gpu` limit
+        assert client.read_global_concurrency_limit_by_name("gpu").active_slots == 0
