@@ -1,6 +1,6 @@
 """Running EnsembleLoRA as a Prefect service (see README.md here).
 
-``deploy()`` is ``prefect deploy`` with a shim for Prefect 3.8.8 under FastAPI >= 0.151 (used by
+``deploy()`` is ``prefect deploy`` with a shim for Prefect 3.8.8's client (used by
 setup.sh). ``local_server()`` starts a real ``prefect server start`` on a free 127.0.0.1 port
 with its own PREFECT_HOME (so its database and settings touch nothing else) and yields the
 environment that points Prefect processes at it; the deployment test and
@@ -120,10 +120,10 @@ def deploy(*args: str) -> None:
 
     Prefect 3.8.8's client lists a work pool's workers with ``"offset": null, "limit": null``
     in the request body, which ``prefect deploy`` does after creating each deployment (to print
-    "start a worker" hints). FastAPI >= 0.151 (the lock pins 0.154) rejects that null with
-    422 Unprocessable Entity, so a plain ``prefect deploy --all`` stops with an error after the
+    "start a worker" hints). Prefect 3.8.8's server, as the lock installs it, rejects that null with
+    422 Unprocessable Entity (the same with FastAPI 0.139.2 to 0.154), so a plain ``prefect deploy --all`` stops with an error after the
     first deployment. The shim sends the server's defaults (0 and the server's page size)
-    instead; with an older FastAPI it changes nothing.
+    instead; against a server that accepts the nulls it changes nothing.
     """
     from prefect.cli import app
     from prefect.client.orchestration import PrefectClient

@@ -21,6 +21,6 @@ else
   prefect --no-prompt gcl create gpu --limit "$GPU_SLOTS"
 fi
 
-# = `prefect --no-prompt deploy --all`, with a shim for Prefect 3.8.8 + FastAPI >= 0.151
+# = `prefect --no-prompt deploy --all`, with a shim for Prefect 3.8.8's client (nulls the server rejects)
 # (see deployments/__init__.py: deploy)
 python -c 'import deployments; deployments.deploy("--all")'

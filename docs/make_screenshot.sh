@@ -27,7 +27,7 @@ with tempfile.TemporaryDirectory() as tmp, local_server(Path(tmp) / "home") as e
                    env=env, check=True, stdout=subprocess.DEVNULL)
 
     # the report artifact (a plain request: Prefect 3.8.8's read_artifacts sends nulls that
-    # the server rejects under FastAPI >= 0.151)
+    # Prefect 3.8.8's server rejects with 422)
     body = json.dumps({"artifacts": {"key": {"any_": ["tiny-report"]}}, "sort": "ID_DESC",
                        "limit": 1, "offset": 0}).encode()
     req = urllib.request.Request(env["PREFECT_API_URL"] + "/artifacts/filter", data=body,

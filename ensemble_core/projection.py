@@ -56,23 +56,28 @@ class GaussianProjector:
         return t
 
     def project(self, g: torch.Tensor) -> torch.Tensor:
-        """g: [N, p] (any float dtype, any device) -> Pᵀg per row: [N, d] float32."""
+        """g: [N, p] (any float dtype, any device) -> Pᵀg per row: [N, d] float32.
+
+        Accumulated in float64 and rounded once: a float32 matmul's summation order depends on
+        the BLAS library and its thread count, so its last bits would differ between machines
+        and processes; the float64 sums of the same inputs round to the same float32 values."""
         if g.shape[-1] != self.p:
             raise ValueError(f"gradient has {g.shape[-1]} entries, projector expects p={self.p}")
-        g = g.to(self.device, torch.float32)
-        out = torch.zeros(g.shape[0], self.d, dtype=torch.float32, device=self.device)
+        g = g.to(self.device, torch.float64)
+        out = torch.zeros(g.shape[0], self.d, dtype=torch.float64, device=self.device)
         for k in range(self.n_blocks):
             a = k * self.block_rows
-            out.addmm_(g[:, a:a + self.block_rows], self.block(k))
-        return out
+            out.addmm_(g[:, a:a + self.block_rows], self.block(k).double())
+        return out.float()
 
     def expand(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """x: [d] or [N, d] -> P x: [p] or [N, p] (restores full adapter weights θ* + P x̂)."""
         x = torch.as_tensor(x, dtype=torch.float32, device=self.device)
         squeeze = x.ndim == 1
         x = x.reshape(-1, self.d)
-        parts = [x @ self.block(k).T for k in range(self.n_blocks)]
-        out = torch.cat(parts, dim=1)
+        x = x.double()  # float64 sums, rounded once: identical on any BLAS (see project)
+        parts = [x @ self.block(k).double().T for k in range(self.n_blocks)]
+        out = torch.cat(parts, dim=1).float()
         return out[0] if squeeze else out
 
     def fingerprint(self) -> dict:

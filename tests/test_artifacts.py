@@ -39,7 +39,7 @@ def _artifacts(flow_run_id) -> dict:
 
     The requests spell out every field: Prefect 3.8.8's client sends null for the arguments
     left out (``read_artifacts``, ``Artifact.get``, ``read_flow_runs`` without sort/limit), and
-    the server rejects null with 422 under FastAPI >= 0.151 (the lock pins 0.154)."""
+    Prefect 3.8.8's server, as the lock installs it, rejects null with 422."""
     with get_client(sync_client=True) as client:
         ids, frontier = [str(flow_run_id)], [str(flow_run_id)]
         while frontier:

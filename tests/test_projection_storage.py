@@ -17,12 +17,14 @@ _CHILD = """
 import hashlib, sys, torch
 sys.path.insert(0, {root!r})
 from ensemble_core.projection import GaussianProjector
+torch.set_num_threads({threads})
 pr = GaussianProjector(70001, 40, seed=7, block_rows=30000, cache_bytes=0)
-g = torch.arange(70001, dtype=torch.float32).reshape(1, -1).sin()
+g = torch.arange(3 * 70001, dtype=torch.float32).reshape(3, -1).sin()
 h = hashlib.sha256()
 for k in range(pr.n_blocks):
     h.update(pr.block(k).numpy().tobytes())
 h.update(pr.project(g).numpy().tobytes())
+h.update(pr.expand(torch.linspace(-1, 1, 40)).numpy().tobytes())
 print(h.hexdigest())
 """
 
@@ -30,8 +32,10 @@ print(h.hexdigest())
 def test_projection_identical_across_processes():
     import ensemble_core, os
     root = os.path.dirname(os.path.dirname(ensemble_core.__file__))
-    outs = {subprocess.run([sys.executable, "-c", _CHILD.format(root=root)], capture_output=True,
-                           text=True, check=True).stdout.strip() for _ in range(2)}
+    # two processes, with 1 and 2 BLAS threads (a float32 matmul's bits depend on the count)
+    outs = {subprocess.run([sys.executable, "-c", _CHILD.format(root=root, threads=t)],
+                           capture_output=True, text=True, check=True).stdout.strip()
+            for t in (1, 2)}
     assert len(outs) == 1
     # ... and equal to this process, with a different cache setting
     pr = GaussianProjector(70001, 40, seed=7, block_rows=30000)
@@ -39,8 +43,9 @@ def test_projection_identical_across_processes():
     h = hashlib.sha256()
     for k in range(pr.n_blocks):
         h.update(pr.block(k).numpy().tobytes())
-    g = torch.arange(70001, dtype=torch.float32).reshape(1, -1).sin()
+    g = torch.arange(3 * 70001, dtype=torch.float32).reshape(3, -1).sin()
     h.update(pr.project(g).numpy().tobytes())
+    h.update(pr.expand(torch.linspace(-1, 1, 40)).numpy().tobytes())
     assert outs == {h.hexdigest()}
 
 
