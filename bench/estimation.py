@@ -3,8 +3,8 @@
 1. SDP clustering (cvxpy) solve time on planted affinities for n = 10, 50, 100, 200 tasks
    (3 planted groups + noise, m given: one solve with Tr X = m). Each size runs in a child process
    and is stopped when it exceeds --limit seconds.
-2. Subset regressions: k = 200 subsets of size 3 over n = 10 tasks, d = 400, with 1 and with 2
-   worker processes, on real stage-1 gradient files (SmolLM2-135M on 10 SuperGLUE/GLUE tasks,
+2. Subset regressions: k = 200 distinct subsets of size 4 (of C(10, 4) = 210) over n = 10
+   tasks, d = 400, with 1 and with 2 worker processes, on real stage-1 gradient files (SmolLM2-135M on 10 SuperGLUE/GLUE tasks,
    32 train + 16 validation examples each; computed once and kept under --out) or, with
    --synthetic, on synthetic tables (64 train + 32 val examples per task, 2 choices).
 
@@ -136,21 +136,21 @@ def real_tables(model: str, d: int, data_root: str, out_dir: str, n_train: int, 
     t0 = time.perf_counter()
     for t in cfg.tasks:
         man = f"{cfg.run_dir}/gradients/{t.name}/manifest.json"
-        if exists(man):
-            rec = stages.read_json(man)
-            files = rec["files"]
-        else:
-            files = stages.gradient_features(cfg, load_task(t, data_root))["files"]
+        if not exists(man):
+            stages.gradient_features(cfg, load_task(t, data_root))
+        files = stages.read_json(man)["files"]
         tables.append((stages.read_features(files["train"]["path"]),
                        stages.read_features(files["validation"]["path"])))
     print(f"   (stage 1 features of {len(tables)} real tasks ready in "
           f"{time.perf_counter() - t0:.0f} s: {model}, d = {d}, {n_train} train + {n_val} "
           f"validation examples per task)")
     stages.release_models()
-    return tables
+    # the pipeline's default bound on the solution (estimation.max_relative_distance = 1.0)
+    return tables, stages.surrogate_max_norm(cfg, stages.read_json(man))
 
 
-def bench_subsets(k: int, n_tasks: int = 10, size: int = 3, d: int = 400, tables=None) -> None:
+def bench_subsets(k: int, n_tasks: int = 10, size: int = 4, d: int = 400, tables=None,
+                  max_norm=None) -> None:
     import math
     real = tables is not None
     tables = tables if real else synthetic_tasks(n_tasks, d, 64, 32)
@@ -165,20 +165,25 @@ def bench_subsets(k: int, n_tasks: int = 10, size: int = 3, d: int = 400, tables
             else "synthetic tasks, 64 train + 32 val examples/task, 2 choices")
     print(f"== subset regressions: k={k} subsets of size {size}{note}, n={n_tasks} tasks, d={d}, "
           f"{what}")
-    times = {}
-    results = {}
-    for workers in (1, 2):
-        t0 = time.perf_counter()
-        results[workers] = run_subsets(tables, subsets, n_workers=workers, l2=1e-3)
-        times[workers] = time.perf_counter() - t0
-        its = [r["fit"]["n_iter"] for r in results[workers]]
-        conv = sum(r["fit"]["converged"] for r in results[workers])
-        print(f"  {workers} worker(s): {times[workers]:7.2f} s  ({1e3 * times[workers] / k:.1f} ms"
-              f"/subset; L-BFGS iterations median {int(np.median(its))}, "
-              f"converged {conv}/{k})", flush=True)
-    same = all(a["per_task"] == b["per_task"] for a, b in zip(results[1], results[2]))
-    print(f"  speed-up 2 workers vs 1: {times[1] / times[2]:.2f}x  (cpu count {os.cpu_count()}); "
-          f"identical results: {same}")
+    variants = {"l2 = 1e-3": {}}
+    if max_norm is not None:
+        variants[f"l2 = 1e-3, |x| <= {max_norm:.3g} (the pipeline's default bound)"] = \
+            {"max_norm": max_norm}
+    for label, kw in variants.items():
+        print(f"  surrogate: {label}")
+        times, results = {}, {}
+        for workers in (1, 2):
+            t0 = time.perf_counter()
+            results[workers] = run_subsets(tables, subsets, n_workers=workers, l2=1e-3, **kw)
+            times[workers] = time.perf_counter() - t0
+            its = [r["fit"]["n_iter"] for r in results[workers]]
+            conv = sum(r["fit"]["converged"] for r in results[workers])
+            print(f"  {workers} worker(s): {times[workers]:7.2f} s  ({1e3 * times[workers] / k:.1f}"
+                  f" ms/subset; L-BFGS iterations median {int(np.median(its))}, "
+                  f"converged {conv}/{k})", flush=True)
+        same = all(a["per_task"] == b["per_task"] for a, b in zip(results[1], results[2]))
+        print(f"  speed-up 2 workers vs 1: {times[1] / times[2]:.2f}x  (cpu count "
+              f"{os.cpu_count()}); identical results: {same}")
 
 
 def main(argv=None) -> None:
@@ -200,9 +205,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     bench_sdp([int(s) for s in args.sizes.split(",")], args.limit, args.auto, args.solver)
     if not args.skip_subsets:
-        tables = None if args.synthetic else real_tables(
+        tables, max_norm = (None, None) if args.synthetic else real_tables(
             args.model, 400, args.data_root, os.path.abspath(args.out) + "/{name}", 32, 16)
-        bench_subsets(args.k, tables=tables)
+        bench_subsets(args.k, tables=tables, max_norm=max_norm)
 
 
 if __name__ == "__main__":
