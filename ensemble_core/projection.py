@@ -3,13 +3,18 @@
 P is p × d with entries N(0, 1/d), so E[⟨Pᵀa, Pᵀb⟩] = ⟨a, b⟩ (Johnson–Lindenstrauss). P is never stored: its row block k (rows
 k·block_rows … (k+1)·block_rows − 1) is generated from (seed, k) alone with numpy's counter-based
 Philox generator and the integer-only ziggurat normal sampler, so every process, machine, CPU or
-GPU gets the same bits. Blocks are cached up to ``cache_bytes`` and regenerated beyond that.
+GPU gets the same bits. Blocks are cached (as float64, the precision the products accumulate
+in) up to ``cache_bytes`` and regenerated beyond that; by default the budget is a quarter of the
+memory available on the projector's device, which holds P whole for models up to a few billion
+parameters with LoRA on two projections (SmolLM2-135M, r = 8 on q, v: p·d·8 bytes = 1.5 GB).
 """
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections import OrderedDict
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -20,18 +25,38 @@ def _block_key(seed: int, block: int) -> int:
     return int.from_bytes(digest[:16], "little")
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes free on the device now (CUDA), or the host's MemAvailable (CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30
+
+
 class GaussianProjector:
     def __init__(self, p: int, d: int, seed: int = 0, block_rows: int = 32768,
-                 cache_bytes: int = 1 << 30, device: str | torch.device = "cpu"):
+                 cache_bytes: int | None = None, device: str | torch.device = "cpu"):
         if d <= 0 or p <= 0:
             raise ValueError(f"projection dimensions must be positive (p={p}, d={d})")
         if d > p:
             raise ValueError(f"projection dimension d={d} is larger than the number of adapter "
                              f"parameters p={p}; choose d <= p")
         self.p, self.d, self.seed, self.block_rows = int(p), int(d), int(seed), int(block_rows)
-        self.cache_bytes = int(cache_bytes)
         self.device = torch.device(device)
-        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.cache_bytes = (available_memory(self.device) // 4 if cache_bytes is None
+                            else int(cache_bytes))
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()  # float64 blocks
+        self._cached_bytes = 0
 
     @property
     def n_blocks(self) -> int:
@@ -39,35 +64,58 @@ class GaussianProjector:
 
     def block(self, k: int) -> torch.Tensor:
         """Rows [k·block_rows, min(p, (k+1)·block_rows)) of P as a float32 tensor on device."""
-        hit = self._cache.get(k)
-        if hit is not None:
-            self._cache.move_to_end(k)
-            return hit
+        return self._block64(k).float()  # exact: the float64 copy holds float32 values
+
+    def _generate(self, k: int) -> torch.Tensor:
         rows = min(self.block_rows, self.p - k * self.block_rows)
         rng = np.random.Generator(np.random.Philox(key=_block_key(self.seed, k)))
         z = rng.standard_normal((rows, self.d), dtype=np.float32)
         z *= np.float32(1.0 / math.sqrt(self.d))
-        t = torch.from_numpy(z).to(self.device)
-        nbytes = t.numel() * 4
+        return torch.from_numpy(z).to(self.device, torch.float64)
+
+    def _block64(self, k: int) -> torch.Tensor:
+        hit = self._cache.get(k)
+        if hit is not None:
+            self._cache.move_to_end(k)
+            return hit
+        t = self._generate(k)
+        nbytes = t.numel() * 8
         if nbytes <= self.cache_bytes:
             self._cache[k] = t
-            while sum(v.numel() * 4 for v in self._cache.values()) > self.cache_bytes:
-                self._cache.popitem(last=False)
+            self._cached_bytes += nbytes
+            while self._cached_bytes > self.cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= old.numel() * 8
         return t
 
-    def project(self, g: torch.Tensor) -> torch.Tensor:
+    def project(self, g: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """g: [N, p] (any float dtype, any device) -> Pᵀg per row: [N, d] float32.
+
+        ``g`` may also be a list of [N, p_i] column chunks with Σ p_i = p, in order (e.g. one per
+        adapter matrix), which spares the caller concatenating them into one [N, p] tensor.
 
         Accumulated in float64 and rounded once: a float32 matmul's summation order depends on
         the BLAS library and its thread count, so its last bits would differ between machines
         and processes; the float64 sums of the same inputs round to the same float32 values."""
-        if g.shape[-1] != self.p:
-            raise ValueError(f"gradient has {g.shape[-1]} entries, projector expects p={self.p}")
-        g = g.to(self.device, torch.float64)
-        out = torch.zeros(g.shape[0], self.d, dtype=torch.float64, device=self.device)
-        for k in range(self.n_blocks):
-            a = k * self.block_rows
-            out.addmm_(g[:, a:a + self.block_rows], self.block(k).double())
+        parts = [g] if isinstance(g, torch.Tensor) else list(g)
+        width = sum(int(x.shape[-1]) for x in parts)
+        if width != self.p:
+            raise ValueError(f"gradient has {width} entries, projector expects p={self.p}")
+        n = parts[0].shape[0]
+        out = torch.zeros(n, self.d, dtype=torch.float64, device=self.device)
+        # walk P's row blocks and the chunks together: each product covers their overlap
+        br, k, blk, start = self.block_rows, -1, None, 0
+        for x in parts:
+            x = x.to(self.device, torch.float64)
+            a, stop = start, start + x.shape[-1]
+            while a < stop:
+                if a // br != k:
+                    k = a // br
+                    blk = self._block64(k)
+                b = min(stop, (k + 1) * br)
+                out.addmm_(x[:, a - start:b - start], blk[a - k * br:b - k * br])
+                a = b
+            start = stop
         return out.float()
 
     def expand(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -76,7 +124,7 @@ class GaussianProjector:
         squeeze = x.ndim == 1
         x = x.reshape(-1, self.d)
         x = x.double()  # float64 sums, rounded once: identical on any BLAS (see project)
-        parts = [x @ self.block(k).double().T for k in range(self.n_blocks)]
+        parts = [x @ self._block64(k).T for k in range(self.n_blocks)]
         out = torch.cat(parts, dim=1).float()
         return out[0] if squeeze else out
 

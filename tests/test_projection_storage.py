@@ -129,3 +129,15 @@ def test_feature_table_checks_gold_rows():
     t = _table()
     with pytest.raises(ValueError, match="gold choices"):
         FeatureTable("t", "train", t.example_id, t.choice, np.zeros_like(t.is_gold), t.output, t.grad)
+
+
+def test_project_accepts_column_chunks_and_a_small_cache():
+    g = torch.randn(3, 20000)
+    full = GaussianProjector(20000, 50, seed=1, block_rows=4096)
+    # chunks that straddle P's row blocks, and a cache holding only 2 of its 5 blocks
+    small = GaussianProjector(20000, 50, seed=1, block_rows=4096, cache_bytes=2 * 4096 * 50 * 8)
+    chunks = list(torch.split(g, [100, 5000, 1, 8899, 6000], dim=1))
+    assert torch.allclose(small.project(chunks), full.project(g), rtol=1e-6, atol=1e-7)
+    assert len(small._cache) == 2
+    with pytest.raises(ValueError, match="19999 entries, projector expects p=20000"):
+        full.project(chunks[1:] + [torch.zeros(3, 99)])
