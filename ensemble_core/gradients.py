@@ -1,13 +1,14 @@
 """Stage 1: outputs h_c(s) and gradients g_c(s) = ∇_X h_c(s) at θ* (DESIGN.md step 1).
 
-Fast path: one batched forward, then one backward per answer-choice slot (token mode) or a single
-backward for the whole batch (sequence mode, one sequence per choice). Per-sequence gradients of
+Fast path: one batched forward (one sequence per example; in sequence mode the example's choices
+are packed into it, see :class:`models.EncodedBatch`), then one backward per answer-choice slot j,
+for row j of every example at once. Per-sequence gradients of
 every trainable ``nn.Linear`` (the LoRA A and B matrices) are formed inside the backward pass from
 the layer's saved input x and its output gradient δ: ∇W = Σ_t δ_tᵀ x_t per sequence — the
 standard per-sample-gradient identity for a linear map — and never via one backward per example.
 
 Reference: :func:`reference_gradients`, a plain autograd loop (one example, one choice, one
-backward at a time), kept as the test oracle.
+backward at a time, each choice its own unpacked sequence), kept as the test oracle.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import torch
 
 from .data import Example
 from .features import FeatureTable
-from .models import (ChoiceScorer, EncodedBatch, adapter_vector, choice_outputs,
-                     set_adapter_vector, trainable_parameters)
+from .models import (ChoiceScorer, EncodedBatch, _backbone_and_head, adapter_vector,
+                     choice_outputs, set_adapter_vector, trainable_parameters)
 from .projection import GaussianProjector
 
 
@@ -96,53 +97,90 @@ class PerSampleLinearGrads:
         torch.autograd.grad(scalar, [p for _, p in self.params], retain_graph=retain,
                             allow_unused=True)
 
-    def collect(self) -> torch.Tensor:
-        """[N, p] per-sequence gradients of the last backward, in named_parameters order."""
+    def collect_parts(self) -> list[torch.Tensor]:
+        """Per-sequence gradients of the last backward, one [N, numel] chunk per trainable
+        parameter in named_parameters order (their concatenation is the [N, p] gradient)."""
         parts = []
         for (m, kind), (name, _) in zip(self.slots, self.params):
             g = self._g.get((id(m), kind))
             if g is None:
                 raise GradientError(f"no gradient reached {name}")
             parts.append(g)
-        return torch.cat(parts, dim=1)
+        return parts
+
+    def collect(self) -> torch.Tensor:
+        """[N, p] per-sequence gradients of the last backward, in named_parameters order."""
+        return torch.cat(self.collect_parts(), dim=1)
 
 
-def batched_gradients(model, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs [R] and full (unprojected) gradients [R, p] for the rows of one batch."""
+def batched_gradients(model, batch: EncodedBatch,
+                      project: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs [R] and gradients of the rows of one batch: [R, p], or [R, d] when ``project``
+    (e.g. :meth:`GaussianProjector.project`) is given. The projection is then applied to each
+    backward's gradient chunks as they come, so the [R, p] matrix is never assembled."""
+    finish = project if project is not None else (lambda parts: torch.cat(parts, dim=1))
     with PerSampleLinearGrads(model) as psg:
         out = choice_outputs(model, batch)
         R = out.shape[0]
-        if batch.mode == "sequence":  # one sequence per row: a single backward
-            psg.backward(out.sum(), retain=False)
-            return out.detach(), psg.collect()
-        # token mode: one backward per choice slot j, each row j of every example at once
-        offsets = np.concatenate([[0], np.cumsum(batch.n_choices)])
+        # one backward per slot j, for row j of every sequence at once: rows sharing a sequence
+        # (token mode, packed choices) need a backward each, and a sequence's other rows get
+        # exactly zero gradient from it (packed choices are masked from each other)
         G = None
-        slots = max(batch.n_choices)
+        row_seq, row_slot = batch.row_seq.to(out.device), batch.row_slot.to(out.device)
+        slots = int(row_slot.max()) + 1
+        n_seq = batch.input_ids.shape[0]
         for j in range(slots):
-            ex = [i for i, c in enumerate(batch.n_choices) if c > j]
-            rows = torch.tensor([offsets[i] + j for i in ex], device=out.device)
+            rows = torch.nonzero(row_slot == j, as_tuple=True)[0]
             psg.backward(out[rows].sum(), retain=j < slots - 1)
-            Gj = psg.collect()  # [N examples, p]
+            seqs = row_seq[rows]
+            parts = psg.collect_parts()  # per sequence
+            if len(seqs) < n_seq or not torch.equal(seqs, torch.arange(n_seq, device=seqs.device)):
+                parts = [g.index_select(0, seqs.to(g.device)) for g in parts]
+            Gj = finish(parts)  # [rows of slot j, p or d]
+            psg._g.clear()
             if G is None:
                 G = torch.empty(R, Gj.shape[1], dtype=Gj.dtype, device=Gj.device)
-            G[rows] = Gj[torch.tensor(ex, device=Gj.device)]
+            G[rows.to(G.device)] = Gj
         return out.detach(), G
 
 
 def reference_gradients(model, scorer: ChoiceScorer, examples: Sequence[Example],
                         mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain autograd loop: one example and one choice at a time. Outputs [R], grads [R, p]."""
+    """Plain autograd loop, the test oracle: one example, one choice, one backward at a time.
+    Outputs [R], grads [R, p].
+
+    Independent of the fast path's encoding: each choice is scored on its own plain sequence
+    (the prompt, truncated as :meth:`ChoiceScorer.encode` does, then the continuation) through
+    the model's standard causal attention — no packing, no padding, no block mask."""
     params = [p for _, p in trainable_parameters(model)]
     mode = mode or scorer.mode_for(examples)
+    backbone, W, b = _backbone_and_head(model)
+    device = _device(model)
     outs, grads = [], []
     for ex in examples:
-        batch = scorer.encode([ex], mode=mode).to(_device(model))
-        out = choice_outputs(model, batch)
-        for c in range(len(ex.choices)):
-            g = torch.autograd.grad(out[c], params, retain_graph=c < len(ex.choices) - 1)
+        conts = [scorer._ids(c) for c in ex.choices]
+        room = scorer.max_length - (0 if mode == "token" else max(len(c) for c in conts))
+        prompt, _ = scorer._fit(scorer._prompt_ids(ex.prompt), room)
+        if mode == "token":  # one forward, then one backward per choice
+            hidden = backbone(input_ids=torch.tensor([prompt], device=device),
+                              use_cache=False).last_hidden_state[0, -1].float()
+            for c, cont in enumerate(conts):
+                out = hidden @ W[cont[0]].float() + (0 if b is None else b[cont[0]].float())
+                g = torch.autograd.grad(out, params, retain_graph=c < len(conts) - 1)
+                grads.append(torch.cat([x.reshape(-1).float() for x in g]))
+                outs.append(out.detach().reshape(1))
+            continue
+        for cont in conts:  # the plain sequence prompt + continuation, one per choice
+            ids = prompt + cont
+            hidden = backbone(input_ids=torch.tensor([ids], device=device),
+                              use_cache=False).last_hidden_state[0]
+            h = hidden[len(prompt) - 1:len(ids) - 1]  # the positions predicting the continuation
+            logp = torch.log_softmax(torch.nn.functional.linear(h, W.to(h.dtype), b).float(), -1)
+            out = logp[torch.arange(len(cont)), torch.tensor(cont)].sum()
+            g = torch.autograd.grad(out, params)
             grads.append(torch.cat([x.reshape(-1).float() for x in g]))
-        outs.append(out.detach())
+            outs.append(out.detach().reshape(1))
     return torch.cat(outs), torch.stack(grads)
 
 
@@ -169,20 +207,36 @@ def extract_features(model, scorer: ChoiceScorer, examples: Sequence[Example],
     R = int(row_start[-1])
     output = np.empty(R, np.float32)
     grad = np.empty((R, projector.d), np.float32)
-    t_grad = t_proj = 0.0
+    t_grad = 0.0
     device = _device(model)
+    proj_s = [0.0]
+
+    def timed_project(parts):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        res = projector.project(parts)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        proj_s[0] += time.perf_counter() - t
+        return res
+
     done = 0
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        batch = scorer.encode([examples[i] for i in idx], mode=mode).to(device)
+        chunk = [examples[i] for i in idx]
+        pack = True
+        if mode == "sequence":
+            # packed: one forward, then one backward per choice over the packed tokens;
+            # unpacked: one forward and one backward over a sequence per choice
+            packed, single = scorer.sequence_costs(chunk)
+            pack = packed * (1 + max(len(e.choices) for e in chunk)) < 2 * single
+        batch = scorer.encode(chunk, mode=mode, pack=pack).to(device)
         t0 = time.perf_counter()
-        out, G = batched_gradients(model, batch)
-        t1 = time.perf_counter()
-        Gp = projector.project(G)
+        out, Gp = batched_gradients(model, batch, project=timed_project)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        t_grad, t_proj = t_grad + t1 - t0, t_proj + t2 - t1
+        t_grad += time.perf_counter() - t0
         dst = np.concatenate([np.arange(row_start[i], row_start[i + 1]) for i in idx])
         out_np, g_np = out.float().cpu().numpy(), Gp.cpu().numpy()
         if not (np.isfinite(out_np).all() and np.isfinite(g_np).all()):
@@ -196,7 +250,7 @@ def extract_features(model, scorer: ChoiceScorer, examples: Sequence[Example],
         if progress:
             progress(done, len(examples))
     if timings is not None:
-        timings.update(gradient_s=t_grad, projection_s=t_proj, mode=mode)
+        timings.update(gradient_s=t_grad - proj_s[0], projection_s=proj_s[0], mode=mode)
     choice = np.concatenate([np.arange(n) for n in n_rows]).astype(np.int32)
     is_gold = np.concatenate([np.arange(len(ex.choices)) == ex.label for ex in examples])
     example_id = np.array([ex.example_id for ex in examples for _ in ex.choices], dtype=object)

@@ -359,19 +359,35 @@ def adapter_digest(model) -> str:
 
 @dataclass
 class EncodedBatch:
-    """A padded batch. Rows of the output are (example, choice) pairs in example order."""
+    """A padded batch. Rows of the output are (example, choice) pairs in example order.
+
+    Token mode has one sequence per example. In ``sequence`` mode a sequence is *packed* by
+    default: the prompt, then every choice's continuation, each continuation positioned right
+    after the prompt (``position_ids``) and seeing only the prompt and itself (``segment``: a
+    block attention mask). One forward pass then scores all choices, and the prompt is computed
+    once instead of once per choice; the outputs equal those of separate prompt + continuation
+    sequences (the test oracle, :func:`gradients.reference_gradients`, computes them that way).
+    Unpacked (``pack=False``), each choice has its own sequence: the same code reads it.
+    """
     mode: str  # "token" | "sequence"
-    input_ids: torch.Tensor  # [N, T]
-    attention_mask: torch.Tensor  # [N, T]
-    # token mode: N = examples; read the logits of choice_tokens at position last_pos
+    input_ids: torch.Tensor  # [N, T] sequences, right padded
+    attention_mask: torch.Tensor  # [N, T] 1 = real token
+    n_choices: list[int] | None = None  # per example
+    truncated: int = 0  # examples whose prompt was cut from the left to fit max_length
+    row_seq: torch.Tensor | None = None  # [R] the sequence each output row is read from
+    row_slot: torch.Tensor | None = None  # [R] the row's index among its sequence's rows
+    # token mode: read the logits of row_token at position last_pos
     last_pos: torch.Tensor | None = None  # [N]
     row_example: torch.Tensor | None = None  # [R] sequence index of each output row
     row_token: torch.Tensor | None = None  # [R] verbalizer token id of each output row
-    # sequence mode: N = R sequences; continuation tokens at cont_mask positions (predicted from
-    # the position before)
-    cont_mask: torch.Tensor | None = None  # [N, T] bool: target positions of the continuation
-    n_choices: list[int] | None = None  # per example
-    truncated: int = 0  # examples whose prompt was cut from the left to fit max_length
+    # sequence mode: every continuation token k is predicted by the hidden state at
+    # (tgt_seq[k], tgt_src[k]) and adds its log-probability to output row tgt_row[k]
+    position_ids: torch.Tensor | None = None  # [N, T]
+    segment: torch.Tensor | None = None  # [N, T] 0 prompt, c + 1 continuation c, -1 padding
+    tgt_seq: torch.Tensor | None = None  # [K]
+    tgt_src: torch.Tensor | None = None  # [K]
+    tgt_token: torch.Tensor | None = None  # [K]
+    tgt_row: torch.Tensor | None = None  # [K]
 
     @property
     def n_rows(self) -> int:
@@ -426,7 +442,24 @@ class ChoiceScorer:
         # keep the BOS and the end of the prompt (where the question and "Answer:" are)
         return prompt[:keep] + prompt[len(prompt) - room + keep:], True
 
-    def encode(self, examples: Sequence[Example], mode: str | None = None) -> EncodedBatch:
+    def sequence_costs(self, examples: Sequence[Example]) -> tuple[int, int]:
+        """Token counts (padded) of a sequence-mode batch: (packed, one sequence per choice)."""
+        packed, single, rows = 0, 0, 0
+        for ex in examples:
+            conts = [len(self._ids(c)) for c in ex.choices]
+            room = self.max_length - max(conts)
+            prompt = min(len(self._prompt_ids(ex.prompt)), room)
+            packed = max(packed, prompt + sum(conts))
+            single = max(single, prompt + max(conts))
+            rows += len(conts)
+        return packed * len(examples), single * rows
+
+    def encode(self, examples: Sequence[Example], mode: str | None = None,
+               pack: bool = True) -> EncodedBatch:
+        """Model inputs of a batch. In sequence mode ``pack`` puts all choices of an example
+        into one sequence (the default: fewer tokens); ``pack=False`` gives each choice its own
+        prompt + continuation sequence (a single backward pass yields every row's gradient,
+        see :func:`gradients.extract_features`). Outputs are the same either way."""
         mode = mode or self.mode_for(examples)
         pad = self.tokenizer.pad_token_id
         seqs, truncated, n_choices = [], 0, []
@@ -445,29 +478,53 @@ class ChoiceScorer:
                 row_tok += [t[0] for t in toks]
                 n_choices.append(len(toks))
             ids, mask = _pad(seqs, pad)
+            slot = [j for n in n_choices for j in range(n)]
             return EncodedBatch("token", ids, mask, last_pos=torch.tensor(last),
                                 row_example=torch.tensor(row_ex), row_token=torch.tensor(row_tok),
-                                n_choices=n_choices, truncated=truncated)
-        conts = []
+                                n_choices=n_choices, truncated=truncated,
+                                row_seq=torch.tensor(row_ex), row_slot=torch.tensor(slot))
+        pos, segs, row_seq, row_slot = [], [], [], []
+        tgt_seq, tgt_src, tgt_tok, tgt_row = [], [], [], []
+        row = 0
         for ex in examples:
-            prompt = self._prompt_ids(ex.prompt)
-            n_choices.append(len(ex.choices))
-            cut_any = False
-            for c in ex.choices:
-                cont = self._ids(c)
-                if not cont:
-                    raise ValueError(f"task {ex.task}: example {ex.example_id} has an empty choice")
-                p, cut = self._fit(prompt, self.max_length - len(cont))
-                cut_any |= cut
-                seqs.append(p + cont)
-                conts.append((len(p), len(p) + len(cont)))
-            truncated += cut_any
+            conts = [self._ids(c) for c in ex.choices]
+            if not all(conts):
+                raise ValueError(f"task {ex.task}: example {ex.example_id} has an empty choice")
+            prompt, cut = self._fit(self._prompt_ids(ex.prompt),
+                                    self.max_length - max(len(c) for c in conts))
+            if not prompt:
+                raise ValueError(f"task {ex.task}: example {ex.example_id} has an empty prompt "
+                                 "and the tokenizer adds no BOS: nothing predicts the first "
+                                 "token of a choice")
+            truncated += cut
+            n_choices.append(len(conts))
+            L = len(prompt)
+            for group in ([conts] if pack else [[c] for c in conts]):
+                ids, p, sg = list(prompt), list(range(L)), [0] * L
+                for c, cont in enumerate(group):
+                    start = len(ids)
+                    ids += cont
+                    p += range(L, L + len(cont))
+                    sg += [c + 1] * len(cont)
+                    for t, tok in enumerate(cont):
+                        tgt_seq.append(len(seqs))
+                        tgt_src.append(L - 1 if t == 0 else start + t - 1)
+                        tgt_tok.append(tok)
+                        tgt_row.append(row)
+                    row_seq.append(len(seqs))
+                    row_slot.append(c)
+                    row += 1
+                seqs.append(ids)
+                pos.append(p)
+                segs.append(sg)
         ids, mask = _pad(seqs, pad)
-        cont_mask = torch.zeros_like(mask, dtype=torch.bool)
-        for j, (a, b) in enumerate(conts):
-            cont_mask[j, a:b] = True
-        return EncodedBatch("sequence", ids, mask, cont_mask=cont_mask, n_choices=n_choices,
-                            truncated=truncated)
+        position_ids, _ = _pad(pos, 0)
+        segment, _ = _pad(segs, -1)
+        t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+        return EncodedBatch("sequence", ids, mask, n_choices=n_choices, truncated=truncated,
+                            row_seq=t(row_seq), row_slot=t(row_slot),
+                            position_ids=position_ids, segment=segment, tgt_seq=t(tgt_seq),
+                            tgt_src=t(tgt_src), tgt_token=t(tgt_tok), tgt_row=t(tgt_row))
 
 
 def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -489,32 +546,61 @@ def _backbone_and_head(model):
     return causal_lm.base_model, head.weight, getattr(head, "bias", None)
 
 
+def packed_attention_mask(segment: torch.Tensor, implementation: str,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """[N, 1, T, T] mask of a packed batch: causal, and a continuation sees the prompt and
+    itself only. Padding positions see only themselves (no empty attention row: no NaN)."""
+    T = segment.shape[1]
+    q, k = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment.device).tril()
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    allowed |= torch.eye(T, dtype=torch.bool, device=segment.device)
+    allowed = allowed[:, None]
+    if implementation == "sdpa":
+        return allowed
+    if implementation == "eager":  # additive
+        zero = torch.zeros((), dtype=dtype, device=segment.device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)
+    raise ModelError(f"sequence-mode scoring packs an example's choices into one sequence with a "
+                     f"block attention mask, which the {implementation!r} attention "
+                     "implementation does not take; use 'sdpa' (the default) or 'eager'")
+
+
 def choice_outputs(model, batch: EncodedBatch) -> torch.Tensor:
     """h_c(s) for every (example, choice) row: [R] float32, differentiable w.r.t. the adapter.
 
     Only the rows of the output embedding that are needed are multiplied (token mode), or the
-    positions of the continuation (sequence mode): the full [T, vocab] logits are never formed.
+    positions predicting a continuation token (sequence mode): the full [T, vocab] logits are
+    never formed.
     """
     backbone, W, b = _backbone_and_head(model)
-    hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      use_cache=False).last_hidden_state
     if batch.mode == "token":
+        hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          use_cache=False).last_hidden_state
         h = hidden[batch.row_example, batch.last_pos[batch.row_example]]  # [R, H]
         w = W[batch.row_token].to(h.dtype)  # [R, H]
         out = (h * w).sum(-1)
         if b is not None:
             out = out + b[batch.row_token]
         return out.float()
-    # sequence mode: log p(continuation token t | prefix) summed over the continuation
-    tgt = batch.cont_mask
-    src = torch.zeros_like(tgt)
-    src[:, :-1] = tgt[:, 1:]  # the position before each target predicts it
-    h = hidden[src]  # [K, H]
+    # sequence mode: log p(continuation token | prompt, earlier tokens of that continuation),
+    # summed per continuation, all continuations of an example in one packed sequence
+    config = backbone.config
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) is not False \
+            and int(batch.position_ids.max()) >= window:
+        raise ModelError(f"a packed sequence reaches position {int(batch.position_ids.max())}, "
+                         f"beyond the model's sliding attention window ({window}), which the "
+                         "block mask does not apply; lower model.max_length below it")
+    mask = packed_attention_mask(batch.segment, getattr(config, "_attn_implementation", "eager"),
+                                 backbone.get_input_embeddings().weight.dtype)
+    hidden = backbone(input_ids=batch.input_ids, attention_mask=mask,
+                      position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    h = hidden[batch.tgt_seq, batch.tgt_src]  # [K, H]
     logits = torch.nn.functional.linear(h, W.to(h.dtype), b).float()
-    logp = torch.log_softmax(logits, -1).gather(-1, batch.input_ids[tgt].unsqueeze(-1)).squeeze(-1)
-    seq_of = torch.nonzero(tgt, as_tuple=True)[0]
-    out = torch.zeros(tgt.shape[0], dtype=logp.dtype, device=logp.device)
-    return out.index_add(0, seq_of, logp)
+    logp = torch.log_softmax(logits, -1).gather(-1, batch.tgt_token.unsqueeze(-1)).squeeze(-1)
+    out = torch.zeros(batch.n_rows, dtype=logp.dtype, device=logp.device)
+    return out.index_add(0, batch.tgt_row, logp)
 
 
 def segment_log_softmax(scores: torch.Tensor, n_choices: Sequence[int]) -> torch.Tensor:

@@ -91,3 +91,49 @@ def test_long_prompts_are_truncated_from_the_left(loaded, data_root):
     out, G = batched_gradients(lm.model, batch)
     ref_out, ref_G = reference_gradients(lm.model, scorer, examples)
     assert _rel(G, ref_G) <= 1e-4
+
+
+def _many_choice_examples():
+    """Sequence mode with 2, 4 and 3 multi-token choices of different lengths in one batch."""
+    return [
+        Example("mc", "train", "a", "The sky at noon is usually", (" blue", " a deep green colour"), 0),
+        Example("mc", "train", "b", "Pick the animal that barks:",
+                (" the cat", " a dog", " one small bird", " fish"), 1),
+        Example("mc", "train", "c", "Two plus two equals",
+                (" four", " five or so", " twenty two"), 0),
+    ]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("cut", [False, True])
+@pytest.mark.parametrize("pack", [True, False])
+def test_packed_choices_equal_separate_sequences(loaded, attn, cut, pack):
+    """All choices of an example share one packed sequence (block mask, positions restarting
+    after the prompt); outputs and per-choice gradients equal the reference's separate plain
+    sequences, with varying choice counts, padding and (cut) left-truncated prompts."""
+    cfg, lm = loaded
+    examples = _many_choice_examples()
+    scorer = ChoiceScorer(lm.tokenizer, max_length=1024)
+    if cut:  # room for the longest choice and 3 prompt tokens
+        scorer = ChoiceScorer(lm.tokenizer, max_length=3 + max(
+            len(scorer._ids(c)) for e in examples for c in e.choices))
+    lm.model.get_base_model().set_attn_implementation(attn)
+    try:
+        batch = scorer.encode(examples, pack=pack)
+        assert batch.mode == "sequence"
+        assert batch.input_ids.shape[0] == (len(examples) if pack else 9)
+        assert (batch.attention_mask == 0).any()
+        assert batch.truncated == (3 if cut else 0)
+        out, G = batched_gradients(lm.model, batch)
+        ref_out, ref_G = reference_gradients(lm.model, scorer, examples)
+        # projected inside the backward loop == projecting the full gradients
+        proj = GaussianProjector(G.shape[1], 16, seed=5, block_rows=777)
+        _, Gp = batched_gradients(lm.model, batch, project=proj.project)
+    finally:
+        lm.model.get_base_model().set_attn_implementation("sdpa")
+    assert out.shape == ref_out.shape == (9,)
+    assert _rel(out, ref_out) <= 1e-4
+    for r in range(G.shape[0]):
+        assert _rel(G[r], ref_G[r]) <= 1e-3, r
+    assert _rel(G, ref_G) <= 1e-4
+    assert torch.allclose(Gp, proj.project(G), rtol=1e-5, atol=1e-6)
