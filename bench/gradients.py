@@ -45,11 +45,10 @@ def _gold_sequences(scorer, examples):
     """input_ids, attention_mask, labels of prompt + gold continuation (loss on the latter)."""
     seqs, labels = [], []
     for ex in examples:
-        conts = [scorer._ids(c) for c in ex.choices]
-        prompt, _ = scorer._fit(scorer._prompt_ids(ex.prompt),
-                                scorer.max_length - max(len(c) for c in conts))
-        seqs.append(prompt + conts[ex.label])
-        labels.append([-100] * len(prompt) + conts[ex.label])
+        prompt, _ = scorer.prompt_for(ex, "sequence")
+        gold = scorer._ids(ex.choices[ex.label])
+        seqs.append(prompt + gold)
+        labels.append([-100] * len(prompt) + gold)
     T = max(len(x) for x in seqs)
     pad = scorer.tokenizer.pad_token_id
     ids = torch.tensor([x + [pad] * (T - len(x)) for x in seqs])

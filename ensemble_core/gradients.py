@@ -138,7 +138,6 @@ def batched_gradients(model, batch: EncodedBatch,
             if len(seqs) < n_seq or not torch.equal(seqs, torch.arange(n_seq, device=seqs.device)):
                 parts = [g.index_select(0, seqs.to(g.device)) for g in parts]
             Gj = finish(parts)  # [rows of slot j, p or d]
-            psg._g.clear()
             if G is None:
                 G = torch.empty(R, Gj.shape[1], dtype=Gj.dtype, device=Gj.device)
             G[rows.to(G.device)] = Gj
@@ -160,8 +159,7 @@ def reference_gradients(model, scorer: ChoiceScorer, examples: Sequence[Example]
     outs, grads = [], []
     for ex in examples:
         conts = [scorer._ids(c) for c in ex.choices]
-        room = scorer.max_length - (0 if mode == "token" else max(len(c) for c in conts))
-        prompt, _ = scorer._fit(scorer._prompt_ids(ex.prompt), room)
+        prompt, _ = scorer.prompt_for(ex, mode)
         if mode == "token":  # one forward, then one backward per choice
             hidden = backbone(input_ids=torch.tensor([prompt], device=device),
                               use_cache=False).last_hidden_state[0, -1].float()

@@ -376,9 +376,8 @@ class EncodedBatch:
     truncated: int = 0  # examples whose prompt was cut from the left to fit max_length
     row_seq: torch.Tensor | None = None  # [R] the sequence each output row is read from
     row_slot: torch.Tensor | None = None  # [R] the row's index among its sequence's rows
-    # token mode: read the logits of row_token at position last_pos
+    # token mode: read the logits of row_token at position last_pos of sequence row_seq
     last_pos: torch.Tensor | None = None  # [N]
-    row_example: torch.Tensor | None = None  # [R] sequence index of each output row
     row_token: torch.Tensor | None = None  # [R] verbalizer token id of each output row
     # sequence mode: every continuation token k is predicted by the hidden state at
     # (tgt_seq[k], tgt_src[k]) and adds its log-probability to output row tgt_row[k]
@@ -442,13 +441,20 @@ class ChoiceScorer:
         # keep the BOS and the end of the prompt (where the question and "Answer:" are)
         return prompt[:keep] + prompt[len(prompt) - room + keep:], True
 
+    def prompt_for(self, ex: Example, mode: str) -> tuple[list[int], bool]:
+        """The example's prompt tokens as :meth:`encode` feeds them — cut from the left to
+        leave room for the longest choice in sequence mode — and whether they were cut."""
+        room = self.max_length
+        if mode == "sequence":
+            room -= max(len(self._ids(c)) for c in ex.choices)
+        return self._fit(self._prompt_ids(ex.prompt), room)
+
     def sequence_costs(self, examples: Sequence[Example]) -> tuple[int, int]:
         """Token counts (padded) of a sequence-mode batch: (packed, one sequence per choice)."""
         packed, single, rows = 0, 0, 0
         for ex in examples:
             conts = [len(self._ids(c)) for c in ex.choices]
-            room = self.max_length - max(conts)
-            prompt = min(len(self._prompt_ids(ex.prompt)), room)
+            prompt = len(self.prompt_for(ex, "sequence")[0])
             packed = max(packed, prompt + sum(conts))
             single = max(single, prompt + max(conts))
             rows += len(conts)
@@ -464,25 +470,25 @@ class ChoiceScorer:
         pad = self.tokenizer.pad_token_id
         seqs, truncated, n_choices = [], 0, []
         if mode == "token":
-            last, row_ex, row_tok = [], [], []
+            last, row_seq, row_tok = [], [], []
             for i, ex in enumerate(examples):
                 toks = [self._ids(c) for c in ex.choices]
                 if any(len(t) != 1 for t in toks):
                     raise ValueError(f"task {ex.task}: example {ex.example_id} has a choice that "
                                      "is not a single token; use sequence mode")
-                ids, cut = self._fit(self._prompt_ids(ex.prompt), self.max_length)
+                ids, cut = self.prompt_for(ex, mode)
                 truncated += cut
                 seqs.append(ids)
                 last.append(len(ids) - 1)
-                row_ex += [i] * len(toks)
+                row_seq += [i] * len(toks)
                 row_tok += [t[0] for t in toks]
                 n_choices.append(len(toks))
             ids, mask = _pad(seqs, pad)
             slot = [j for n in n_choices for j in range(n)]
             return EncodedBatch("token", ids, mask, last_pos=torch.tensor(last),
-                                row_example=torch.tensor(row_ex), row_token=torch.tensor(row_tok),
-                                n_choices=n_choices, truncated=truncated,
-                                row_seq=torch.tensor(row_ex), row_slot=torch.tensor(slot))
+                                row_token=torch.tensor(row_tok), n_choices=n_choices,
+                                truncated=truncated, row_seq=torch.tensor(row_seq),
+                                row_slot=torch.tensor(slot))
         pos, segs, row_seq, row_slot = [], [], [], []
         tgt_seq, tgt_src, tgt_tok, tgt_row = [], [], [], []
         row = 0
@@ -490,8 +496,7 @@ class ChoiceScorer:
             conts = [self._ids(c) for c in ex.choices]
             if not all(conts):
                 raise ValueError(f"task {ex.task}: example {ex.example_id} has an empty choice")
-            prompt, cut = self._fit(self._prompt_ids(ex.prompt),
-                                    self.max_length - max(len(c) for c in conts))
+            prompt, cut = self.prompt_for(ex, mode)
             if not prompt:
                 raise ValueError(f"task {ex.task}: example {ex.example_id} has an empty prompt "
                                  "and the tokenizer adds no BOS: nothing predicts the first "
@@ -577,7 +582,7 @@ def choice_outputs(model, batch: EncodedBatch) -> torch.Tensor:
     if batch.mode == "token":
         hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                           use_cache=False).last_hidden_state
-        h = hidden[batch.row_example, batch.last_pos[batch.row_example]]  # [R, H]
+        h = hidden[batch.row_seq, batch.last_pos[batch.row_seq]]  # [R, H]
         w = W[batch.row_token].to(h.dtype)  # [R, H]
         out = (h * w).sum(-1)
         if b is not None:

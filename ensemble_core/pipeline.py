@@ -155,7 +155,8 @@ def boost_group(cfg: RunConfig, group: dict, gradient_records: dict, group_score
     theta0 = adapter_vector(lm.model)
     projector = GaussianProjector(theta0.numel(), cfg.estimation.projection_dim,
                                   seed=cfg.estimation.projection_seed,
-                                  block_rows=cfg.estimation.projection_block_rows)
+                                  block_rows=cfg.estimation.projection_block_rows,
+                                  cache_bytes=0)  # one expand: each block is used once
     delta = eta * projector.expand(torch.from_numpy(x).float())
     set_adapter_vector(lm.model, theta0 + delta)
     name = f"{group['name']}-boost-{step}"
