@@ -96,7 +96,10 @@ class GaussianProjector:
 
         Accumulated in float64 and rounded once: a float32 matmul's summation order depends on
         the BLAS library and its thread count, so its last bits would differ between machines
-        and processes; the float64 sums of the same inputs round to the same float32 values."""
+        and processes; the float64 sums of the same inputs round to the same float32 values.
+
+        An all-zero chunk is skipped (its product is exactly zero): with the usual LoRA init
+        (B = 0) the gradient of every A matrix is exactly zero at θ*, half of p."""
         parts = [g] if isinstance(g, torch.Tensor) else list(g)
         width = sum(int(x.shape[-1]) for x in parts)
         if width != self.p:
@@ -106,8 +109,11 @@ class GaussianProjector:
         # walk P's row blocks and the chunks together: each product covers their overlap
         br, k, blk, start = self.block_rows, -1, None, 0
         for x in parts:
-            x = x.to(self.device, torch.float64)
             a, stop = start, start + x.shape[-1]
+            if not bool(x.any()):
+                start = stop
+                continue
+            x = x.to(self.device, torch.float64)
             while a < stop:
                 if a // br != k:
                     k = a // br

@@ -141,3 +141,16 @@ def test_project_accepts_column_chunks_and_a_small_cache():
     assert len(small._cache) == 2
     with pytest.raises(ValueError, match="19999 entries, projector expects p=20000"):
         full.project(chunks[1:] + [torch.zeros(3, 99)])
+
+
+def test_all_zero_chunks_are_skipped_exactly():
+    """LoRA's B = 0 init makes every A matrix's gradient exactly zero at θ*: those chunks cost
+    no product, and the result is the same bits as projecting the whole gradient."""
+    g = torch.randn(3, 20000)
+    g[:, :8192] = 0  # the first two of P's five 4096-row blocks meet only zeros
+    pr = GaussianProjector(20000, 50, seed=1, block_rows=4096)
+    ref = GaussianProjector(20000, 50, seed=1, block_rows=4096).project(g)
+    assert torch.equal(pr.project([g[:, :8192], g[:, 8192:]]), ref)
+    assert sorted(pr._cache) == [2, 3, 4]  # blocks 0 and 1 were never generated
+    assert torch.equal(pr.project([torch.zeros(3, 20000)]), torch.zeros(3, 50))
+
