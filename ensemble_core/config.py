@@ -56,6 +56,10 @@ class EstimationConfig(_Strict):
     projection_dim: int = Field(400, ge=1)  # d
     projection_seed: int = 0
     projection_block_rows: int = Field(32768, ge=1)
+    # memory for caching P's float64 blocks, in GiB; None: a quarter of the device's free memory
+    # (P whole for SmolLM2-135M: 1.5 GB); 0: regenerate every block at each use (slower, no
+    # memory). The features do not depend on it.
+    projection_cache_gb: float | None = Field(None, ge=0.0)
     batch_size: int = Field(16, ge=1)
     linearity_check: bool = True
     linearity_examples: int = Field(16, ge=1)

@@ -128,12 +128,13 @@ def projector_for(cfg: RunConfig, p: int, device) -> GaussianProjector:
         raise ValueError(f"estimation.projection_dim = {e.projection_dim} (d) is larger than the "
                          f"number of adapter parameters p = {p} (model {cfg.model.name!r}, "
                          f"adapter r = {a.r} on {', '.join(a.target_modules)}); choose d <= {p}")
-    key = (p, e.projection_dim, e.projection_seed, e.projection_block_rows, str(device))
+    cache = None if e.projection_cache_gb is None else int(e.projection_cache_gb * 2**30)
+    key = (p, e.projection_dim, e.projection_seed, e.projection_block_rows, str(device), cache)
     with _MODELS_LOCK:
         if key not in _PROJECTORS:
             _PROJECTORS[key] = GaussianProjector(p, e.projection_dim, seed=e.projection_seed,
                                                  block_rows=e.projection_block_rows,
-                                                 device=device)
+                                                 cache_bytes=cache, device=device)
         return _PROJECTORS[key]
 
 

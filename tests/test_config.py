@@ -22,6 +22,7 @@ def test_shipped_configs_parse():
     ({"model": {"quantization": "int3"}}, "'model.quantization'"),
     ({"training": {"epochs": "many"}}, "'training.epochs'"),
     ({"estimation": {"projection_dim": -4}}, "'estimation.projection_dim'"),
+    ({"estimation": {"projection_cache_gb": -1}}, "'estimation.projection_cache_gb'"),
     ({"tasks": []}, "'tasks'"),
     ({"clustering": {"n_groups": 9}}, "n_groups = 9 is larger than the number of tasks"),
 ])

@@ -154,3 +154,31 @@ def test_all_zero_chunks_are_skipped_exactly():
     assert sorted(pr._cache) == [2, 3, 4]  # blocks 0 and 1 were never generated
     assert torch.equal(pr.project([torch.zeros(3, 20000)]), torch.zeros(3, 50))
 
+
+def test_projection_cache_budget_from_the_config(tmp_path):
+    """estimation.projection_cache_gb sets the projector's cache; the features do not change."""
+    from conftest import tiny_config
+    from ensemble_core import stages
+    from ensemble_core.config import parse_config
+    from ensemble_core.projection import available_memory
+
+    def projector(gb):
+        d = tiny_config("/data", tmp_path)
+        d["estimation"] = dict(d["estimation"], projection_block_rows=4096)
+        if gb != "default":
+            d["estimation"]["projection_cache_gb"] = gb
+        cfg = parse_config(d)
+        return cfg, stages.projector_for(cfg, 20000, "cpu")
+
+    cfg_default, default = projector("default")
+    cfg_none, none = projector(0)
+    cfg_some, some = projector(2 * 4096 * 32 * 8 / 2**30)  # two of the five blocks
+    assert none.cache_bytes == 0 and some.cache_bytes == 2 * 4096 * 32 * 8
+    assert abs(default.cache_bytes - available_memory(torch.device("cpu")) // 4) < 2**28
+    g = torch.randn(3, 20000)
+    ref = default.project(g)
+    assert torch.equal(none.project(g), ref) and torch.equal(some.project(g), ref)
+    assert len(none._cache) == 0 and len(some._cache) == 2 and len(default._cache) == 5
+    # a budget is not part of what the features depend on: stage 1 stays cached across it
+    assert (stages.features_fingerprint(cfg_default) == stages.features_fingerprint(cfg_none)
+            == stages.features_fingerprint(cfg_some))
