@@ -9,7 +9,14 @@
   loop      the per-example autograd loop (one example, one choice, one backward at a time)
 
 Prints examples/second of each, the ratios ours/train and ours/loop, and the projection's share
-of our time. Usage:  python bench/gradients.py [--model smollm2-135m] [--task rte] [--batch 16]
+of our time. Beside each time it prints the arithmetic each method does (the model's matmul and
+attention FLOPs and the per-example gradient products, counted by torch's FlopCounterMode on the
+same batches; our float64 projection is not counted, its share of the time is printed) and the
+FLOP rate it reached: the work ratio is what a device that runs every method at the same FLOP
+rate would give, so it separates what the method costs from how well the hardware runs it.
+
+Usage:  python bench/gradients.py [--model smollm2-135m] [--tasks rte,copa] [--batch 16]
+                                  [--pick median|first]
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils import flop_counter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,6 +47,31 @@ def timed(fn, repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def _register_cpu_attention_flops() -> None:
+    """FlopCounterMode counts CUDA attention kernels only; count the CPU flash kernel the same way
+    (its dense formula, as for the CUDA kernels: no discount for the causal or padding mask)."""
+    aten = torch.ops.aten
+    fwd, bwd = (aten._scaled_dot_product_flash_attention_for_cpu,
+                aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    if getattr(_register_cpu_attention_flops, "done", False):
+        return
+    _register_cpu_attention_flops.done = True
+
+    @flop_counter.register_flop_formula(fwd)
+    def _attention(query, key, value, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    @flop_counter.register_flop_formula(bwd)
+    def _attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def count_flops(fn) -> int:
+    with flop_counter.FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def _gold_sequences(scorer, examples):
@@ -65,6 +98,10 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=160)
     ap.add_argument("--d", type=int, default=400)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pick", choices=["median", "first"], default="median",
+                    help="median: 2 batches of consecutive examples of the task (all splits) "
+                         "sorted by length, around the median, as stage 1 batches a large split; "
+                         "first: the train split's first examples")
     ap.add_argument("--loop-examples", type=int, default=4,
                     help="examples timed in the per-example loop (it is slow); scaled per example")
     ap.add_argument("--data-root", default=os.environ.get(
@@ -72,6 +109,7 @@ def main() -> None:
     args = ap.parse_args()
 
     tasks = args.tasks.split(",")
+    _register_cpu_attention_flops()
     cfg = parse_config({
         "data_root": args.data_root, "output_dir": "/tmp/bench",
         "model": {"name": args.model, "max_length": args.max_length},
@@ -93,9 +131,24 @@ def main() -> None:
           f"LoRA r=8 on q_proj,v_proj: p = {p}, d = {args.d}, batch {args.batch}")
     for task in tasks:
         td = load_task(cfg.task(task), cfg.data_root)
-        examples = td.splits["train"][:args.batch * 2]
+        # FewGLUE-sized train splits (32 examples): the pool for "median" is every split's
+        # examples, so the batches are as even as on a split of hundreds
+        split = td.splits["train"]
+        pool = [ex for name in td.splits for ex in td.splits[name]]
+
+        def length(ex):  # the key stage 1 sorts a split by (extract_features)
+            return len(scorer._ids(ex.prompt)) + max(len(scorer._ids(c)) for c in ex.choices)
+
+        if args.pick == "median":
+            # consecutive examples of the length-sorted split around its median: the batches
+            # stage 1 forms on a whole split (a handful of unsorted examples pads far more)
+            ranked = sorted(pool, key=length)
+            start = max(0, min(len(ranked) - args.batch * 2, len(ranked) // 2 - args.batch))
+            examples = ranked[start:start + args.batch * 2]
+        else:
+            examples = split[:args.batch * 2]
         # the batches our extraction uses: sorted by length (little padding)
-        order = sorted(range(len(examples)), key=lambda i: len(scorer._ids(examples[i].prompt)))
+        order = sorted(range(len(examples)), key=lambda i: length(examples[i]))
         groups = [[examples[i] for i in order[b:b + args.batch]]
                   for b in range(0, len(order), args.batch)]
         batches = [scorer.encode(g) for g in groups]
@@ -164,18 +217,30 @@ def main() -> None:
         loop_tokens = sum(len(scorer._ids(e.prompt)) for e in loop_ex)
         all_tokens = sum(len(scorer._ids(e.prompt)) for e in examples)
         t_loop = timed(loop, 1) * all_tokens / loop_tokens  # scaled by prompt tokens
-        print(f"\n{task} ({mode} mode, {n} examples in batches of {args.batch}, "
-              f"{sum(sum(b.n_choices) for b in batches)} rows, {n_tok} tokens packed):")
-        print(f"  ours (gradients + projection)  {n / t_ours:8.2f} examples/s")
-        print(f"  plain LM training step         {n / t_plain:8.2f} examples/s")
-        print(f"  multiple-choice training step  {n / t_choice:8.2f} examples/s")
+        flops = {key: count_flops(fn) for key, fn in fns.items()}
+        flops["loop"] = count_flops(loop) * all_tokens / loop_tokens
+        seconds = dict(best, loop=t_loop)
+
+        def work(key):  # GFLOP per example and the rate reached
+            return (f"{flops[key] / n / 1e9:7.1f} GFLOP/example, "
+                    f"{flops[key] / seconds[key] / 1e9:6.0f} GFLOP/s")
+        padded = sum(b.input_ids.numel() for b in batches)
+        print(f"\n{task} ({mode} mode, {n} examples ({args.pick}) in batches of {args.batch}, "
+              f"{sum(sum(b.n_choices) for b in batches)} rows, {n_tok} tokens packed, "
+              f"{100 * (1 - n_tok / padded):.0f}% of it padding):")
+        print(f"  ours (gradients + projection)  {n / t_ours:8.2f} examples/s  {work('ours')}")
+        print(f"  plain LM training step         {n / t_plain:8.2f} examples/s  {work('plain')}")
+        print(f"  multiple-choice training step  {n / t_choice:8.2f} examples/s  {work('choice')}")
         if unpacked:
-            print(f"  ... one sequence per choice      {n / best['unpacked']:8.2f} examples/s   "
-                  f"(packing: {best['unpacked'] / t_choice:.2f}x faster)")
-        print(f"  per-example autograd loop      {n / t_loop:8.2f} examples/s")
-        print(f"  ratio ours / plain step        {t_plain / t_ours:8.2f}x   (target >= 0.8)")
-        print(f"  ratio ours / choice step       {t_choice / t_ours:8.2f}x")
-        print(f"  ratio ours / per-example loop  {t_loop / t_ours:8.2f}x   (target >= 5)")
+            print(f"  ... one sequence per choice      {n / best['unpacked']:8.2f} examples/s  "
+                  f"{work('unpacked')}   (packing: {best['unpacked'] / t_choice:.2f}x faster)")
+        print(f"  per-example autograd loop      {n / t_loop:8.2f} examples/s  {work('loop')}")
+        print(f"  ratio ours / plain step        {t_plain / t_ours:8.2f}x   (target >= 0.8)   "
+              f"work ratio {flops['plain'] / flops['ours']:.2f}x")
+        print(f"  ratio ours / choice step       {t_choice / t_ours:8.2f}x                   "
+              f"work ratio {flops['choice'] / flops['ours']:.2f}x")
+        print(f"  ratio ours / per-example loop  {t_loop / t_ours:8.2f}x   (target >= 5)     "
+              f"work ratio {flops['loop'] / flops['ours']:.2f}x")
         print(f"  projection share of our time   "
               f"{100 * timings['projection_s'] / t_ours:7.1f}%")
 
