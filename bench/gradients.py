@@ -16,7 +16,7 @@ FLOP rate it reached: the work ratio is what a device that runs every method at 
 rate would give, so it separates what the method costs from how well the hardware runs it.
 
 Usage:  python bench/gradients.py [--model smollm2-135m] [--tasks rte,copa] [--batch 16]
-                                  [--pick median|first]
+                                  [--pick median|first] [--choice-mode auto|token|sequence]
 """
 from __future__ import annotations
 
@@ -98,6 +98,9 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=160)
     ap.add_argument("--d", type=int, default=400)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--choice-mode", choices=["auto", "token", "sequence"], default="auto",
+                    help="as model.choice_mode: e.g. sequence on RTE for long prompts and "
+                         "one-token continuations")
     ap.add_argument("--pick", choices=["median", "first"], default="median",
                     help="median: 2 batches of consecutive examples of the task (all splits) "
                          "sorted by length, around the median, as stage 1 batches a large split; "
@@ -122,7 +125,7 @@ def main() -> None:
     for k in range(projector.n_blocks):
         projector.block(k)  # P generated once and cached, as in a real extraction
     params = [q for q in model.parameters() if q.requires_grad]
-    scorer = ChoiceScorer(lm.tokenizer, args.max_length)
+    scorer = ChoiceScorer(lm.tokenizer, args.max_length, mode=args.choice_mode)
     causal_lm = model.get_base_model()
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, "
