@@ -108,9 +108,11 @@ class GaussianProjector:
         out = torch.zeros(n, self.d, dtype=torch.float64, device=self.device)
         # walk P's row blocks and the chunks together: each product covers their overlap
         br, k, blk, start = self.block_rows, -1, None, 0
-        for x in parts:
+        # which chunks hold a nonzero entry: one device sync for all of them, not one per chunk
+        nonzero = torch.stack([x.any() for x in parts]).tolist()
+        for x, keep in zip(parts, nonzero):
             a, stop = start, start + x.shape[-1]
-            if not bool(x.any()):
+            if not keep:
                 start = stop
                 continue
             x = x.to(self.device, torch.float64)
