@@ -7,7 +7,7 @@ from ensemble_core.config import parse_config
 from ensemble_core.data import Example, load_task
 from ensemble_core.gradients import (batched_gradients, extract_features, linearity_check,
                                      reference_gradients)
-from ensemble_core.models import ChoiceScorer, load_model
+from ensemble_core.models import ChoiceScorer, load_model, trainable_parameters
 from ensemble_core.projection import GaussianProjector
 
 from conftest import tiny_config
@@ -61,6 +61,27 @@ def test_projected_features_match_reference(loaded, data_root):
     ids = [e.example_id for e in examples for _ in e.choices]
     assert list(table.example_id) == ids
     assert table.gold_index.tolist() == [e.label for e in examples]
+
+
+def test_projected_features_with_the_default_lora_init(data_root, cache_dir, tmp_path):
+    """PEFT's default init (B = 0): every A matrix's gradient is exactly zero at θ*, the
+    projection skips those chunks, and the features still equal the reference's."""
+    d = tiny_config(data_root, tmp_path, cache_dir=str(cache_dir))
+    d["adapter"] = dict(d["adapter"], init="true")
+    cfg = parse_config(d)
+    lm = load_model(cfg, cache_dir)
+    params = trainable_parameters(lm.model)
+    is_a = torch.cat([torch.full((p.numel(),), "lora_A" in n) for n, p in params])
+    scorer = ChoiceScorer(lm.tokenizer, max_length=1024)
+    for task in ("cb", "copa"):  # token and sequence mode
+        examples = load_task(cfg.task(task), data_root).splits["validation"]
+        _, ref_G = reference_gradients(lm.model, scorer, examples)
+        assert float(ref_G[:, is_a].abs().max()) == 0 and float(ref_G[:, ~is_a].norm()) > 0
+        proj = GaussianProjector(ref_G.shape[1], 16, seed=3, block_rows=1000)
+        table = extract_features(lm.model, scorer, examples, proj, task=task,
+                                 split="validation", batch_size=4)
+        expected = ref_G @ torch.cat([proj.block(k) for k in range(proj.n_blocks)])
+        assert _rel(torch.from_numpy(table.grad), expected) <= 1e-4, task
 
 
 def test_linearity_small_distances(loaded, data_root):
