@@ -39,14 +39,27 @@ from ensemble_core.models import ChoiceScorer, choice_loss, gold_rows, load_mode
 from ensemble_core.projection import GaussianProjector  # noqa: E402
 
 
+def sync() -> None:
+    """Wait for queued GPU work, so that a time covers the work and not only its launch."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_timed(fn) -> tuple[float, int]:
+    """Seconds of one call, and its peak GPU memory in bytes (0 on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    seconds = time.perf_counter() - t0
+    return seconds, (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)
+
+
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return min(run_timed(fn)[0] for _ in range(repeats))
 
 
 def _register_cpu_attention_flops() -> None:
@@ -121,15 +134,15 @@ def main() -> None:
     lm = load_model(cfg)
     model = lm.model
     p = sum(q.numel() for q in model.parameters() if q.requires_grad)
-    projector = GaussianProjector(p, args.d, seed=0)
+    projector = GaussianProjector(p, args.d, seed=0, device=lm.device)  # as stage 1 does
     for k in range(projector.n_blocks):
         projector.block(k)  # P generated once and cached, as in a real extraction
-    params = [q for q in model.parameters() if q.requires_grad]
     scorer = ChoiceScorer(lm.tokenizer, args.max_length, mode=args.choice_mode)
     causal_lm = model.get_base_model()
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, "
-          f"torch {torch.__version__}, device {lm.device}")
+          f"torch {torch.__version__}, device {lm.device}"
+          + (f" ({torch.cuda.get_device_name(lm.device)})" if lm.device.type == "cuda" else ""))
     print(f"model {args.model}: {lm.fingerprint['base']['n_parameters'] / 1e6:.1f}M parameters, "
           f"LoRA r=8 on q_proj,v_proj: p = {p}, d = {args.d}, batch {args.batch}")
     for task in tasks:
@@ -154,9 +167,10 @@ def main() -> None:
         order = sorted(range(len(examples)), key=lambda i: length(examples[i]))
         groups = [[examples[i] for i in order[b:b + args.batch]]
                   for b in range(0, len(order), args.batch)]
-        batches = [scorer.encode(g) for g in groups]
+        device = lm.device
+        batches = [scorer.encode(g).to(device) for g in groups]
         # the plain step's inputs: each example's prompt + gold continuation, right padded
-        plain_inputs = [_gold_sequences(scorer, g) for g in groups]
+        plain_inputs = [tuple(x.to(device) for x in _gold_sequences(scorer, g)) for g in groups]
         mode = batches[0].mode
         n_tok = sum(int(b.attention_mask.sum()) for b in batches)
         timings = {}
@@ -169,7 +183,7 @@ def main() -> None:
             # a plain LM fine-tuning step: full logits, cross-entropy of the gold answer tokens
             for g, batch, (ids, mask, labels) in zip(groups, batches, plain_inputs):
                 model.zero_grad(set_to_none=True)
-                gold = gold_rows(g)
+                gold = gold_rows(g).to(device)
                 if batch.mode == "token":
                     logits = causal_lm(input_ids=batch.input_ids,
                                        attention_mask=batch.attention_mask).logits
@@ -189,7 +203,8 @@ def main() -> None:
                 model.zero_grad(set_to_none=True)
                 choice_loss(model, batch, g).backward()
 
-        unpacked = [scorer.encode(g, pack=False) for g in groups] if mode == "sequence" else []
+        unpacked = ([scorer.encode(g, pack=False).to(device) for g in groups]
+                    if mode == "sequence" else [])
 
         def choice_step_unpacked():
             # the same step with one sequence per choice (the prompt computed once per choice)
@@ -211,11 +226,12 @@ def main() -> None:
         for fn in fns.values():
             fn()  # warm-up
         best = dict.fromkeys(fns, float("inf"))
+        peak = dict.fromkeys(fns, 0)
         for _ in range(args.repeats):
             for key, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                best[key] = min(best[key], time.perf_counter() - t0)
+                seconds, peak_bytes = run_timed(fn)
+                best[key] = min(best[key], seconds)
+                peak[key] = max(peak[key], peak_bytes)
         t_ours, t_plain, t_choice = best["ours"], best["plain"], best["choice"]
         loop_tokens = sum(len(scorer._ids(e.prompt)) for e in loop_ex)
         all_tokens = sum(len(scorer._ids(e.prompt)) for e in examples)
@@ -244,6 +260,9 @@ def main() -> None:
               f"work ratio {flops['choice'] / flops['ours']:.2f}x")
         print(f"  ratio ours / per-example loop  {t_loop / t_ours:8.2f}x   (target >= 5)     "
               f"work ratio {flops['loop'] / flops['ours']:.2f}x")
+        if torch.cuda.is_available():
+            print("  peak GPU memory (GiB)          " + ", ".join(
+                f"{key} {peak[key] / 2**30:.2f}" for key in fns))
         print(f"  projection share of our time   "
               f"{100 * timings['projection_s'] / t_ours:7.1f}%")
 
