@@ -17,6 +17,7 @@ rate would give, so it separates what the method costs from how well the hardwar
 
 Usage:  python bench/gradients.py [--model smollm2-135m] [--tasks rte,copa] [--batch 16]
                                   [--pick median|first] [--choice-mode auto|token|sequence]
+                                  [--quantization none|nf4]
 """
 from __future__ import annotations
 
@@ -111,6 +112,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=160)
     ap.add_argument("--d", type=int, default=400)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quantization", choices=["none", "nf4"], default="none",
+                    help="as model.quantization: nf4 = QLoRA (bitsandbytes 4-bit NF4 base)")
     ap.add_argument("--choice-mode", choices=["auto", "token", "sequence"], default="auto",
                     help="as model.choice_mode: e.g. sequence on RTE for long prompts and "
                          "one-token continuations")
@@ -128,7 +131,8 @@ def main() -> None:
     _register_cpu_attention_flops()
     cfg = parse_config({
         "data_root": args.data_root, "output_dir": "/tmp/bench",
-        "model": {"name": args.model, "max_length": args.max_length},
+        "model": {"name": args.model, "max_length": args.max_length,
+                  "quantization": args.quantization},
         "adapter": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
         "tasks": [{"name": t, "builtin": f"superglue/{t}"} for t in tasks]})
     lm = load_model(cfg)
@@ -143,7 +147,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, "
           f"torch {torch.__version__}, device {lm.device}"
           + (f" ({torch.cuda.get_device_name(lm.device)})" if lm.device.type == "cuda" else ""))
-    print(f"model {args.model}: {lm.fingerprint['base']['n_parameters'] / 1e6:.1f}M parameters, "
+    print(f"model {args.model} ({'NF4 4-bit base' if args.quantization == 'nf4' else 'fp32'}): "
+          f"{lm.fingerprint['base']['n_parameters'] / 1e6:.1f}M parameters, "
           f"LoRA r=8 on q_proj,v_proj: p = {p}, d = {args.d}, batch {args.batch}")
     for task in tasks:
         td = load_task(cfg.task(task), cfg.data_root)
