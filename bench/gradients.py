@@ -69,9 +69,8 @@ def _register_cpu_attention_flops() -> None:
     aten = torch.ops.aten
     fwd, bwd = (aten._scaled_dot_product_flash_attention_for_cpu,
                 aten._scaled_dot_product_flash_attention_for_cpu_backward)
-    if getattr(_register_cpu_attention_flops, "done", False):
+    if fwd in flop_counter.flop_registry:  # registered already
         return
-    _register_cpu_attention_flops.done = True
 
     @flop_counter.register_flop_formula(fwd)
     def _attention(query, key, value, *args, out_shape=None, **kwargs):

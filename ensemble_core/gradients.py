@@ -38,7 +38,7 @@ class PerSampleLinearGrads:
         with PerSampleLinearGrads(model) as psg:
             out = choice_outputs(model, batch)            # forward: inputs saved
             psg.backward(out[rows].sum(), retain=True)    # one backward
-            G = psg.collect()                             # [N sequences, p]
+            parts = psg.collect_parts()                   # [N sequences, numel] each
     """
 
     def __init__(self, model):
@@ -107,10 +107,6 @@ class PerSampleLinearGrads:
                 raise GradientError(f"no gradient reached {name}")
             parts.append(g)
         return parts
-
-    def collect(self) -> torch.Tensor:
-        """[N, p] per-sequence gradients of the last backward, in named_parameters order."""
-        return torch.cat(self.collect_parts(), dim=1)
 
 
 def batched_gradients(model, batch: EncodedBatch,
@@ -186,6 +182,12 @@ def _device(model) -> torch.device:
     return next(p for p in model.parameters()).device
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timing covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def extract_features(model, scorer: ChoiceScorer, examples: Sequence[Example],
                      projector: GaussianProjector, *, task: str, split: str,
                      batch_size: int = 16, progress: Callable[[int, int], None] | None = None,
@@ -210,12 +212,10 @@ def extract_features(model, scorer: ChoiceScorer, examples: Sequence[Example],
     proj_s = [0.0]
 
     def timed_project(parts):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         t = time.perf_counter()
         res = projector.project(parts)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         proj_s[0] += time.perf_counter() - t
         return res
 
@@ -232,8 +232,7 @@ def extract_features(model, scorer: ChoiceScorer, examples: Sequence[Example],
         batch = scorer.encode(chunk, mode=mode, pack=pack).to(device)
         t0 = time.perf_counter()
         out, Gp = batched_gradients(model, batch, project=timed_project)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         t_grad += time.perf_counter() - t0
         dst = np.concatenate([np.arange(row_start[i], row_start[i + 1]) for i in idx])
         out_np, g_np = out.float().cpu().numpy(), Gp.cpu().numpy()
