@@ -18,9 +18,9 @@ demo: install
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
 
-## Everything but the real-model tests.
+## The unit tests only: no Prefect server, no subprocess, no real model (tests/conftest.py).
 test-fast: install
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+	$(PY) -m pytest -q -p no:cacheprovider -m "not integration"
 
 bench: install
 	$(PY) bench/gradients.py

@@ -1,4 +1,4 @@
-"""Benchmark of the CPU stages (DESIGN.md steps 2-3), measured side by side in one run.
+"""Benchmark of the CPU stages (stages 2-3), measured side by side in one run.
 
 1. SDP clustering (cvxpy) solve time on planted affinities for n = 10, 50, 100, 200 tasks
    (3 planted groups + noise, m given: one solve with Tr X = m). Each size runs in a child process
@@ -25,9 +25,43 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ensemble_core.clustering import SDPClustering, labels_to_groups, solve_sdp, round_solution  # noqa: E402
-from ensemble_core.estimation import run_subsets  # noqa: E402
 from ensemble_core.features import FeatureTable  # noqa: E402
 from ensemble_core.sampling import sample_subsets  # noqa: E402
+from ensemble_core.surrogate import fit_subset  # noqa: E402
+
+
+# ---- subset regressions in worker processes -------------------------------------------------
+# (The pipeline fans the subsets out as Prefect tasks; here plain processes measure the fits.)
+_WORKER_TABLES = None
+
+
+def _init_worker(tables) -> None:
+    global _WORKER_TABLES
+    _WORKER_TABLES = tables
+
+
+def _estimate(subset, tables, kw) -> dict:
+    out = fit_subset([tables[i][0] for i in subset], [tables[i][1] for i in subset], **kw)
+    return {"subset": list(subset), "per_task": out["tasks"], "fit": out["fit"]}
+
+
+def _worker_estimate(args) -> dict:
+    subset, kw = args
+    return _estimate(subset, _WORKER_TABLES, kw)
+
+
+def run_subsets(tables, subsets, n_workers: int = 1, **kw) -> list[dict]:
+    """fit_subset on every subset, in this process or in ``n_workers`` processes (tables sent
+    once per worker)."""
+    import math
+    from concurrent.futures import ProcessPoolExecutor
+
+    if n_workers == 1:
+        return [_estimate(s, tables, kw) for s in subsets]
+    chunk = max(1, math.ceil(len(subsets) / (4 * n_workers)))
+    with ProcessPoolExecutor(max_workers=n_workers, initializer=_init_worker,
+                             initargs=(tables,)) as pool:
+        return list(pool.map(_worker_estimate, [(s, kw) for s in subsets], chunksize=chunk))
 
 
 # ---- SDP ------------------------------------------------------------------------------------
@@ -120,10 +154,12 @@ REAL_TASKS = ["superglue/boolq", "superglue/cb", "superglue/copa", "superglue/rt
 def real_tables(model: str, d: int, data_root: str, out_dir: str, n_train: int, n_val: int):
     """Stage 1 on 10 real tasks (library path, no Prefect): the real gradient files the subset
     regressions read. Files already written under out_dir are reused."""
-    from ensemble_core import stages
+    from ensemble_core import runtime, stages
     from ensemble_core.config import parse_config
-    from ensemble_core.data import load_task
-    from ensemble_core.storage import exists
+    from ensemble_core.features import read_features
+    from ensemble_core.records import FeaturesRecord
+    from ensemble_core.run import Run
+    from ensemble_core.surrogate import norm_bound
 
     cfg = parse_config({
         "name": "bench-estimation", "data_root": data_root, "output_dir": out_dir,
@@ -134,19 +170,22 @@ def real_tables(model: str, d: int, data_root: str, out_dir: str, n_train: int, 
                    "max_examples": {"train": n_train, "validation": n_val}} for b in REAL_TASKS]})
     tables = []
     t0 = time.perf_counter()
-    for t in cfg.tasks:
-        man = f"{cfg.run_dir}/gradients/{t.name}/manifest.json"
-        if not exists(man):
-            stages.gradient_features(cfg, load_task(t, data_root))
-        files = stages.read_json(man)["files"]
-        tables.append((stages.read_features(files["train"]["path"]),
-                       stages.read_features(files["validation"]["path"])))
+    run = Run.open(cfg)
+    for name in run.task_names:
+        kept = run.dir.features_manifest(name) + ".record.json"  # this bench's own note
+        if run.dir.exists(kept):
+            rec = FeaturesRecord.from_json(run.dir.read_json(kept))
+        else:
+            rec = stages.gradient_features(run, name)
+            run.dir.write_json(kept, rec.to_json())
+        tables.append((read_features(rec.train.path), read_features(rec.validation.path)))
     print(f"   (stage 1 features of {len(tables)} real tasks ready in "
           f"{time.perf_counter() - t0:.0f} s: {model}, d = {d}, {n_train} train + {n_val} "
           f"validation examples per task)")
-    stages.release_models()
+    runtime.release_models()
     # the pipeline's default bound on the solution (estimation.max_relative_distance = 1.0)
-    return tables, stages.surrogate_max_norm(cfg, stages.read_json(man))
+    e = cfg.estimation
+    return tables, norm_bound(e.max_norm, e.max_relative_distance, rec.projection)
 
 
 def bench_subsets(k: int, n_tasks: int = 10, size: int = 4, d: int = 400, tables=None,

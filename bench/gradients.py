@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ensemble_core.config import parse_config  # noqa: E402
 from ensemble_core.data import load_task  # noqa: E402
 from ensemble_core.gradients import extract_features, reference_gradients  # noqa: E402
-from ensemble_core.models import ChoiceScorer, choice_loss, gold_rows, load_model  # noqa: E402
+from ensemble_core.models import load_model  # noqa: E402
+from ensemble_core.scoring import ChoiceScorer, choice_loss, gold_rows  # noqa: E402
 from ensemble_core.projection import GaussianProjector  # noqa: E402
 
 

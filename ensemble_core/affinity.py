@@ -1,4 +1,5 @@
-"""Task affinity from the subset surrogates — eq. (1) of the paper (DESIGN.md step 3).
+"""Stage 3: task affinity from the subset surrogates — eq. (1) of the paper (docs/design.md,
+"Stage 3").
 
     T_ij = 1/n_ij · Σ_{S sampled, i ∈ S, j ∈ S} f̂_i(S),    T_ii = mean of f̂_i(S) over S ∋ i,
 
@@ -72,20 +73,28 @@ class Affinity:
 
 
 def _normalize(item) -> tuple[tuple[int, ...], Mapping]:
-    """Accept (subset, per_task) pairs or records {"subset": ..., "per_task": ...}."""
+    """Accept (subset, per_task) pairs, records {"subset": ..., "per_task": ...} and
+    ``records.SubsetEstimate``."""
     if isinstance(item, Mapping):
         return tuple(int(t) for t in item["subset"]), item["per_task"]
+    if hasattr(item, "subset") and hasattr(item, "per_task"):
+        return tuple(int(t) for t in item.subset), item.per_task
     subset, per_task = item
     return tuple(int(t) for t in subset), per_task
+
+
+def _value(result, metric: str) -> float:
+    return float(result[metric] if isinstance(result, Mapping) else getattr(result, metric))
 
 
 def task_affinity(subset_results: Iterable, task_names: Sequence[str],
                   metric: str = "loss") -> Affinity:
     """Eq. (1): average the per-task surrogate results over the subsets containing each pair.
 
-    ``subset_results``: list of ``(subset, per_task)`` where ``per_task[i] = {"loss": …,
-    "accuracy": …}`` for every task index i of the subset (keys may be ints or int strings, as
-    after a JSON round trip); records ``{"subset": …, "per_task": …}`` (estimation.py) work too.
+    ``subset_results``: list of ``(subset, per_task)`` where ``subset`` holds task indices into
+    ``task_names`` and ``per_task`` has the result ``{"loss": …, "accuracy": …}`` (or a
+    ``records.TaskEstimate``) of every task of the subset, keyed by task name or by index;
+    ``records.SubsetEstimate`` records work too.
     For ``metric="loss"`` the affinity is −loss, so larger always means "helps".
     """
     if metric not in _METRICS:
@@ -104,7 +113,13 @@ def task_affinity(subset_results: Iterable, task_names: Sequence[str],
         bad = [t for t in subset if not 0 <= t < n]
         if bad:
             raise ValueError(f"subset {subset} has task index {bad[0]} outside 0..{n - 1}")
-        values = {int(k): v for k, v in per_task.items()}
+        index = {name: i for i, name in enumerate(names)}
+        values = {}
+        for k, v in per_task.items():
+            if isinstance(k, str) and k not in index:
+                raise ValueError(f"subset {subset} reports a result for {k!r}, which is not one "
+                                 f"of the tasks {names}")
+            values[index[k] if isinstance(k, str) else int(k)] = v
         missing = [t for t in subset if t not in values]
         if missing:
             raise ValueError(f"subset {subset} has no result for task {names[missing[0]]!r} "
@@ -116,7 +131,7 @@ def task_affinity(subset_results: Iterable, task_names: Sequence[str],
         idx = np.asarray(subset, np.int64)
         f = np.empty(len(subset))
         for a, t in enumerate(subset):
-            v = float(values[t][metric])
+            v = _value(values[t], metric)
             if not math.isfinite(v):
                 raise ValueError(f"non-finite {metric}={v} for task {names[t]!r} (index {t}) in "
                                  f"subset {subset}")

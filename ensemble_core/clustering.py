@@ -1,4 +1,5 @@
-"""Partitioning tasks into groups from the task affinity T (DESIGN.md step 3; Appendix A.1).
+"""Partitioning tasks into groups from the task affinity T (stage 3; Appendix A.1 of
+the paper; docs/design.md, "Stage 3").
 
 SDP relaxation of "maximize the total within-group affinity" (each group normalized by its size):
 
@@ -425,8 +426,6 @@ class SDPClustering:
         self.selection_ = selection
         return self
 
-    def fit_predict(self, T) -> np.ndarray:
-        return self.fit(T).labels_
 
 
 def _lam_widths(lams: Sequence[float], ms: Sequence[int]) -> dict[int, float]:
@@ -522,8 +521,6 @@ class SpectralClustering:
         self.m_ = int(self.m)
         return self
 
-    def fit_predict(self, T) -> np.ndarray:
-        return self.fit(T).labels_
 
 
 def groups_to_json(groups: Sequence[Sequence[int]], names: Sequence[str]) -> dict:

@@ -501,7 +501,9 @@ def _resolve_url(path: str, data_root: str) -> str:
     return posixpath.join(data_root.rstrip("/"), path) if data_root else path
 
 
-def _fill(template: str, values: dict, what: str, where: str) -> str:
+def fill_template(template: str, values, what: str, where: str) -> str:
+    """``template`` filled from a record's fields; a missing field or a bad format is a
+    DataError that names ``where`` (file and line, or task and record) and the field."""
     try:
         return template.format(**values)
     except KeyError as e:
@@ -520,7 +522,7 @@ def _examples(cfg: TaskConfig, split: str, file: _File) -> list[Example]:
     for rec in file.records:
         where = file.where(rec)
         data = rec.data
-        prompt = _fill(cfg.template, data, "template", where)
+        prompt = fill_template(cfg.template, data, "template", where)
         if cfg.choices is not None:
             choices = tuple(cfg.choices)
         else:
@@ -529,7 +531,7 @@ def _examples(cfg: TaskConfig, split: str, file: _File) -> list[Example]:
                 if f not in data:
                     raise DataError(f"{where}: choice_fields names field {f!r}, which the "
                                     f"record lacks (available fields: {sorted(data)})")
-                choices.append(_fill(cfg.choice_template, {**data, "choice": data[f]},
+                choices.append(fill_template(cfg.choice_template, {**data, "choice": data[f]},
                                      "choice_template", where))
             choices = tuple(choices)
         if cfg.label_field not in data:

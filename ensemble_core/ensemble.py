@@ -1,14 +1,15 @@
-"""Combining adapters: the group ensembles built by boosting and the per-task weights over the
-m groups (DESIGN.md step 5; Algorithm 2, last step), and the saved ensemble as a predictor.
+"""Stage 5, weights: combining the m group ensembles per task (Algorithm 2, last step;
+docs/design.md, "Stage 5"), and the saved ensemble as a predictor.
 
 Two levels, as in the paper:
 
 * **Group ensemble (boosting), in score space.** Group g's output for example s and choice c is
-  ``h_c(s) = h_group,c(s) + η · Σ_b h_boost_b,c(s)``: the boosting members are added to the
-  group adapter's *scores* (raw verbalizer logits in token mode, summed continuation
-  log-probabilities in sequence mode), each with scale η, and the group's probabilities are the
-  softmax over the example's choices of that sum. In ``ensemble.json`` every member carries its
-  scale explicitly (1 for the group adapter, η for boosting members).
+  ``h_g,c(s) = Σ_members scale · h_member,c(s)`` (``boosting.group_scores``): the group adapter
+  with scale 1, and for each accepted boosting step the boosting adapter θ* + η·P x̂ with scale
+  +1 and θ* with scale −1, so the group adds the step's change h_k − h0 (η is inside the
+  boosting adapter, in parameter space). Scores are raw verbalizer logits in token mode and
+  summed continuation log-probabilities in sequence mode; the group's probabilities are the
+  softmax over the example's choices of that sum.
 * **Weights over groups, in probability space.** For task i, ``p(s) = Σ_k w_ik p_k(s)`` with
   ``w_i`` on the simplex, fitted on task i's validation examples to minimize the mean log loss
   of the combined probability of the gold choice (a convex problem), starting from the one-hot
@@ -16,7 +17,7 @@ Two levels, as in the paper:
 
 ``ensemble.json`` (written by ``write_ensemble_json``, read by ``EnsembleModel``)::
 
-    {"base_model": {...ModelConfig dict...}, "base_fingerprint": {...} | null,
+    {"base_model": {...ModelConfig dict...}, "base_fingerprint": {...},
      "max_length": 256, "choice_mode": "auto", "eta": 0.1,
      "tasks": {"rte": {"group": 0, "weights": [w_0, ..., w_{m-1}],
                        "template": "...", "choices": [" yes", " no"],
@@ -25,10 +26,12 @@ Two levels, as in the paper:
                        }},
      "groups": [{"name": "group-0", "tasks": ["rte", ...],
                  "members": [{"adapter": "adapters/group-0", "scale": 1.0},
-                             {"adapter": "adapters/group-0-boost-1", "scale": 0.1}]}]}
+                             {"adapter": "adapters/group-0-boost-1", "scale": 1.0},
+                             {"adapter": "adapters/theta-star", "scale": -1.0}]}]}
 
-Adapter paths are relative to the run directory (or absolute); each is an ordinary PEFT adapter
-directory (``training.save_adapter``).
+Adapter paths are relative to the run directory and must stay inside it; each is an ordinary
+PEFT adapter directory (``adapters.save_adapter``). ``eta`` is recorded for reference: the
+scales already account for it.
 """
 from __future__ import annotations
 
@@ -41,14 +44,18 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from .adapters import load_adapter
+from .boosting import combine_scores
+from .choices import flatten
 from .data import DataError, Example
-from .training import load_adapter, predict_scores
+from .rundir import RunDir, RunDirError
+from .scoring import predict_scores
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "EnsembleError", "ENSEMBLE_FILE", "softmax", "combine_scores", "boosted_scores",
-    "combine_probabilities", "ensemble_log_loss", "fit_ensemble_weights", "validate_ensemble_spec",
+    "EnsembleError", "ENSEMBLE_FILE", "probabilities", "combine_probabilities",
+    "ensemble_log_loss", "fit_ensemble_weights", "validate_ensemble_spec",
     "task_entry", "write_ensemble_json", "read_ensemble_json", "records_to_examples",
     "EnsembleModel",
 ]
@@ -65,33 +72,12 @@ class EnsembleError(ValueError):
 # Combining outputs
 # ----------------------------------------------------------------------------------------------
 
-def softmax(scores) -> np.ndarray:
-    """Probabilities over one example's choices from its scores h_c (float64, stable)."""
-    v = np.asarray(scores, dtype=np.float64)
-    z = np.exp(v - v.max())
-    return z / z.sum()
-
-
-def combine_scores(member_scores: Sequence[Sequence[np.ndarray]],
-                   scales: Sequence[float]) -> list[np.ndarray]:
-    """Score-space sum over members: per example, ``Σ_k scales[k] · member_scores[k][i]``
-    (``member_scores[k][i]`` is member k's score vector for example i)."""
-    if len(member_scores) != len(scales) or not member_scores:
-        raise ValueError(f"combine_scores: {len(member_scores)} members but {len(scales)} "
-                         "scales (need at least one member)")
-    n = len(member_scores[0])
-    if any(len(m) != n for m in member_scores):
-        raise ValueError("combine_scores: members score different numbers of examples")
-    return [sum(float(s) * np.asarray(m[i], dtype=np.float64)
-                for m, s in zip(member_scores, scales)) for i in range(n)]
-
-
-def boosted_scores(group_scores: Sequence[np.ndarray],
-                   boost_scores: Sequence[Sequence[np.ndarray]], eta: float) -> list[np.ndarray]:
-    """A group ensemble's output after boosting: ``h = h_group + η · Σ_b h_boost_b`` per
-    example, in score space (the boosting members fit the residual of the log loss in the
-    same space as the group adapter's outputs)."""
-    return combine_scores([group_scores, *boost_scores], [1.0] + [eta] * len(boost_scores))
+def probabilities(scores_per_example: Sequence) -> list[np.ndarray]:
+    """Softmax over each example's choices (``choices.Choices``), one vector per example."""
+    if not len(scores_per_example):
+        return []
+    z, layout = flatten(scores_per_example)
+    return layout.split(layout.softmax(z))
 
 
 def combine_probabilities(member_probs: Sequence[Sequence[np.ndarray]],
@@ -324,14 +310,9 @@ def read_ensemble_json(path) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def _fill(template: str, record: Mapping, task: str, i: int, what: str) -> str:
-    try:
-        return template.format(**record)
-    except KeyError as e:
-        raise DataError(f"task {task!r}: record {i} lacks field {e.args[0]!r}, which the "
-                        f"{what} names (record fields: {sorted(record)})") from None
-    except (IndexError, ValueError, AttributeError, TypeError) as e:
-        raise DataError(f"task {task!r}: record {i}: cannot fill the {what} {template!r}: "
-                        f"{e}") from None
+    from .data import fill_template
+
+    return fill_template(template, record, what, f"task {task!r}: record {i}")
 
 
 def _preprocess_builtin(builtin: str | None, records: list[dict], task: str) -> list[dict]:
@@ -401,12 +382,12 @@ class EnsembleModel:
     example's choices, and ``p = Σ_g w_g p_g``.
     """
 
-    def __init__(self, model, tokenizer, spec: dict, run_dir: Path,
+    def __init__(self, model, tokenizer, spec: dict, run_dir,
                  adapter_names: dict[str, str]):
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
-        self.run_dir = Path(run_dir)
+        self.run_dir = RunDir(str(run_dir))
         self.adapter_names = adapter_names  # adapter path (as in the spec) -> PEFT adapter name
 
     # -- loading --------------------------------------------------------------------------
@@ -415,22 +396,26 @@ class EnsembleModel:
                         check_fingerprint: bool = True) -> "EnsembleModel":
         """Read ``run_dir/ensemble.json``, load the base model once (``models.load_base``) and
         every adapter under a distinct name. Local run directories only (PEFT loads adapters
-        from local files)."""
+        from local files); every adapter path must lie inside the run directory."""
         from .config import ModelConfig
         from .models import load_base
 
-        run_dir = Path(run_dir)
-        spec = read_ensemble_json(run_dir / ENSEMBLE_FILE)
+        rd = RunDir(str(run_dir))
+        spec = read_ensemble_json(rd.ensemble)
         try:
             mcfg = ModelConfig.model_validate(spec["base_model"])
         except Exception as e:
-            raise EnsembleError(f"{run_dir / ENSEMBLE_FILE}: base_model: {e}") from None
+            raise EnsembleError(f"{rd.ensemble}: base_model: {e}") from None
         if device is not None:
             mcfg.device = device
         paths = []
         for g, grp in enumerate(spec["groups"]):
             for mem in grp["members"]:
-                p = cls._resolve(run_dir, mem["adapter"])
+                try:
+                    p = rd.local(rd.resolve(mem["adapter"]))
+                except RunDirError as e:
+                    raise EnsembleError(f"{rd.ensemble}: groups[{g}] ({grp.get('name', g)}): "
+                                        f"{e}") from None
                 if not (p / "adapter_config.json").is_file():
                     raise EnsembleError(f"groups[{g}] ({grp.get('name', g)}): adapter "
                                         f"{mem['adapter']!r} not found at {p}")
@@ -443,7 +428,7 @@ class EnsembleModel:
                     if expected.get(k) is not None and record.get(k) != expected[k]]
             if diff:
                 raise EnsembleError(
-                    f"{run_dir / ENSEMBLE_FILE}: the base model loaded from {mcfg.name!r} differs "
+                    f"{rd.ensemble}: the base model loaded from {mcfg.name!r} differs "
                     f"from the one the ensemble was trained on: "
                     + ", ".join(f"{k} {record.get(k)!r} vs {expected[k]!r}" for k in diff))
         fp = record if check_fingerprint else None
@@ -452,15 +437,10 @@ class EnsembleModel:
         model = None
         for p in paths:
             target = base if model is None else model
-            model = load_adapter(target, cls._resolve(run_dir, p), adapter_name=names[p],
+            model = load_adapter(target, rd.local(rd.resolve(p)), adapter_name=names[p],
                                  base_fingerprint=fp)
         model.eval()
-        return cls(model, tok, spec, run_dir, names)
-
-    @staticmethod
-    def _resolve(run_dir: Path, adapter: str) -> Path:
-        p = Path(adapter).expanduser()
-        return p if p.is_absolute() else run_dir / p
+        return cls(model, tok, spec, rd.url, names)
 
     # -- introspection --------------------------------------------------------------------
     @property
@@ -518,8 +498,8 @@ class EnsembleModel:
                     cache[mem["adapter"]] = self.member_scores(task, examples, mem["adapter"],
                                                                batch_size)
                 scores.append(cache[mem["adapter"]])
-            h = combine_scores(scores, [float(m.get("scale", 1.0)) for m in members])
-            out[g] = [softmax(v) for v in h]
+            out[g] = probabilities(combine_scores(scores,
+                                                  [float(m.get("scale", 1.0)) for m in members]))
         return out
 
     def predict_proba(self, task: str, items: Sequence, batch_size: int = 16

@@ -1,4 +1,5 @@
-"""Stage 1: outputs h_c(s) and gradients g_c(s) = ∇_X h_c(s) at θ* (DESIGN.md step 1).
+"""Stage 1: outputs h_c(s) and gradients g_c(s) = ∇_X h_c(s) at θ* (docs/design.md, "Stage 1":
+the gradients of the paper's first-order approximation).
 
 Fast path: one batched forward (one sequence per example; in sequence mode the example's choices
 are packed into it, see :class:`models.EncodedBatch`), then one backward per answer-choice slot j,
@@ -12,7 +13,6 @@ backward at a time, each choice its own unpacked sequence), kept as the test ora
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable, Sequence
 
@@ -21,9 +21,10 @@ import torch
 
 from .data import Example
 from .features import FeatureTable
-from .models import (ChoiceScorer, EncodedBatch, _backbone_and_head, adapter_vector,
-                     choice_outputs, set_adapter_vector, trainable_parameters)
+from .models import trainable_parameters
 from .projection import GaussianProjector
+from .records import Progress
+from .scoring import ChoiceScorer, EncodedBatch, _backbone_and_head, choice_outputs, model_device
 
 
 class GradientError(ValueError):
@@ -151,7 +152,7 @@ def reference_gradients(model, scorer: ChoiceScorer, examples: Sequence[Example]
     params = [p for _, p in trainable_parameters(model)]
     mode = mode or scorer.mode_for(examples)
     backbone, W, b = _backbone_and_head(model)
-    device = _device(model)
+    device = model_device(model)
     outs, grads = [], []
     for ex in examples:
         conts = [scorer._ids(c) for c in ex.choices]
@@ -178,10 +179,6 @@ def reference_gradients(model, scorer: ChoiceScorer, examples: Sequence[Example]
     return torch.cat(outs), torch.stack(grads)
 
 
-def _device(model) -> torch.device:
-    return next(p for p in model.parameters()).device
-
-
 def _sync(device: torch.device) -> None:
     """Wait for the device's queued work, so that a timing covers it."""
     if device.type == "cuda":
@@ -190,7 +187,7 @@ def _sync(device: torch.device) -> None:
 
 def extract_features(model, scorer: ChoiceScorer, examples: Sequence[Example],
                      projector: GaussianProjector, *, task: str, split: str,
-                     batch_size: int = 16, progress: Callable[[int, int], None] | None = None,
+                     batch_size: int = 16, progress: Progress | None = None,
                      timings: dict | None = None) -> FeatureTable:
     """Projected gradient features of a task split: the Parquet rows of stage 1.
 
@@ -208,7 +205,7 @@ def extract_features(model, scorer: ChoiceScorer, examples: Sequence[Example],
     output = np.empty(R, np.float32)
     grad = np.empty((R, projector.d), np.float32)
     t_grad = 0.0
-    device = _device(model)
+    device = model_device(model)
     proj_s = [0.0]
 
     def timed_project(parts):
@@ -245,63 +242,10 @@ def extract_features(model, scorer: ChoiceScorer, examples: Sequence[Example],
         output[dst], grad[dst] = out_np, g_np
         done += len(idx)
         if progress:
-            progress(done, len(examples))
+            progress(done, len(examples), split)
     if timings is not None:
         timings.update(gradient_s=t_grad - proj_s[0], projection_s=proj_s[0], mode=mode)
     choice = np.concatenate([np.arange(n) for n in n_rows]).astype(np.int32)
     is_gold = np.concatenate([np.arange(len(ex.choices)) == ex.label for ex in examples])
     example_id = np.array([ex.example_id for ex in examples for _ in ex.choices], dtype=object)
     return FeatureTable(task, split, example_id, choice, is_gold, output, grad)
-
-
-@torch.no_grad()
-def outputs(model, scorer: ChoiceScorer, examples: Sequence[Example], batch_size: int = 32,
-            mode: str | None = None) -> torch.Tensor:
-    """h_c(s) for every row, no gradients (evaluation, linearity check)."""
-    mode = mode or scorer.mode_for(examples)
-    res = []
-    for b in range(0, len(examples), batch_size):
-        batch = scorer.encode(examples[b:b + batch_size], mode=mode).to(_device(model))
-        res.append(choice_outputs(model, batch).float().cpu())
-    return torch.cat(res)
-
-
-def linearity_check(model, scorer: ChoiceScorer, examples: Sequence[Example],
-                    projector: GaussianProjector, features: FeatureTable | None = None,
-                    distances: Sequence[float] = (0.0005, 0.001, 0.0015, 0.002, 0.0025),
-                    seed: int = 0, batch_size: int = 16) -> list[dict]:
-    """The paper's Table 5 / Figure 2: move the adapter to θ = θ* + P x at relative distance
-    ‖P x‖/‖θ*‖ = r and compare the true outputs h(θ) with the first-order model h0 + g̃ᵀx.
-
-    ``relative_error`` = ‖h(θ) − h0 − g̃ᵀx‖ / ‖h(θ)‖ (the paper's measure);
-    ``error_vs_change`` = ‖h(θ) − h0 − g̃ᵀx‖ / ‖h(θ) − h0‖ (how much of the change is missed).
-    """
-    if features is None:
-        features = extract_features(model, scorer, examples, projector, task="check",
-                                    split="check", batch_size=batch_size)
-    theta0 = adapter_vector(model)
-    norm0 = float(theta0.norm())
-    if norm0 == 0:
-        raise GradientError("adapter weights at θ* are all zero; relative distance undefined")
-    # h0 from the same batching as the perturbed outputs, so batch composition cancels out
-    h0 = outputs(model, scorer, examples, batch_size=batch_size).double()
-    Gp = torch.from_numpy(features.grad).double()
-    rng = np.random.default_rng(seed)
-    report = []
-    try:
-        for r in distances:
-            x = torch.from_numpy(rng.standard_normal(projector.d)).float()
-            delta = projector.expand(x).cpu()
-            scale = r * norm0 / float(delta.norm())
-            x, delta = x * scale, delta * scale
-            set_adapter_vector(model, theta0 + delta)
-            h = outputs(model, scorer, examples, batch_size=batch_size).double()
-            lin = h0 + Gp @ x.double()
-            err = float((h - lin).norm())
-            report.append({"relative_distance": float(r),
-                           "relative_error": err / float(h.norm()),
-                           "error_vs_change": err / max(float((h - h0).norm()), 1e-30),
-                           "n_rows": int(h.numel())})
-    finally:
-        set_adapter_vector(model, theta0)
-    return report

@@ -1,4 +1,5 @@
-"""Seeded Gaussian random projection g̃ = Pᵀ g (DESIGN.md step 1; the paper's d ≈ 400).
+"""Seeded Gaussian random projection g̃ = Pᵀ g (stage 1; the paper's d ≈ 400;
+docs/design.md, "Stage 1").
 
 P is p × d with entries N(0, 1/d), so E[⟨Pᵀa, Pᵀb⟩] = ⟨a, b⟩ (Johnson–Lindenstrauss). P is never stored: its row block k (rows
 k·block_rows … (k+1)·block_rows − 1) is generated from (seed, k) alone with numpy's counter-based

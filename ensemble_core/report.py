@@ -1,23 +1,24 @@
-"""The run report: Markdown with the accuracy table, the groups, compute, and an affinity heatmap."""
+"""Stage 6, the run report: Markdown with the accuracy table, the groups, boosting, compute, the
+first-order check and the affinity heatmap (report.md, affinity.png)."""
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 
 from .affinity import Affinity
-from .storage import atomic_write_bytes, join
+from .records import FileRef, Metrics
 
 
-def accuracy_rows(metrics: dict) -> list[list]:
+def accuracy_rows(metrics: Metrics) -> list[list]:
     rows = []
-    for t, m in metrics["tasks"].items():
-        rows.append([t, m["n_test"], f"group-{m['group']}", 100 * m["baseline_accuracy"],
-                     100 * m["group_accuracy"], 100 * m["ensemble_accuracy"]])
-    a = metrics["average"]
-    rows.append(["average", sum(m["n_test"] for m in metrics["tasks"].values()), "",
-                 100 * a["baseline_accuracy"], 100 * a["group_accuracy"],
-                 100 * a["ensemble_accuracy"]])
+    for t, m in metrics.tasks.items():
+        rows.append([t, m.n_test, f"group-{m.group}", 100 * m.baseline_accuracy,
+                     100 * m.group_accuracy, 100 * m.ensemble_accuracy])
+    a = metrics.average
+    rows.append(["average", sum(m.n_test for m in metrics.tasks.values()), "",
+                 100 * a.baseline_accuracy, 100 * a.group_accuracy, 100 * a.ensemble_accuracy])
     return rows
 
 
@@ -51,10 +52,20 @@ def heatmap_png(aff: Affinity) -> bytes:
     return buf.getvalue()
 
 
-def write_report(run_dir: str, name: str, metrics: dict, aff: Affinity, groups: dict,
-                 boosting: list[dict], linearity: dict | None) -> dict:
-    png_sha = atomic_write_bytes(join(run_dir, "affinity.png"), heatmap_png(aff))
-    c = metrics["compute"]
+@dataclass(frozen=True)
+class Report:
+    file: FileRef  # report.md
+    heatmap: FileRef  # affinity.png
+    markdown: str
+
+
+def write_report(run_dir, name: str, metrics: Metrics, aff: Affinity, groups: dict,
+                 boosting: list, linearity) -> Report:
+    """Write report.md and affinity.png into the run directory (a ``rundir.RunDir``);
+    ``boosting`` are ``records.BoostRecord``s, ``linearity`` a ``records.LinearityRecord`` or
+    None."""
+    png = run_dir.write_bytes(run_dir.affinity_png, heatmap_png(aff))
+    c = metrics.compute.to_json()
     lines = [f"# EnsembleLoRA run `{name}`", "",
              "## Test accuracy", "", markdown_table(ACCURACY_HEADERS, accuracy_rows(metrics)), "",
              "## Groups", ""]
@@ -68,21 +79,19 @@ def write_report(run_dir: str, name: str, metrics: dict, aff: Affinity, groups: 
     if boosting:
         lines.append(markdown_table(
             ["step", "group", "train loss before", "train loss after", "accepted"],
-            [[b["step"], b["group"], f"{b['train_loss_before']:.4f}",
-              f"{b['train_loss_after']:.4f}", b["accepted"]] for b in boosting]))
+            [[b.step, b.group, f"{b.train_loss_before:.4f}", f"{b.train_loss_after:.4f}",
+              b.accepted] for b in boosting]))
     else:
         lines.append("No boosting steps.")
     lines += ["", "## Compute", "", markdown_table(["part", "seconds"], [
         [k, f"{v:.1f}"] for k, v in c.items() if k.endswith("_s")]),
         "", f"Ensemble pipeline / single-adapter baseline compute: "
-            f"**{c.get('ratio', float('nan')):.2f}×** (stages 1–2, group adapters and boosting, "
-            f"against the baseline's fine-tuning; wall time on this machine)."]
+            f"**{c['ratio']:.2f}×** (stages 1–3, the group adapters of stage 4 and the boosting "
+            f"of stage 5, against the baseline's fine-tuning; wall time on this machine)."]
     if linearity:
         lines += ["", "## First-order check", "", markdown_table(
             ["relative distance", "relative error"],
-            [[f"{100 * r['relative_distance']:.2f}%", f"{100 * r['relative_error']:.4f}%"]
-             for r in linearity["results"]])]
+            [[f"{100 * r.relative_distance:.2f}%", f"{100 * r.relative_error:.4f}%"]
+             for r in linearity.results])]
     text = "\n".join(lines) + "\n"
-    sha = atomic_write_bytes(join(run_dir, "report.md"), text.encode())
-    return {"path": join(run_dir, "report.md"), "sha256": sha, "markdown": text,
-            "heatmap": {"path": join(run_dir, "affinity.png"), "sha256": png_sha}}
+    return Report(run_dir.write_bytes(run_dir.report, text.encode()), png, text)

@@ -1,4 +1,5 @@
-"""Sampling the k task subsets S whose surrogates estimate the task affinity (DESIGN.md step 2).
+"""Sampling the k task subsets S whose surrogates estimate the task affinity (stage 2;
+docs/design.md, "Stage 2").
 
 Eq. (1) averages f̂_i(S) over the sampled subsets S that contain both i and j, so every pair of
 tasks must appear together in at least one subset (``min_pair_coverage``). The sampler

@@ -1,333 +1,304 @@
-"""Library-level stages of a run (no Prefect): each takes the config and writes files under the run
-directory, returning a small JSON-able record (paths + content hashes). The Prefect tasks in
-``tasks/`` wrap these one to one.
+"""The six stages of a run, in order, as plain functions (no Prefect; docs/design.md).
 
-Run directory layout::
+    1. gradient features     gradient_features, linearity            (gpu)
+    2. subset regressions    plan_subsets, fit_subsets               (cpu)
+    3. affinity and groups   affinity_and_groups                     (cpu)
+    4. group adapters        train_group, save_theta_star            (gpu)
+    5. boosting and weights  score_member, boost_group, fit_weights  (gpu; weights on cpu)
+    6. evaluation            evaluate, finish                        (cpu)
 
-    gradients/<task>/<split>.parquet     stage 1 features (one row per example × choice)
-    gradients/<task>/manifest.json       seed, d, p, fingerprints, template, row counts
-    gradients/linearity.json             first-order check (Table 5 / Figure 2)
-    estimation/subsets-<i>.json          stage 2: surrogate results of a batch of subsets
-    affinity.json, groups.json           task affinity (eq. 1) and the SDP groups
+Each stage function takes the :class:`run.Run` and the records of the stages before it, writes
+its files through the run directory (``rundir.RunDir``) and returns a record (``records``).
+
+Each stage also says what its result depends on (:func:`stage`): the config fields it reads,
+the tasks whose data it reads, and which of its arguments identify its inputs.
+``Stage.inputs(run, ...)`` gives exactly that as JSON — the Prefect layer makes its cache keys
+from it (tasks/common.py) — and the stage function sees only what it declared: reading any
+other config field or task is an error (``run.ConfigView``), so a cache cannot miss an input.
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import functools
+import inspect
 import os
 import socket
-import threading
 import time
-from pathlib import Path
+from dataclasses import dataclass, replace
+from math import comb
+from typing import Callable, Sequence
 
-from . import __version__
-from .affinity import task_affinity
-from .clustering import SDPClustering, SpectralClustering, groups_to_json
-from .config import RunConfig
-from .data import TaskData, load_tasks
-from .estimation import estimate_subset
-from .features import FeatureTable
-from .sampling import sample_subsets
-from .storage import read_features
-from .gradients import extract_features, linearity_check
-from .models import ChoiceScorer, LoadedModel, adapter_vector, load_model
-from .projection import GaussianProjector
-from .storage import (atomic_write_bytes, exists, file_sha256, join, read_json,
-                      write_features, write_json)
+import numpy as np
 
-GRADIENT_SPLITS = ("train", "validation")
+from .records import (AdapterRecord, Averages, BoostRecord, Compute, EnsembleRecord,
+                      EvaluationRecord, FeaturesRecord, FileRef, GroupEnsemble, GroupsRecord,
+                      LinearityPoint, LinearityRecord, Metrics, ProjectionInfo,
+                      ScoresRecord, SplitFeatures, SubsetBatch, SubsetEstimate, SurrogateFit,
+                      TaskEstimate, TaskMetrics)
+from .run import Run, dotted
+from .rundir import BASELINE, GRADIENT_SPLITS, THETA_STAR
+from .runtime import (DEVICE_LOCK, cache_path, code_version, feature_table, on_device,
+                      projector, release_memory, theta_star_model)
 
-_MODELS: dict[str, LoadedModel] = {}
-_MODELS_LOCK = threading.Lock()
-# Model work in one process runs one at a time: it shares a device, seeds the global torch RNG
-# (adapter init, dropout) and installs hooks, so interleaving threads would be neither fast nor
-# reproducible. Parallelism across devices comes from several worker processes.
-DEVICE_LOCK = threading.RLock()
+__all__ = ["Stage", "stage", "STAGES", "PLANNING", "gradient_features", "linearity", "plan_subsets",
+           "subset_batches", "fit_subsets", "affinity_and_groups", "train_group",
+           "save_theta_star", "score_plans", "score_member", "boost_group", "fit_weights",
+           "evaluate", "compute_summary", "finish"]
 
 
-def code_version() -> str:
-    """Package version + a hash of the library's source: part of every cache key."""
-    h = hashlib.sha256(__version__.encode())
-    for f in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+# -------------------------------------------------------------------------------------------
+# What a stage depends on
+# -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage's declaration: its number (1–6), a short name (cache keys, task names), the
+    config fields its result depends on, the fields it reads that do not change its result
+    (``uses``), and which tasks' data it reads (``reads(**args)``; None: none)."""
+    number: int
+    name: str
+    config: tuple[str, ...]
+    uses: tuple[str, ...] = ()
+    reads: Callable[..., Sequence[str]] | None = None
+    key_args: Callable[..., dict] | None = None  # the arguments that identify the inputs
+
+    def inputs(self, run: Run, **args) -> dict:
+        """Everything the stage's result depends on, as JSON: the declared config fields,
+        the data fingerprints of the tasks it reads, and the content keys of its arguments
+        (records contribute ``Record.key()``)."""
+        args = {k: v for k, v in args.items() if k != "progress"}
+        tasks = sorted(set(self.reads(**args))) if self.reads else []
+        chosen = self.key_args(**args) if self.key_args else args
+        return {"stage": f"{self.number}:{self.name}", "code": code_version(),
+                "run_dir": run.dir.url,
+                "config": {path: dotted(run.cfg, path) for path in self.config},
+                "data": {t: run.data_fingerprint(t) for t in tasks},
+                "args": _key_of(chosen)}
 
 
-def model_key(cfg: RunConfig) -> str:
-    return cfg.fingerprint("model", "adapter", "seed")
+def _key_of(obj):
+    if hasattr(obj, "key") and callable(obj.key):
+        return obj.key()
+    if isinstance(obj, dict):
+        return {str(k): _key_of(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_key_of(v) for v in obj]
+    return obj
 
 
-def get_model(cfg: RunConfig) -> tuple[LoadedModel, threading.RLock]:
-    """The base model with a fresh adapter θ*, loaded once per process, and the device lock."""
-    key = model_key(cfg)
-    with DEVICE_LOCK:
-        if key not in _MODELS:
-            _MODELS[key] = load_model(cfg, cfg.cache_dir and Path(cfg.cache_dir))
-        return _MODELS[key], DEVICE_LOCK
+STAGES: dict[str, Stage] = {}
 
 
-def features_fingerprint(cfg: RunConfig) -> str:
-    """Everything that determines stage-1 features besides the task's data."""
-    e = cfg.estimation
-    blob = json.dumps([cfg.fingerprint("model", "adapter", "seed"), e.projection_dim,
-                       e.projection_seed, e.projection_block_rows], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+def stage(number: int, name: str, config: Sequence[str], uses: Sequence[str] = (),
+          reads: Callable | None = None, key_args: Callable | None = None):
+    """Declare a stage function (see :class:`Stage`). The function is called with the run as
+    the stage may see it (``Run.for_stage``); ``fn.stage`` is the declaration."""
+    spec = Stage(number, name, tuple(config), tuple(uses), reads, key_args)
+    STAGES[name] = spec
+
+    def wrap(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run_stage(run: Run, *a, **k):
+            bound = sig.bind(run, *a, **k)
+            args = {n: v for n, v in bound.arguments.items() if n not in ("run", "progress")}
+            tasks = spec.reads(**args) if spec.reads else ()
+            view = run.for_stage(name, spec.config + spec.uses, tasks)
+            return fn(view, *a, **k)
+
+        run_stage.stage = spec
+        return run_stage
+    return wrap
 
 
-def data_fingerprint(td: TaskData) -> str:
-    """Content of a task's data: file hashes, resolved task config, and the example ids of
-    each split (which captures carving and caps) — not where the files live."""
-    blob = json.dumps({"files": sorted(td.provenance.get("files", {}).values()),
-                       "config": td.config.model_dump(mode="json"),
-                       "splits": {s: [e.example_id for e in ex] for s, ex in td.splits.items()}},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+# Config fields read outside the stage functions, by the code that decides what the stages are
+# given (plan_subsets, subset_batches, score_plans, the flows): their effect reaches the cache
+# keys through the stages' arguments (the subsets, the plans, the steps taken).
+PLANNING = ("seed", "estimation.n_subsets", "estimation.subset_size",
+            "estimation.min_pair_coverage", "estimation.subsets_per_task_run",
+            "estimation.linearity_check", "boosting.steps")
+
+MODEL = ("model", "adapter", "seed")
+PROJECTION = ("estimation.projection_dim", "estimation.projection_seed",
+              "estimation.projection_block_rows")
 
 
-def load_run_data(cfg: RunConfig) -> dict[str, TaskData]:
-    return load_tasks(cfg.tasks, cfg.data_root)
+# -------------------------------------------------------------------------------------------
+# Stage 1: gradient features (the first-order approximation at θ*)
+# -------------------------------------------------------------------------------------------
 
-
-_PROJECTORS: dict[tuple, GaussianProjector] = {}
-
-
-class RunDirError(ValueError):
-    pass
-
-
-def claim_run_dir(cfg: RunConfig) -> dict:
-    """Mark the run directory as this run's (``run.json``) or check that it is.
-
-    A run directory belongs to one run identity: its name, base model, adapter and seed —
-    nothing computed under another identity can be reused. Data, estimation, clustering,
-    training and boosting settings may change between runs in one directory: the stages whose
-    inputs changed are recomputed, the rest is served from the cache.
-    """
-    ident = {"name": cfg.name, "model": cfg.model.model_dump(mode="json"),
-             "adapter": cfg.adapter.model_dump(mode="json"), "seed": cfg.seed}
-    url = join(cfg.run_dir, "run.json")
-    if exists(url):
-        have = read_json(url)
-        diff = [k for k in ident if have.get(k) != ident[k]]
-        if diff:
-            raise RunDirError(
-                f"run directory {cfg.run_dir} belongs to another run (different "
-                f"{', '.join(diff)}); choose another output_dir, e.g. --set "
-                f"output_dir=runs/{cfg.name}-2")
-        return have
-    write_json(url, ident)
-    return ident
-
-
-def projector_for(cfg: RunConfig, p: int, device) -> GaussianProjector:
-    """One projector (and its cache of P's blocks) per process and setting, shared by tasks."""
-    e = cfg.estimation
+def _stage1_projector(run: Run, lm):
+    e, a = run.cfg.estimation, run.cfg.adapter
+    p = sum(q.numel() for q in lm.model.parameters() if q.requires_grad)
     if e.projection_dim > p:  # name the config key, not only the projector's d and p
-        a = cfg.adapter
         raise ValueError(f"estimation.projection_dim = {e.projection_dim} (d) is larger than the "
-                         f"number of adapter parameters p = {p} (model {cfg.model.name!r}, "
+                         f"number of adapter parameters p = {p} (model {run.cfg.model.name!r}, "
                          f"adapter r = {a.r} on {', '.join(a.target_modules)}); choose d <= {p}")
-    cache = None if e.projection_cache_gb is None else int(e.projection_cache_gb * 2**30)
-    key = (p, e.projection_dim, e.projection_seed, e.projection_block_rows, str(device), cache)
-    with _MODELS_LOCK:
-        if key not in _PROJECTORS:
-            _PROJECTORS[key] = GaussianProjector(p, e.projection_dim, seed=e.projection_seed,
-                                                 block_rows=e.projection_block_rows,
-                                                 cache_bytes=cache, device=device)
-        return _PROJECTORS[key]
+    return projector(p, e.projection_dim, e.projection_seed, e.projection_block_rows,
+                     e.projection_cache_gb, lm.device)
 
 
-def release_models() -> None:
-    """Drop the process's cached θ* models and projection blocks (after stage 1)."""
-    with DEVICE_LOCK, _MODELS_LOCK:
-        _MODELS.clear()
-        _PROJECTORS.clear()
-    release_memory()
+@stage(1, "gradients", config=MODEL + PROJECTION + ("estimation.batch_size",),
+       uses=("estimation.projection_cache_gb",), reads=lambda task: [task])
+def gradient_features(run: Run, task: str, progress=None) -> FeaturesRecord:
+    """Outputs h_c(s) and projected gradients g̃ = Pᵀ∇h_c(s) at θ* of one task's train and
+    validation examples (Parquet), and the task's manifest."""
+    from .gradients import extract_features
+    from .features import write_features
+    from .models import adapter_vector
+    from .scoring import ChoiceScorer
 
-
-def release_memory() -> None:
-    """Give freed memory back after a model stage: without it glibc keeps each worker thread's
-    arena at its peak (a training step's activations) and a long run's resident size only
-    grows; on CUDA, empty the caching allocator."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    if torch_cuda_available():
-        import torch
-        torch.cuda.empty_cache()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def torch_cuda_available() -> bool:
-    import torch
-    return torch.cuda.is_available()
-
-
-def gradient_features(cfg: RunConfig, td: TaskData, progress=None) -> dict:
-    """Stage 1 for one task: write train/validation features and the task manifest."""
-    lm, lock = get_model(cfg)
-    task = td.config.name
-    out_dir = join(cfg.run_dir, "gradients", task)
+    cfg, td = run.cfg, run.task_data(task)
+    lm = theta_star_model(cfg)
     scorer = ChoiceScorer(lm.tokenizer, cfg.model.max_length, cfg.model.choice_mode)
-    with lock:
-        p = sum(q.numel() for q in lm.model.parameters() if q.requires_grad)
-        projector = projector_for(cfg, p, lm.device)
+    t_start = time.perf_counter()
+    with DEVICE_LOCK:
+        proj = _stage1_projector(run, lm)
         files, timings = {}, {}
         for split in GRADIENT_SPLITS:
-            examples = td.splits[split]
             t0 = time.perf_counter()
             tim: dict = {}
-            table = extract_features(
-                lm.model, scorer, examples, projector, task=task, split=split,
-                batch_size=cfg.estimation.batch_size, timings=tim,
-                progress=(lambda i, n, s=split: progress(task, s, i, n)) if progress else None)
-            url = join(out_dir, f"{split}.parquet")
-            sha = write_features(url, table)
-            files[split] = {"path": url, "sha256": sha, "rows": int(len(table.choice)),
-                            "examples": table.n_examples}
+            table = extract_features(lm.model, scorer, td.splits[split], proj, task=task,
+                                     split=split, batch_size=cfg.estimation.batch_size,
+                                     timings=tim, progress=progress)
+            url = run.dir.features(task, split)
+            files[split] = SplitFeatures(url, write_features(url, table), int(len(table.choice)),
+                                         table.n_examples)
             timings[split] = dict(tim, total_s=time.perf_counter() - t0)
         theta_norm = float(adapter_vector(lm.model).norm())
+    info = ProjectionInfo(proj.p, proj.d, proj.seed, proj.block_rows, theta_norm)
     manifest = {
-        "task": task, "seed": cfg.estimation.projection_seed, "d": projector.d, "p": projector.p,
-        "theta_norm": theta_norm,
-        "projection": projector.fingerprint(), "model": lm.fingerprint,
+        "task": task, "seed": info.seed, "d": info.d, "p": info.p, "theta_norm": theta_norm,
+        "projection": proj.fingerprint(), "model": lm.fingerprint,
         "template": td.config.template, "choices": td.config.choices,
         "choice_mode": scorer.mode_for(td.splits["train"]),
         "tokenizer": {"class": type(lm.tokenizer).__name__, "vocab_size": len(lm.tokenizer),
                       "max_length": cfg.model.max_length, "padding_side": "right",
                       "truncation": "left (keeps BOS and the end of the prompt)"},
-        "data": td.provenance, "files": files, "timings": timings,
-        "code_version": code_version(),
+        "data": td.provenance,
+        "files": {s: {"path": f.path, "sha256": f.sha256, "rows": f.rows,
+                      "examples": f.examples} for s, f in files.items()},
+        "timings": timings, "code_version": code_version(),
     }
-    manifest_url = join(out_dir, "manifest.json")
-    write_json(manifest_url, manifest)  # written last: its presence marks the task complete
+    # written last: its presence marks the task complete
+    man = run.dir.write_json(run.dir.features_manifest(task), manifest)
     release_memory()
-    return {"task": task, "manifest": manifest_url, "files": files}
+    return FeaturesRecord(task, man, files["train"], files["validation"], info,
+                          seconds=time.perf_counter() - t_start)
 
 
-def gradient_record_valid(record: dict) -> bool:
-    """A cached stage-1 record is usable when every file it names is there with its hash."""
-    try:
-        return exists(record["manifest"]) and all(
-            exists(f["path"]) and file_sha256(f["path"]) == f["sha256"]
-            for f in record["files"].values())
-    except Exception:
-        return False
+@stage(1, "linearity", config=MODEL + PROJECTION + ("estimation.batch_size",
+                                                     "estimation.linearity_examples"),
+       uses=("estimation.projection_cache_gb",), reads=lambda task: [task])
+def linearity(run: Run, task: str) -> LinearityRecord:
+    """The first-order check (the paper's Table 5 / Figure 2) on the first examples of one
+    task's validation split (``checks.linearity_check``)."""
+    from .checks import linearity_check
+    from .scoring import ChoiceScorer
 
-
-def run_linearity_check(cfg: RunConfig, td: TaskData) -> dict:
-    """The first-order check on the first examples of one task's validation split."""
-    lm, lock = get_model(cfg)
+    cfg = run.cfg
+    lm = theta_star_model(cfg)
     scorer = ChoiceScorer(lm.tokenizer, cfg.model.max_length, cfg.model.choice_mode)
-    examples = td.splits["validation"][:cfg.estimation.linearity_examples]
-    with lock:
-        p = sum(q.numel() for q in lm.model.parameters() if q.requires_grad)
-        rows = linearity_check(lm.model, scorer, examples, projector_for(cfg, p, lm.device),
+    examples = run.task_data(task).splits["validation"][:cfg.estimation.linearity_examples]
+    with DEVICE_LOCK:
+        rows = linearity_check(lm.model, scorer, examples, _stage1_projector(run, lm),
                                batch_size=cfg.estimation.batch_size)
-    result = {"task": td.config.name, "examples": len(examples), "results": rows}
-    url = join(cfg.run_dir, "gradients", "linearity.json")
-    write_json(url, result)
-    return dict(result, path=url)
+    result = {"task": task, "examples": len(examples), "results": rows}
+    ref = run.dir.write_json(run.dir.linearity, result)
+    return LinearityRecord(task, len(examples), [LinearityPoint(**r) for r in rows], ref)
 
 
-def read_manifest(cfg: RunConfig, task: str) -> dict:
-    return read_json(join(cfg.run_dir, "gradients", task, "manifest.json"))
+# -------------------------------------------------------------------------------------------
+# Stage 2: subset regressions (the surrogates whose results eq. (1) averages)
+# -------------------------------------------------------------------------------------------
 
+def plan_subsets(cfg) -> list[tuple[int, ...]]:
+    """The k sampled task subsets S (seeded; every pair covered min_pair_coverage times), as
+    indices into the config's task list."""
+    from .sampling import sample_subsets
 
-# ----------------------------------------------------------------------------------------------
-# Stage 2: subset regressions, affinity, clustering
-# ----------------------------------------------------------------------------------------------
-
-_TABLES: dict[tuple[str, str], FeatureTable] = {}
-_TABLES_LOCK = threading.Lock()
-
-
-def feature_table(path: str, sha256: str) -> FeatureTable:
-    """Read a features file once per process (keyed by path and content hash): a worker that
-    handles many subsets does not re-read what it already holds."""
-    key = (path, sha256)
-    with _TABLES_LOCK:
-        hit = _TABLES.get(key)
-    if hit is None:
-        hit = read_features(path)
-        with _TABLES_LOCK:
-            _TABLES[key] = hit
-    return hit
-
-
-def plan_subsets(cfg: RunConfig) -> list[tuple[int, ...]]:
-    """The k sampled task subsets S (seeded; every pair covered min_pair_coverage times)."""
     e, n = cfg.estimation, len(cfg.tasks)
     if n < 2:
         raise ValueError(f"stage 2 needs at least two tasks, the config has {n}")
     if e.subset_size > n:
         raise ValueError(f"estimation.subset_size = {e.subset_size} is larger than the number "
                          f"of tasks ({n})")
-    from math import comb
     k = min(e.n_subsets, comb(n, e.subset_size))
     return sample_subsets(n, k, e.subset_size, e.min_pair_coverage, seed=cfg.seed)
 
 
-def subset_batches(cfg: RunConfig, subsets) -> list[list[tuple[int, ...]]]:
+def subset_batches(cfg, subsets) -> list[list[tuple[int, ...]]]:
+    """The subsets cut into the batches of one task run each."""
     b = cfg.estimation.subsets_per_task_run
     return [list(subsets[i:i + b]) for i in range(0, len(subsets), b)]
 
 
-def estimate_subsets(cfg: RunConfig, gradient_records: dict, subsets, batch_index: int) -> dict:
-    """Stage 2 for a batch of subsets: fit the first-order surrogate on each S's train rows and
-    score every i ∈ S on its validation rows (f̂_i(S)). Writes estimation/subsets-<i>.json."""
+def _used(features: dict, subsets, names) -> dict:
+    """The features of the tasks in ``subsets`` (indices into ``names``)."""
+    return {t: features[t] for t in sorted({names[i] for s in subsets for i in s})}
+
+
+@stage(2, "subsets", config=("estimation.l2", "estimation.max_norm",
+                             "estimation.max_relative_distance"),
+       key_args=lambda features, batch, subsets, tasks: {
+           "features": _used(features, subsets, tasks), "batch": batch,
+           "subsets": [[tasks[i] for i in s] for s in subsets]})
+def fit_subsets(run: Run, features: dict[str, FeaturesRecord], batch: int,
+                subsets: Sequence[Sequence[int]], tasks: Sequence[str]) -> SubsetBatch:
+    """For each subset S of the batch (indices into ``tasks``), the first-order surrogate
+    fitted on S's train rows and f̂_i(S) on each i ∈ S's validation rows."""
+    from .surrogate import fit_subset, norm_bound
+
     t0 = time.perf_counter()
-    names = [t.name for t in cfg.tasks]
+    e = run.cfg.estimation
     tables = {}
-    for i in sorted({i for s in subsets for i in s}):
-        files = gradient_records[names[i]]["files"]
-        tables[i] = (feature_table(files["train"]["path"], files["train"]["sha256"]),
-                     feature_table(files["validation"]["path"], files["validation"]["sha256"]))
-        if tables[i][1].n_examples == 0:
-            raise ValueError(f"task {names[i]} has no validation rows")
-    manifest = read_json(gradient_records[names[0]]["manifest"])
-    e = cfg.estimation
-    results = [estimate_subset(s, tables, l2=e.l2, max_norm=surrogate_max_norm(cfg, manifest))
-               for s in subsets]
-    scale = (manifest["p"] / manifest["d"]) ** 0.5 / max(manifest.get("theta_norm", 0), 1e-30)
-    for r in results:  # the paper's Table 2: ‖P x̂‖/‖θ*‖ ≈ sqrt(p/d)·‖x̂‖/‖θ*‖
-        r["fit"]["relative_distance"] = r["fit"]["norm"] * scale
-        r["tasks"] = [names[i] for i in r["subset"]]
-        r["per_task"] = {str(i): v for i, v in r["per_task"].items()}  # JSON-stable keys
-    url = join(cfg.run_dir, "estimation", f"subsets-{batch_index:04d}.json")
-    write_json(url, {"batch": batch_index, "results": results})
+    for t, rec in _used(features, subsets, tasks).items():
+        tables[t] = (feature_table(rec.train.path, rec.train.sha256),
+                     feature_table(rec.validation.path, rec.validation.sha256))
+        if tables[t][1].n_examples == 0:
+            raise ValueError(f"task {t} has no validation rows")
+    info = features[tasks[subsets[0][0]]].projection
+    bound = norm_bound(e.max_norm, e.max_relative_distance, info)
+    results = []
+    for s in subsets:
+        names = [tasks[i] for i in s]
+        if len(set(names)) != len(names) or not names:
+            raise ValueError(f"subset {list(s)} must be distinct task indices")
+        out = fit_subset([tables[n][0] for n in names], [tables[n][1] for n in names],
+                         l2=e.l2, max_norm=bound)
+        fit = out["fit"]
+        results.append(SubsetEstimate(
+            [int(i) for i in s], names, {n: TaskEstimate(**out["tasks"][n]) for n in names},
+            SurrogateFit(**fit, relative_distance=info.relative_distance(fit["norm"]))))
+    url = run.dir.subsets(batch)
+    ref = run.dir.write_json(url, {"batch": batch, "results": [r.to_json() for r in results]})
     worker = f"{socket.gethostname()}:{os.getpid()}"  # provenance: which process fitted these
-    return {"batch": batch_index, "path": url, "results": results, "worker": worker,
-            "seconds": time.perf_counter() - t0}
+    return SubsetBatch(batch, ref, results, worker, time.perf_counter() - t0)
 
 
-def surrogate_max_norm(cfg: RunConfig, manifest: dict) -> float | None:
-    """The bound on ‖x̂‖: max_norm, and ‖P x‖ ≈ sqrt(p/d)·‖x‖ ≤ max_relative_distance·‖θ*‖."""
-    e = cfg.estimation
-    bounds = [b for b in [e.max_norm] if b is not None]
-    if e.max_relative_distance is not None and manifest.get("theta_norm"):
-        bounds.append(e.max_relative_distance * manifest["theta_norm"]
-                      / (manifest["p"] / manifest["d"]) ** 0.5)
-    return min(bounds) if bounds else None
+# -------------------------------------------------------------------------------------------
+# Stage 3: affinity and groups (eq. 1; Appendix A.1)
+# -------------------------------------------------------------------------------------------
 
+@stage(3, "groups", config=("estimation.metric", "clustering", "seed"),
+       key_args=lambda results, tasks: {"results": [(r.tasks, r.per_task) for r in results],
+                                        "tasks": tasks})
+def affinity_and_groups(run: Run, results: Sequence[SubsetEstimate],
+                        tasks: Sequence[str]) -> GroupsRecord:
+    """Task affinity T (eq. 1) from the subset results, then groups by the SDP relaxation
+    (Appendix A.1) or the spectral baseline; affinity.json and groups.json."""
+    from .affinity import task_affinity
+    from .clustering import SDPClustering, SpectralClustering, groups_to_json
 
-def cluster_tasks(cfg: RunConfig, subset_results: list[dict]) -> dict:
-    """Affinity T (eq. 1) from the subset results, then groups by the SDP relaxation
-    (Appendix A.1) or the spectral baseline. Writes affinity.json and groups.json."""
     t0 = time.perf_counter()
-    names = [t.name for t in cfg.tasks]
-    aff = task_affinity(subset_results, names, metric=cfg.estimation.metric)
-    c = cfg.clustering
+    aff = task_affinity([(r.subset, r.per_task) for r in results], list(tasks),
+                        metric=run.cfg.estimation.metric)
+    c = run.cfg.clustering
     m = None if c.n_groups == "auto" else int(c.n_groups)
     if c.method == "spectral":
         if m is None:
             raise ValueError("clustering.method = spectral needs clustering.n_groups")
-        est = SpectralClustering(m, seed=cfg.seed).fit(aff.matrix)
+        est = SpectralClustering(m, seed=run.cfg.seed).fit(aff.matrix)
         info = {"method": "spectral"}
     else:
         est = SDPClustering(m=m, lam=c.lam, c=c.threshold_c, m_selection=c.m_selection,
@@ -335,12 +306,324 @@ def cluster_tasks(cfg: RunConfig, subset_results: list[dict]) -> dict:
         info = {"method": "sdp", "status": est.status_, "solver": est.solver_,
                 "objective": float(est.objective_), "selection": est.selection_,
                 "X": est.X_.tolist()}
-    groups = groups_to_json(est.groups_, names)
+    groups = groups_to_json(est.groups_, list(tasks))
     groups.update(info)
-    aff_url, groups_url = join(cfg.run_dir, "affinity.json"), join(cfg.run_dir, "groups.json")
-    aff_sha = atomic_write_bytes(aff_url, aff.to_json().encode())
-    groups_sha = write_json(groups_url, groups)
-    return {"affinity": {"path": aff_url, "sha256": aff_sha},
-            "groups": {"path": groups_url, "sha256": groups_sha},
-            "group_tasks": [g["tasks"] for g in groups["groups"]],
-            "seconds": time.perf_counter() - t0}
+    aff_ref = run.dir.write_bytes(run.dir.affinity, aff.to_json().encode())
+    groups_ref = run.dir.write_json(run.dir.groups, groups)
+    return GroupsRecord(aff_ref, groups_ref, [g["tasks"] for g in groups["groups"]],
+                        time.perf_counter() - t0)
+
+
+# -------------------------------------------------------------------------------------------
+# Stage 4: group adapters (Algorithm 2: one adapter per group)
+# -------------------------------------------------------------------------------------------
+
+def _adapter_record(run: Run, name: str, tasks, train=None) -> AdapterRecord:
+    from .storage import file_sha256
+
+    return AdapterRecord(name, list(tasks), run.dir.adapter(name),
+                         file_sha256(run.dir.adapter_weights(name)), train)
+
+
+@stage(4, "train", config=MODEL + ("training",), reads=lambda name, tasks: tasks)
+@on_device
+def train_group(run: Run, name: str, tasks: Sequence[str], progress=None) -> AdapterRecord:
+    """Fine-tune one adapter on the union of the given tasks (a group, or all tasks: the
+    single-adapter baseline)."""
+    from .adapters import save_adapter
+    from .models import load_model
+    from .training import train_adapter
+
+    cfg = run.cfg
+    lm = load_model(cfg, cache_path(cfg))  # a fresh θ*: training changes it
+    result = train_adapter(lm.model, lm.tokenizer, run.examples(tasks, "train"),
+                           run.examples(tasks, "validation"), cfg.training, cfg.model.max_length,
+                           cfg.model.choice_mode, progress=progress)
+    save_adapter(lm.model, run.dir.local(run.dir.adapter(name)), result,
+                 base_fingerprint=lm.fingerprint["base"])
+    return _adapter_record(run, name, tasks, result.summary())
+
+
+@stage(4, "theta-star", config=MODEL)
+@on_device
+def save_theta_star(run: Run) -> AdapterRecord:
+    """The fresh adapter θ* as a PEFT adapter: boosting members use it to add a boosting
+    adapter's change h_k − h0 (with the standard B = 0 init it is exactly the base model)."""
+    from .adapters import save_adapter
+    from .models import load_model
+
+    lm = load_model(run.cfg, cache_path(run.cfg))
+    save_adapter(lm.model, run.dir.local(run.dir.adapter(THETA_STAR)), None,
+                 base_fingerprint=lm.fingerprint["base"])
+    return _adapter_record(run, THETA_STAR, [])
+
+
+# -------------------------------------------------------------------------------------------
+# Stage 5: boosting and weights (Algorithm 2; Appendix A.2)
+# -------------------------------------------------------------------------------------------
+
+def score_plans(tasks: Sequence[str], groups: Sequence[GroupEnsemble], boosting_steps: int
+                ) -> dict[str, dict[str, list[str]]]:
+    """Which member is scored on which split of which tasks — only what a later step reads:
+    a group adapter on its own train examples (boosting) and on every task's validation
+    (weights) and test (evaluation) examples; the baseline on test; θ* (a member of every
+    boosted group) on validation and test, and on train when boosting takes several steps."""
+    plans = {g.name: {"train": list(g.tasks), "validation": list(tasks), "test": list(tasks)}
+             for g in groups}
+    plans[BASELINE] = {"test": list(tasks)}
+    if boosting_steps > 0:
+        plans[THETA_STAR] = {"validation": list(tasks), "test": list(tasks)}
+        if boosting_steps > 1:
+            plans[THETA_STAR]["train"] = list(tasks)
+    return plans
+
+
+def boost_score_plan(tasks: Sequence[str], group: GroupEnsemble) -> dict[str, list[str]]:
+    """What a boosting adapter is scored on: its group's train examples (the next step) and
+    every task's validation and test examples."""
+    return {"train": list(group.tasks), "validation": list(tasks), "test": list(tasks)}
+
+
+@stage(5, "scores", config=("model", "estimation.batch_size"),
+       reads=lambda adapter, plan: [t for ts in plan.values() for t in ts])
+@on_device
+def score_member(run: Run, adapter: AdapterRecord, plan: dict[str, list[str]]) -> ScoresRecord:
+    """Scores h_c(s) of one member adapter on the splits and tasks of ``plan`` (split ->
+    tasks): scores/<name>.json, ``{"scores": {task: {split: [[h_c of example 0], ...]}}}``."""
+    from .adapters import load_adapter
+    from .models import load_base
+    from .scoring import predict_scores
+
+    t0 = time.perf_counter()
+    cfg = run.cfg
+    base, tok, fp = load_base(cfg.model, cache_path(cfg))
+    model = load_adapter(base, run.dir.local(adapter.path), base_fingerprint=fp)
+    model.eval()
+    out: dict = {}
+    for split, names in plan.items():
+        for name in names:
+            scores = predict_scores(model, tok, run.examples([name], split), cfg.model.max_length,
+                                    cfg.estimation.batch_size, cfg.model.choice_mode)
+            out.setdefault(name, {})[split] = [s.astype(float).tolist() for s in scores]
+    ref = run.dir.write_json(run.dir.scores(adapter.name),
+                             {"adapter": adapter.name, "adapter_sha256": adapter.sha256,
+                              "scores": out})
+    return ScoresRecord(adapter.name, ref, time.perf_counter() - t0)
+
+
+def read_scores(records: dict[str, ScoresRecord]) -> dict:
+    """member -> task -> split -> score vectors, from the members' score files."""
+    from .storage import read_json
+
+    return {k: read_json(r.file.path)["scores"] for k, r in records.items()}
+
+
+def group_losses(run: Run, groups: Sequence[GroupEnsemble], features: dict[str, FeaturesRecord],
+                 scores: dict[str, ScoresRecord]) -> dict[str, float]:
+    """The exact training loss of every group's current ensemble."""
+    from .boosting import group_train_loss
+
+    member = read_scores(scores)
+    return {g.name: group_train_loss(member, g, [feature_table(features[t].train.path,
+                                                               features[t].train.sha256)
+                                                 for t in g.tasks]) for g in groups}
+
+
+@stage(5, "boost", config=MODEL + ("boosting.eta", "boosting.mode", "estimation.l2",
+                                   "estimation.batch_size"),
+       reads=lambda group, features, scores, step: group.tasks,
+       key_args=lambda group, features, scores, step: {
+           "group": group, "features": {t: features[t] for t in group.tasks},
+           "scores": {m.name: scores[m.name] for m in group.members}, "step": step})
+@on_device
+def boost_group(run: Run, group: GroupEnsemble, features: dict[str, FeaturesRecord],
+                scores: dict[str, ScoresRecord], step: int) -> BoostRecord:
+    """One boosting step on ``group`` (``boosting.boost_step``): the boosting adapter
+    group-<k>-boost-<step> restored from the residual fit and saved as a PEFT adapter."""
+    from .adapters import save_adapter
+    from .boosting import boost_step, group_scores
+    from .choices import flatten
+    from .models import load_model
+    from .projection import GaussianProjector
+    from .scoring import predict_scores
+
+    t0 = time.perf_counter()
+    cfg = run.cfg
+    tables = [feature_table(features[t].train.path, features[t].train.sha256)
+              for t in group.tasks]
+    member = read_scores({m.name: scores[m.name] for m in group.members})
+    h_cur, _ = flatten([s for t in group.tasks for s in group_scores(member, group, t, "train")])
+    info = features[group.tasks[0]].projection
+    lm = load_model(cfg, cache_path(cfg))
+    proj = GaussianProjector(info.p, info.d, seed=info.seed, block_rows=info.block_rows,
+                             cache_bytes=0)  # one expand: each block is used once
+    train = run.examples(group.tasks, "train")
+
+    def score_train(model):
+        return np.concatenate(predict_scores(model, lm.tokenizer, train, cfg.model.max_length,
+                                             cfg.estimation.batch_size, cfg.model.choice_mode))
+
+    name = f"{group.name}-boost-{step}"
+
+    def save(model) -> AdapterRecord:
+        save_adapter(model, run.dir.local(run.dir.adapter(name)), None,
+                     base_fingerprint=lm.fingerprint["base"])
+        return _adapter_record(run, name, group.tasks)
+
+    rec = boost_step(group, step, lm.model, score_train, save, tables, h_cur,
+                     cfg.estimation.l2, cfg.boosting.eta, proj)
+    return replace(rec, seconds=time.perf_counter() - t0)  # the whole stage, loading included
+
+
+def write_boosting(run: Run, steps: Sequence[BoostRecord]) -> FileRef:
+    """boosting.json: the boosting steps taken (accepted or not)."""
+    return run.dir.write_json(run.dir.boosting, {"steps": [
+        dict(_flat_boost(b)) for b in steps]})
+
+
+def _flat_boost(b: BoostRecord) -> dict:
+    a = b.adapter
+    return {"name": a.name, "tasks": a.tasks, "path": a.path, "sha256": a.sha256,
+            "group": b.group, "step": b.step, "eta": b.eta,
+            "train_loss_before": b.train_loss_before, "train_loss_after": b.train_loss_after,
+            "train_loss_first_order": b.train_loss_first_order, "x_norm": b.x_norm,
+            "relative_distance": b.relative_distance, "accepted": b.accepted,
+            "seconds": b.seconds}
+
+
+def _base_fingerprint(run: Run, adapter: str) -> dict:
+    from .adapters import read_base_fingerprint
+
+    return read_base_fingerprint(run.dir.local(run.dir.adapter(adapter)))
+
+
+def _members(groups, scores, *extra) -> dict:
+    names = [m.name for g in groups for m in g.members] + list(extra)
+    return {n: scores[n] for n in sorted(set(names))}
+
+
+@stage(5, "weights", config=("model", "boosting.eta"),
+       reads=lambda groups, scores: [t for g in groups for t in g.tasks],
+       key_args=lambda groups, scores: {"groups": groups, "scores": _members(groups, scores)})
+def fit_weights(run: Run, groups: Sequence[GroupEnsemble],
+                scores: dict[str, ScoresRecord]) -> EnsembleRecord:
+    """Per task, nonnegative weights summing to one over the m group ensembles, fitted on the
+    task's validation examples from its own group (``ensemble.fit_ensemble_weights``);
+    ensemble.json."""
+    from .boosting import group_scores
+    from .ensemble import fit_ensemble_weights, probabilities, task_entry, write_ensemble_json
+
+    member = read_scores(scores)
+    group_of = {t: k for k, g in enumerate(groups) for t in g.tasks}
+    entries, weights = {}, {}
+    for t in run.task_names:
+        val_gold = [e.label for e in run.task_data(t).splits["validation"]]
+        val_probs = [probabilities(group_scores(member, g, t, "validation")) for g in groups]
+        w = fit_ensemble_weights(val_probs, val_gold, start=group_of[t])
+        weights[t] = w.tolist()
+        entries[t] = task_entry(run.cfg.task(t), group_of[t], w)
+    spec_groups = [{"name": g.name, "tasks": list(g.tasks),
+                    "members": [{"adapter": run.dir.relative(run.dir.adapter(m.name)),
+                                 "scale": m.scale} for m in g.members]} for g in groups]
+    cfg = run.cfg
+    sha = write_ensemble_json(run.dir.ensemble, base_model=cfg.model, tasks=entries,
+                              groups=spec_groups, max_length=cfg.model.max_length,
+                              choice_mode=cfg.model.choice_mode,
+                              base_fingerprint=_base_fingerprint(run, groups[0].name),
+                              eta=cfg.boosting.eta)
+    return EnsembleRecord(FileRef(run.dir.ensemble, sha), list(groups), weights)
+
+
+# -------------------------------------------------------------------------------------------
+# Stage 6: evaluation
+# -------------------------------------------------------------------------------------------
+
+def compute_summary(features: dict[str, FeaturesRecord], estimation_s: float,
+                    adapters: dict[str, AdapterRecord], boosting: Sequence[BoostRecord]
+                    ) -> Compute:
+    """Wall seconds per part, from the records (so a resumed run reports the original work).
+    The compute ratio is (stage 1 + stages 2–3 + group adapters + boosting) / baseline
+    training (the paper's Table 4 compares the same)."""
+    groups = [a for k, a in adapters.items() if k not in (BASELINE, THETA_STAR)]
+    base = adapters[BASELINE].train
+    s1 = sum(f.seconds for f in features.values())
+    groups_s = sum(a.train.wall_seconds for a in groups)
+    boost_s = sum(b.seconds for b in boosting)
+    ensemble_s = s1 + estimation_s + groups_s + boost_s
+    return Compute(gradients_s=s1, estimation_s=estimation_s, group_adapters_s=groups_s,
+                   boosting_s=boost_s, ensemble_pipeline_s=ensemble_s,
+                   baseline_s=base.wall_seconds, ratio=ensemble_s / max(base.wall_seconds, 1e-9),
+                   baseline_flops=base.flops_estimate,
+                   group_flops=sum(a.train.flops_estimate for a in groups),
+                   peak_memory_bytes=max(a.train.peak_memory_bytes
+                                         for a in [*groups, adapters[BASELINE]]))
+
+
+@stage(6, "evaluation", config=(),
+       reads=lambda ensemble, scores, baseline, compute: [t for g in ensemble.groups
+                                                           for t in g.tasks],
+       key_args=lambda ensemble, scores, baseline, compute: {
+           "ensemble": ensemble, "scores": _members(ensemble.groups, scores, baseline),
+           "baseline": baseline, "compute": compute})
+def evaluate(run: Run, ensemble: EnsembleRecord, scores: dict[str, ScoresRecord],
+             baseline: str, compute: Compute) -> EvaluationRecord:
+    """Test accuracy of the ensemble, of each task's own group ensemble and of the
+    single-adapter baseline; metrics.json."""
+    from .boosting import group_scores
+    from .choices import flatten
+    from .ensemble import combine_probabilities, probabilities
+
+    member = read_scores(scores)
+    groups = ensemble.groups
+    group_of = {t: k for k, g in enumerate(groups) for t in g.tasks}
+    per_task = {}
+    for t in run.task_names:
+        test = run.task_data(t).splits["test"]
+        gold = [e.label for e in test]
+        w = ensemble.weights[t]
+        probs = [probabilities(group_scores(member, g, t, "test")) for g in groups]
+        combined = combine_probabilities(probs, w)
+
+        def acc(p):
+            z, layout = flatten(p, gold)
+            return float(np.mean(layout.correct(z)))
+
+        per_task[t] = TaskMetrics(len(test), group_of[t], list(w),
+                                  acc(probabilities(member[baseline][t]["test"])),
+                                  acc(probs[group_of[t]]), acc(combined))
+    avg = Averages(**{k: float(np.mean([getattr(v, k) for v in per_task.values()]))
+                      for k in ("baseline_accuracy", "group_accuracy", "ensemble_accuracy")})
+    metrics = Metrics(per_task, avg, compute, len(groups), [list(g.tasks) for g in groups])
+    ref = run.dir.write_json(run.dir.metrics, metrics.to_json())
+    return EvaluationRecord(ref, metrics)
+
+
+def finish(run: Run, features: dict[str, FeaturesRecord], groups: GroupsRecord,
+           adapters: dict[str, AdapterRecord], boosting: Sequence[BoostRecord],
+           ensemble: EnsembleRecord, evaluation: EvaluationRecord,
+           linearity: LinearityRecord | None, config: dict):
+    """The report (report.md, affinity.png) and the run's manifest.json: every output with
+    its sha256, the resolved config and the code version. Returns (``report.Report``, the
+    manifest's FileRef)."""
+    from .affinity import Affinity
+    from .report import write_report
+
+    affinity = Affinity.from_json(run.dir.read_text(groups.affinity.path))
+    report = write_report(run.dir, run.cfg.name, evaluation.metrics, affinity,
+                          run.dir.read_json(groups.groups.path), boosting, linearity)
+    files = {}
+    for rec in features.values():
+        for split in GRADIENT_SPLITS:
+            f = rec.split(split)
+            files[run.dir.relative(f.path)] = f.sha256
+    files[run.dir.relative(groups.affinity.path)] = groups.affinity.sha256
+    files[run.dir.relative(groups.groups.path)] = groups.groups.sha256
+    for a in [*adapters.values(), *(b.adapter for b in boosting)]:
+        files[run.dir.relative(run.dir.adapter_weights(a.name))] = a.sha256
+    files[run.dir.relative(ensemble.file.path)] = ensemble.file.sha256
+    files[run.dir.relative(evaluation.file.path)] = evaluation.file.sha256
+    files[run.dir.relative(report.file.path)] = report.file.sha256
+    manifest = run.dir.write_json(run.dir.manifest, {
+        "name": run.cfg.name, "config_sha256": run.cfg.fingerprint(), "config": config,
+        "code_version": code_version(), "files": files})
+    return report, manifest

@@ -1,24 +1,26 @@
-"""Files of a run on any fsspec URL: Parquet features, JSON records, atomic writes.
+"""Files on any fsspec URL: atomic writes, JSON, content hashes, stale temporaries.
 
 Every file is written under a temporary name in the same directory and renamed when complete,
-so a reader never sees a half-written file under its final name.
+so a reader never sees a half-written file under its final name. A temporary's name carries
+its writer (``<name>.tmp-<host>-<pid>-<random>``), so the leftovers of a killed writer can be
+told from a live writer's work in progress (:func:`remove_stale_temporaries`).
+
+Only :class:`rundir.RunDir` composes paths inside a run directory; this module is the layer
+under it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
+import socket
+import time
 import uuid
-from typing import Iterable
 
 import fsspec
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from .features import FeatureTable
-
-FEATURE_COLUMNS = ("task", "split", "example_id", "choice", "is_gold", "output", "grad")
+_HOST = re.sub(r"[^A-Za-z0-9]+", "_", socket.gethostname())[:32] or "host"
 
 
 def join(base: str, *parts: str) -> str:
@@ -36,13 +38,24 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
+def temporary_prefix(name: str) -> str:
+    """The start of a temporary name for ``name``, naming this host and process (a random
+    part follows: ``tempfile.mkdtemp(prefix=...)`` or :func:`temporary_name`)."""
+    return f"{name}.tmp-{_HOST}-{os.getpid()}-"
+
+
+def temporary_name(path: str) -> str:
+    """A sibling temporary name for ``path`` that names this host and process."""
+    return temporary_prefix(path) + uuid.uuid4().hex[:12]
+
+
 def atomic_write_bytes(url: str, data: bytes) -> str:
     """Write bytes to url via a temporary sibling + rename; returns the sha256 of the content."""
     fs, path = fs_and_path(url)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = temporary_name(path)
     try:
         with fs.open(tmp, "wb") as f:
             f.write(data)
@@ -56,13 +69,40 @@ def atomic_write_bytes(url: str, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def jsonable(obj):
+    """A JSON-able copy: numpy scalars as Python numbers, non-finite floats as null."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    return obj
+
+
+def dumps_json(obj) -> bytes:
+    """The one JSON form of every file we write: sorted keys, indent 2, newline."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_json(url: str, obj) -> str:
-    return atomic_write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    return atomic_write_bytes(url, dumps_json(obj))
+
+
+def read_bytes(url: str) -> bytes:
+    with fsspec.open(url, "rb") as f:
+        return f.read()
 
 
 def read_json(url: str):
-    with fsspec.open(url, "rb") as f:
-        return json.loads(f.read())
+    return json.loads(read_bytes(url))
 
 
 def file_sha256(url: str) -> str:
@@ -73,68 +113,84 @@ def file_sha256(url: str) -> str:
     return h.hexdigest()
 
 
-def feature_schema(d: int) -> pa.Schema:
-    return pa.schema([
-        ("task", pa.string()), ("split", pa.string()), ("example_id", pa.string()),
-        ("choice", pa.int32()), ("is_gold", pa.bool_()), ("output", pa.float32()),
-        ("grad", pa.list_(pa.float32(), d)),
-    ], metadata={b"ensemble_lora": b"projected-gradient-features/v1"})
+_TMP = re.compile(r"\.tmp-(?:(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-)?[0-9a-z_]+$")
+ORPHAN_AGE_S = 24 * 3600  # a temporary of another host (or of an old name) older than this
 
 
-def features_to_arrow(t: FeatureTable) -> pa.Table:
-    R, d = t.grad.shape
-    grad = pa.FixedSizeListArray.from_arrays(
-        pa.array(np.ascontiguousarray(t.grad, dtype=np.float32).reshape(-1), pa.float32()), d)
-    return pa.Table.from_arrays([
-        pa.array([t.task] * R, pa.string()), pa.array([t.split] * R, pa.string()),
-        pa.array([str(x) for x in t.example_id], pa.string()),
-        pa.array(t.choice.astype(np.int32)), pa.array(t.is_gold.astype(bool)),
-        pa.array(t.output.astype(np.float32)), grad,
-    ], schema=feature_schema(d))
+def process_start_time(pid: int) -> str | None:
+    """The start time of a process (Linux: field 22 of /proc/<pid>/stat, in clock ticks since
+    boot), which tells a pid's original process from a later one that reused the pid; None when
+    unknown (no /proc, or no such process)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else None
 
 
-def write_features(url: str, t: FeatureTable) -> str:
-    """One Parquet file per task and split; returns the content sha256."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(features_to_arrow(t), sink, compression="zstd")
-    return atomic_write_bytes(url, sink.getvalue().to_pybytes())
+def process_alive(pid: int, started: str | None = None) -> bool:
+    """Whether process ``pid`` exists on this host, is not a zombie, and (when ``started`` is
+    given and /proc is readable) is the process that started at that time."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    except OSError:
+        return True  # cannot tell: assume alive (waiting is safe, breaking is not)
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    fields = stat.rsplit(")", 1)[-1].split()
+    if fields and fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent
+        return False
+    if started is not None and len(fields) > 19 and fields[19] != started:
+        return False  # the pid was reused by another process
+    return True
 
 
-def read_features(url: str, columns: Iterable[str] | None = None) -> FeatureTable:
-    """Read a features file back (column selection supported: output/grad can be skipped)."""
-    cols = list(columns) if columns is not None else list(FEATURE_COLUMNS)
-    need = {"task", "split", "example_id", "choice", "is_gold"}
-    fs, path = fs_and_path(url)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"features file not found: {url}")
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f, columns=sorted(need | set(cols)))
-    R = table.num_rows
-    task = table.column("task")[0].as_py() if R else ""
-    split = table.column("split")[0].as_py() if R else ""
-    if "grad" in table.column_names:
-        arr = table.column("grad").combine_chunks()
-        d = arr.type.list_size
-        grad = arr.values.to_numpy(zero_copy_only=False).reshape(R, d)
-    else:
-        grad = np.zeros((R, 0), np.float32)
-    output = table.column("output").to_numpy() if "output" in table.column_names \
-        else np.zeros(R, np.float32)
-    return FeatureTable(task, split,
-                        np.array(table.column("example_id").to_pylist(), dtype=object),
-                        table.column("choice").to_numpy().astype(np.int32),
-                        table.column("is_gold").to_numpy(zero_copy_only=False).astype(bool),
-                        output.astype(np.float32), grad)
+def _writer_gone(name: str, age_s: float) -> bool:
+    m = _TMP.search(name)
+    if m is None:
+        return False
+    if m.group("host") == _HOST and m.group("pid"):
+        return not process_alive(int(m.group("pid")))
+    return age_s > ORPHAN_AGE_S
 
 
 def remove_stale_temporaries(url_dir: str) -> int:
-    """Delete leftovers of interrupted writes (``*.tmp-*``) under a directory."""
+    """Delete the leftovers of interrupted writes (``*.tmp-*`` files and directories) under a
+    directory: those whose writer process on this host is gone, and those of other hosts older
+    than a day. Temporaries of live writers (a concurrent run) are left alone. Returns the
+    number removed."""
     fs, path = fs_and_path(url_dir)
     if not fs.exists(path):
         return 0
     n = 0
-    for p in fs.find(path):
-        if ".tmp-" in os.path.basename(p):
-            fs.rm(p)
+    now = time.time()
+    for p, info in sorted(fs.find(path, withdirs=True, detail=True).items(), reverse=True):
+        base = os.path.basename(p.rstrip("/"))
+        if ".tmp-" not in base:
+            continue
+        mtime = info.get("mtime") or info.get("created") or now
+        try:
+            age = now - float(mtime if not hasattr(mtime, "timestamp") else mtime.timestamp())
+        except (TypeError, ValueError):
+            age = 0.0
+        if not _writer_gone(base, age):
+            continue
+        try:
+            fs.rm(p, recursive=True)
             n += 1
+        except FileNotFoundError:
+            pass
     return n

@@ -1,4 +1,5 @@
-"""First-order (linearized) surrogate of fine-tuning on a subset of tasks (DESIGN.md step 2).
+"""First-order (linearized) surrogate of fine-tuning on a subset of tasks (stage 2;
+docs/design.md, "Stage 2").
 
 The paper approximates the fine-tuned model around the base weights θ* by its first-order Taylor
 expansion. With projected gradients g̃_c(s) = Pᵀ ∇h_c(s) (stage 1) and an adapter change x ∈ R^d,
@@ -22,15 +23,17 @@ task affinity of eq. (1), see affinity.py.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 from scipy.optimize import minimize
 
+from .choices import Choices
 from .features import FeatureTable
 
-__all__ = ["FirstOrderSurrogate", "implied_relative_distance", "fit_subset"]
+__all__ = ["FirstOrderSurrogate", "implied_relative_distance", "norm_bound", "fit_subset"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -40,14 +43,11 @@ __all__ = ["FirstOrderSurrogate", "implied_relative_distance", "fit_subset"]
 class _Design:
     output: np.ndarray  # [R] float64, h_c(s)
     grad: np.ndarray  # [R, d] float64, g̃_c(s)
-    starts: np.ndarray  # [N] first row of each example
-    example_of_row: np.ndarray  # [R] example number of each row
-    gold_rows: np.ndarray  # [N] row index of the gold choice of each example
-    first_choice: np.ndarray  # [R] row index minus the first row of its example (choice slot)
+    choices: Choices  # the rows' ragged layout and gold rows
 
     @property
     def n_examples(self) -> int:
-        return len(self.starts)
+        return self.choices.n_examples
 
     @property
     def d(self) -> int:
@@ -76,39 +76,20 @@ def _design(tables: Sequence[FeatureTable], d: int | None = None) -> _Design:
     for t in tables:
         _check_table(t, d)
     n_rows = [len(t.choice) for t in tables]
-    row_base = np.cumsum([0] + n_rows)[:-1]
     output = np.concatenate([np.asarray(t.output, np.float64) for t in tables])
     grad = np.concatenate([np.asarray(t.grad, np.float64).reshape(len(t.choice), d)
                            for t in tables]) if sum(n_rows) else np.zeros((0, d))
-    starts = np.concatenate([np.asarray(t.offsets[:-1], np.int64) + b
-                             for t, b in zip(tables, row_base)]).astype(np.int64)
-    sizes = np.concatenate([np.diff(np.asarray(t.offsets, np.int64)) for t in tables])
-    example_of_row = np.repeat(np.arange(len(starts)), sizes)
-    first_choice = np.arange(len(output)) - starts[example_of_row]
-    is_gold = np.concatenate([np.asarray(t.is_gold, bool) for t in tables])
-    gold_rows = np.flatnonzero(is_gold)
-    return _Design(output, grad, starts, example_of_row, gold_rows, first_choice)
-
-
-def _segment_log_softmax(z: np.ndarray, des: _Design) -> tuple[np.ndarray, np.ndarray]:
-    """Per-example log-sum-exp and softmax of row logits z (vectorized over examples).
-
-    Returns (lse [N], prob [R]). Stable: subtracts each example's max before exponentiating.
-    """
-    zmax = np.maximum.reduceat(z, des.starts)
-    e = np.exp(z - zmax[des.example_of_row])
-    s = np.add.reduceat(e, des.starts)
-    return zmax + np.log(s), e / s[des.example_of_row]
+    return _Design(output, grad, Choices.concat([t.choices for t in tables]))
 
 
 def _objective(x: np.ndarray, des: _Design, l2: float) -> tuple[float, np.ndarray]:
     """Mean cross-entropy of the linearized logits + l2‖x‖², and its analytic gradient."""
     z = des.output + des.grad @ x  # linearization: h + g̃·x
-    lse, prob = _segment_log_softmax(z, des)
+    lse, prob = des.choices.log_softmax_parts(z)
     n = des.n_examples
-    ce = float(np.mean(lse - z[des.gold_rows]))
+    ce = float(np.mean(lse - z[des.choices.gold_rows]))
     resid = prob.copy()  # ∂CE_s/∂z_c = p_c − 1[c = gold]
-    resid[des.gold_rows] -= 1.0
+    resid[des.choices.gold_rows] -= 1.0
     g = des.grad.T @ resid / n + 2.0 * l2 * x
     return ce + l2 * float(x @ x), g
 
@@ -157,19 +138,39 @@ def _blas_controls() -> list:
     return controls
 
 
+_BLAS_LOCK = threading.Lock()
+_BLAS_USERS = 0
+_BLAS_SAVED: list = []
+
+
 class _single_threaded_blas:
+    """One BLAS thread while any fit runs. The thread count is the process's, so concurrent
+    fits (the subset batches run as task threads) share one setting: the first to enter sets
+    it to 1, the last to leave restores it. (Restoring it when the first fit ends would switch
+    a fit still running to several threads, whose reductions (ddot in L-BFGS-B) sum in another
+    order: its result would then depend on timing.)"""
+
     def __enter__(self):
-        self._saved = []
-        for get, set_ in _blas_controls():
-            n = get()
-            if n > 1:
-                set_(1)
-                self._saved.append((set_, n))
+        global _BLAS_USERS
+        with _BLAS_LOCK:
+            if _BLAS_USERS == 0:
+                _BLAS_SAVED.clear()
+                for get, set_ in _blas_controls():
+                    n = get()
+                    if n > 1:
+                        set_(1)
+                        _BLAS_SAVED.append((set_, n))
+            _BLAS_USERS += 1
         return self
 
     def __exit__(self, *exc):
-        for set_, n in self._saved:
-            set_(n)
+        global _BLAS_USERS
+        with _BLAS_LOCK:
+            _BLAS_USERS -= 1
+            if _BLAS_USERS == 0:
+                for set_, n in _BLAS_SAVED:
+                    set_(n)
+                _BLAS_SAVED.clear()
         return False
 
 
@@ -314,34 +315,22 @@ class FirstOrderSurrogate:
         des = self._design_for(table)
         if des.n_examples == 0:
             return np.zeros(0)
-        _, prob = _segment_log_softmax(des.output + des.grad @ self.coef_, des)
-        return prob
+        return des.choices.softmax(des.output + des.grad @ self.coef_)
 
     def predict(self, table: FeatureTable) -> np.ndarray:
         """[n_examples] predicted choice index (ties: the lowest choice index)."""
         des = self._design_for(table)
         if des.n_examples == 0:
             return np.zeros(0, np.int64)
-        return self._argmax(des.output + des.grad @ self.coef_, des)
-
-    @staticmethod
-    def _argmax(z: np.ndarray, des: _Design) -> np.ndarray:
-        zmax = np.maximum.reduceat(z, des.starts)
-        is_max = z >= zmax[des.example_of_row]
-        big = np.iinfo(np.int64).max
-        return np.minimum.reduceat(np.where(is_max, des.first_choice, big), des.starts)
+        return des.choices.argmax(des.output + des.grad @ self.coef_)
 
     def score(self, table: FeatureTable) -> dict:
-        """Mean cross-entropy and accuracy of the surrogate on a table: f̂_i(S) of DESIGN step 2."""
+        """Mean cross-entropy and accuracy of the surrogate on a table: f̂_i(S) of stage 2."""
         des = self._design_for(table)
         if des.n_examples == 0:
             raise ValueError(f"FeatureTable {table.task}/{table.split} has no examples to score")
         z = des.output + des.grad @ self.coef_
-        lse, _ = _segment_log_softmax(z, des)
-        loss = float(np.mean(lse - z[des.gold_rows]))
-        pred = self._argmax(z, des)
-        gold = des.gold_rows - des.starts
-        return {"loss": loss, "accuracy": float(np.mean(pred == gold))}
+        return {"loss": des.choices.log_loss(z), "accuracy": float(np.mean(des.choices.correct(z)))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,6 +356,17 @@ def implied_relative_distance(coef: np.ndarray, theta_norm: float,
     return float(math.sqrt(p / coef.size) * np.linalg.norm(coef) / theta_norm)
 
 
+def norm_bound(max_norm: float | None, max_relative_distance: float | None,
+               projection) -> float | None:
+    """The bound on ‖x̂‖ of the surrogate fits: ``max_norm``, and ‖P x̂‖ ≤
+    max_relative_distance·‖θ*‖ (``records.ProjectionInfo``, the paper's Table 2 measure);
+    None when neither is set."""
+    bounds = [b for b in [max_norm] if b is not None]
+    if max_relative_distance is not None and projection.theta_norm:
+        bounds.append(projection.norm_for_relative_distance(max_relative_distance))
+    return min(bounds) if bounds else None
+
+
 def fit_subset(train_tables: Sequence[FeatureTable], val_tables: Sequence[FeatureTable],
                **surrogate_kw) -> dict:
     """Fit the surrogate on the union of ``train_tables`` and evaluate it per validation task.
@@ -377,7 +377,7 @@ def fit_subset(train_tables: Sequence[FeatureTable], val_tables: Sequence[Featur
          "fit": {"norm": ‖x̂‖, "l2": effective λ, "n_iter": int, "converged": bool,
                  "train_loss": mean train CE, "n_train_examples": int}}
 
-    ``tasks[i]`` is f̂_i(S) of DESIGN step 2 (the input of eq. (1)).
+    ``tasks[i]`` is f̂_i(S) of stage 2 (the input of eq. (1)).
     """
     val_tables = list(val_tables)
     names = [t.task for t in val_tables]

@@ -35,13 +35,14 @@ def preflight(cfg, stage2: bool = False) -> None:
     whether the output location can be written. Writes nothing but the (empty) run directory.
     When stages run on work pools (``runner.work_pools``), data, model and run directory are
     the workers' to reach, and only the config-level checks are made here."""
-    from ensemble_core.stages import load_run_data, plan_subsets
+    from ensemble_core.data import load_tasks
+    from ensemble_core.stages import plan_subsets
 
     if stage2:
         plan_subsets(cfg)
     if cfg.runner.work_pools:
         return
-    load_run_data(cfg)
+    load_tasks(cfg.tasks, cfg.data_root)
     check_model_source(cfg.model, cfg.cache_dir)
     check_writable(cfg.run_dir)
 
@@ -111,18 +112,15 @@ def _cmd_gradients(args) -> int:
 
     preflight(_config(args))
     res = gradient_features(args.config, overrides=args.set)
-    rows = []
-    for name, rec in res["tasks"].items():
-        f = rec["files"]
-        rows.append([name, f["train"]["examples"], f["validation"]["examples"],
-                     f["train"]["rows"] + f["validation"]["rows"], f["train"]["path"]])
+    rows = [[name, f.train.examples, f.validation.examples, f.train.rows + f.validation.rows,
+             f.train.path] for name, f in res.features.items()]
     print(_table(["task", "train", "validation", "rows", "features"], rows))
-    if "linearity" in res:
-        lin = res["linearity"]
-        print(f"\nFirst-order check on {lin['task']} ({lin['examples']} validation examples):")
+    lin = res.linearity
+    if lin is not None:
+        print(f"\nFirst-order check on {lin.task} ({lin.examples} validation examples):")
         print(_table(["relative distance", "relative error", "error / change"],
-                     [[f"{100 * r['relative_distance']:.2f}%", f"{100 * r['relative_error']:.3g}%",
-                       f"{100 * r['error_vs_change']:.3g}%"] for r in lin["results"]]))
+                     [[f"{100 * r.relative_distance:.2f}%", f"{100 * r.relative_error:.3g}%",
+                       f"{100 * r.error_vs_change:.3g}%"] for r in lin.results]))
     return 0
 
 
@@ -131,9 +129,9 @@ def _cmd_affinity(args) -> int:
 
     preflight(_config(args), stage2=True)
     res = run_affinity(args.config, overrides=args.set)
-    print(f"{len(res['subsets'])} subsets fitted; affinity: {res['affinity']['path']}")
+    print(f"{len(res.results)} subsets fitted; affinity: {res.groups.affinity.path}")
     print(_table(["group", "tasks"], [[f"group-{k}", ", ".join(g)]
-                                      for k, g in enumerate(res["group_tasks"])]))
+                                      for k, g in enumerate(res.groups.group_tasks)]))
     return 0
 
 
@@ -144,16 +142,15 @@ def _cmd_run(args) -> int:
 
     preflight(_config(args), stage2=True)
     res = ensemble_lora(args.config, overrides=args.set)
-    m = res["metrics"]
     print("\nTest accuracy (%):")
-    print(_table(ACCURACY_HEADERS, accuracy_rows(m)))
-    c = m["compute"]
-    print(f"\nGroups: " + "; ".join(f"group-{k}: {', '.join(g)}"
-                                    for k, g in enumerate(res["groups"])))
-    print(f"Compute: ensemble pipeline {c['ensemble_pipeline_s']:.0f} s vs one adapter "
-          f"{c['baseline_s']:.0f} s (ratio {c['ratio']:.2f}x); peak memory "
-          f"{c['peak_memory_bytes'] / 2**30:.2f} GiB")
-    print(f"Run directory: {res['run_dir']} (report: {res['report']})")
+    print(_table(ACCURACY_HEADERS, accuracy_rows(res.metrics)))
+    c = res.metrics.compute
+    print("\nGroups: " + "; ".join(f"group-{k}: {', '.join(g)}"
+                                   for k, g in enumerate(res.groups)))
+    print(f"Compute: ensemble pipeline {c.ensemble_pipeline_s:.0f} s vs one adapter "
+          f"{c.baseline_s:.0f} s (ratio {c.ratio:.2f}x); peak memory "
+          f"{c.peak_memory_bytes / 2**30:.2f} GiB")
+    print(f"Run directory: {res.run_dir} (report: {res.report.path})")
     return 0
 
 
@@ -222,14 +219,15 @@ def _cmd_check(args) -> int:
 
     res = check_estimates_flow(args.config, overrides=args.set, r=args.r)
     print(_table(["subset", "task", "est. loss", "true loss", "est. acc", "true acc", "rel. err"],
-                 [["+".join(x["subset"]), x["task"], x["estimated_loss"], x["true_loss"],
-                   x["estimated_accuracy"], x["true_accuracy"],
-                   f"{100 * x['relative_error']:.1f}%"] for x in res["rows"]]))
-    s = res["summary"]
-    print(f"\n{s['pairs']} (subset, task) pairs: mean relative error of the loss "
-          f"{100 * s['mean_relative_error']:.2f}%, Spearman {s['spearman']:.2f}; "
-          f"fine-tuning {s['true_finetune_s']:.0f} s vs estimation {s['surrogate_fit_s']:.2f} s "
-          f"({s['compute_ratio_fits_only']:.0f}x; {s['compute_ratio_with_gradients']:.1f}x with "
+                 [["+".join(x.subset), x.task, x.estimated_loss, x.true_loss,
+                   x.estimated_accuracy, x.true_accuracy, f"{100 * x.relative_error:.1f}%"]
+                  for x in res.rows]))
+    s = res.summary
+    rho = "-" if s.spearman is None else f"{s.spearman:.2f}"
+    print(f"\n{s.pairs} (subset, task) pairs: mean relative error of the loss "
+          f"{100 * s.mean_relative_error:.2f}%, Spearman {rho}; "
+          f"fine-tuning {s.true_finetune_s:.0f} s vs estimation {s.surrogate_fit_s:.2f} s "
+          f"({s.compute_ratio_fits_only:.0f}x; {s.compute_ratio_with_gradients:.1f}x with "
           f"the amortized gradient features)")
     return 0
 

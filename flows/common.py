@@ -1,6 +1,8 @@
+"""What the flows share: resolving the config parameter, opening the run, the task runner."""
 from __future__ import annotations
 
 from ensemble_core.config import RunConfig, load_config, parse_config
+from ensemble_core.run import Run
 
 
 def resolve_config(config, overrides: list[str] | None = None) -> RunConfig:
@@ -15,9 +17,14 @@ def resolve_config(config, overrides: list[str] | None = None) -> RunConfig:
     raise TypeError(f"config must be a path, a mapping or a RunConfig, not {type(config).__name__}")
 
 
+def open_run(config, overrides: list[str] | None = None) -> Run:
+    """The run of a flow's ``config`` parameter, its directory claimed."""
+    return Run.open(resolve_config(config, overrides))
+
+
 def config_dict(cfg: RunConfig) -> dict:
-    """The JSON form passed to tasks: only what was set, so builtin task defaults still apply
-    when it is parsed again."""
+    """The JSON form of a config (a deployment's parameter, the manifest): only what was set,
+    so builtin task defaults still apply when it is parsed again."""
     return cfg.model_dump(mode="json", exclude_unset=True)
 
 

@@ -1,36 +1,35 @@
-"""Stage 1 as a flow: one `compute_gradients` task per dataset task (fan-out, `gpu` tag)."""
+"""Stage 1 as a flow: one `compute_gradients` task per dataset task (fan-out, `gpu` tag), then
+the first-order check on the first task."""
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from ensemble_core.stages import claim_run_dir, gradient_record_valid
+from ensemble_core.records import FeaturesRecord, FeaturesResult, LinearityRecord
 from tasks.common import for_run
-from tasks.gradients import compute_gradients, linearity_check
+from tasks.stages import compute_gradients, linearity_check
 
-from .common import config_dict, resolve_config
+from .common import open_run
 
 
 @flow(name="gradient_features")
-def gradient_features(config, overrides: list[str] | None = None) -> dict:
-    """Outputs h(s) and projected gradients g̃ = Pᵀ∇h(s) at θ* for every task (DESIGN step 1)."""
-    cfg = resolve_config(config, overrides)
-    claim_run_dir(cfg)
+def gradient_features(config, overrides: list[str] | None = None) -> FeaturesResult:
+    """Stage 1: outputs h(s) and projected gradients g̃ = Pᵀ∇h(s) at θ* for every task."""
+    run = open_run(config, overrides)
     log = get_run_logger()
-    data = config_dict(cfg)
-    compute = for_run(compute_gradients, cfg)
-    futures = {t.name: compute.submit(data, t.name) for t in cfg.tasks}
-    records = {}
-    for name, fut in futures.items():
-        rec = fut.result()
-        if not gradient_record_valid(rec):  # a cached record whose files are gone or changed
-            log.warning("gradients[%s]: cached files missing or changed; recomputing", name)
-            rec = compute.with_options(refresh_cache=True)(data, name)
-        records[name] = rec
-    result = {"run_dir": cfg.run_dir, "tasks": records}
-    if cfg.estimation.linearity_check:
-        lin = for_run(linearity_check, cfg)(data, cfg.tasks[0].name)
-        for row in lin["results"]:
-            log.info("linearity[%s] distance %.2f%%: relative error %.3g%%",
-                     lin["task"], 100 * row["relative_distance"], 100 * row["relative_error"])
-        result["linearity"] = lin
-    return result
+    compute = for_run(compute_gradients, run)
+    futures = {t: compute.submit(run, t) for t in run.task_names}
+    features = {}
+    for task, fut in futures.items():
+        rec = FeaturesRecord.from_json(fut.result())
+        if not rec.verified():  # a cached record whose files are gone or changed
+            log.warning("gradients[%s]: cached files missing or changed; recomputing", task)
+            rec = FeaturesRecord.from_json(compute.with_options(refresh_cache=True)(run, task))
+        features[task] = rec
+    linearity = None
+    if run.cfg.estimation.linearity_check:
+        linearity = LinearityRecord.from_json(
+            for_run(linearity_check, run)(run, run.task_names[0]))
+        for row in linearity.results:
+            log.info("linearity[%s] distance %.2f%%: relative error %.3g%%", linearity.task,
+                     100 * row.relative_distance, 100 * row.relative_error)
+    return FeaturesResult(features, linearity)

@@ -1,10 +1,12 @@
 """What every task of a run shares: how its cache key is made and where results live.
 
-A cache key is made from the stage name, the code version, the config sections the stage
-depends on, the content fingerprint of the data it reads, and its own parameters. Results are
-small JSON records (paths + content hashes) stored under ``<run_dir>/.prefect`` beside the files
-they describe, with a file-system lock so two runs on one output location never compute the
-same task at the same time (SERIALIZABLE cache isolation).
+A task's cache key is the hash of what its library stage declares it depends on
+(``ensemble_core.stages.Stage.inputs``: the code version, the run directory, the config fields
+the stage reads, the data fingerprints of the tasks it reads, and the content keys of its
+arguments) — nothing is listed by hand here. Results are small JSON records (paths + content
+hashes, ``ensemble_core.records``) stored under ``<run_dir>/.prefect`` beside the files they
+describe, with a file-system lock so two runs on one output location never compute the same
+task at the same time (SERIALIZABLE cache isolation).
 """
 from __future__ import annotations
 
@@ -13,40 +15,37 @@ import json
 import logging
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 from prefect import get_run_logger
 from prefect.cache_policies import CachePolicy
 from prefect.transactions import IsolationLevel
 
-from ensemble_core.config import RunConfig, parse_config
-from ensemble_core.stages import code_version
-
 from .locking import RunLockManager, checked_key_fn
 
 
-def as_config(config) -> RunConfig:
-    return config if isinstance(config, RunConfig) else parse_config(config)
+def stage_key(stage_fn, parameters: dict) -> str:
+    """The cache key of a task that runs the library stage ``stage_fn`` with ``parameters``
+    (the task's parameters are the stage function's)."""
+    spec = stage_fn.stage
+    args = {k: v for k, v in parameters.items() if k != "run"}
+    blob = json.dumps(spec.inputs(parameters["run"], **args), sort_keys=True, default=str)
+    return f"{spec.name}-{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
 
 
-def stage_key(stage: str, cfg: RunConfig, sections: tuple[str, ...], *extra) -> str:
-    blob = json.dumps([stage, code_version(), cfg.run_dir, cfg.fingerprint(*sections),
-                       [str(e) for e in extra]], sort_keys=True)
-    return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
+def keyed(stage_fn) -> CachePolicy:
+    """The cache policy of a task wrapping ``stage_fn`` (configured per run by
+    :func:`for_run`)."""
+    return CachePolicy.from_cache_key_fn(lambda context, parameters: stage_key(stage_fn,
+                                                                             parameters))
 
 
-def keyed(key_fn) -> CachePolicy:
-    """A cache policy from a key function (configured per run by :func:`for_run`)."""
-    return CachePolicy.from_cache_key_fn(key_fn)
-
-
-def for_run(task_obj, cfg: RunConfig):
+def for_run(task_obj, run):
     """The task with its cache records stored in the run directory and a file lock per key, so
     an interrupted run resumes from its own directory and two runs never compute one key at
     once. (A remote run directory keeps Prefect's default result storage.)"""
-    if "://" in cfg.run_dir:
+    base = run.dir.prefect
+    if base is None:
         return task_obj
-    base = Path(cfg.run_dir) / ".prefect"
     policy = task_obj.cache_policy.configure(
         key_storage=base / "cache",
         # locks of a killed run are broken, not waited on forever (tasks/locking.py)

@@ -39,51 +39,12 @@ from typing import Optional
 
 from prefect.locking.filesystem import FileSystemLockManager
 
+from ensemble_core.storage import process_alive, process_start_time
+
 UNREADABLE_GRACE_S = 30.0  # an unparseable lock file younger than this is being written
 BREAK_GUARD_STALE_S = 30.0  # a .break guard older than this was left by a killed breaker
 
 _HOST = socket.gethostname()
-
-
-def process_start_time(pid: int) -> Optional[str]:
-    """The start time of a process (Linux: field 22 of /proc/<pid>/stat, in clock ticks since
-    boot), which tells a pid's original process from a later one that reused the pid; None when
-    unknown (no /proc, or no such process)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[-1].split()
-    return fields[19] if len(fields) > 19 else None
-
-
-def process_alive(pid: int, started: Optional[str] = None) -> bool:
-    """Whether process ``pid`` exists on this host, is not a zombie, and (when ``started`` is
-    given and /proc is readable) is the process that started at that time."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by another user
-    except OSError:
-        return True  # cannot tell: assume alive (waiting is safe, breaking is not)
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    fields = stat.rsplit(")", 1)[-1].split()
-    if fields and fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent
-        return False
-    if started is not None and len(fields) > 19 and fields[19] != started:
-        return False  # the pid was reused by another process
-    return True
 
 
 class RunLockManager(FileSystemLockManager):

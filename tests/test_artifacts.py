@@ -15,6 +15,8 @@ from flows.pipeline import ensemble_lora
 from prefect_utils import task_states
 from tasks.common import gpu_slot
 
+pytestmark = pytest.mark.integration  # Prefect server, subprocesses (make test-fast skips)
+
 TASKS = ["rte", "cb", "copa", "wic"]
 
 
@@ -63,7 +65,7 @@ def test_report_and_accuracy_artifacts(finished_run):
     assert "## Test accuracy" in md and "| average |" in md
     for t in TASKS:
         assert f"| {t} |" in md
-    for k, g in enumerate(result["groups"]):  # the groups, as the pipeline returned them
+    for k, g in enumerate(result.groups):  # the groups, as the pipeline returned them
         assert f"- group-{k}: {', '.join(g)}" in md
     # the heatmap is inlined: the UI cannot resolve the report's relative image path
     assert "](data:image/png;base64," in md and "](affinity.png)" not in md
@@ -73,7 +75,7 @@ def test_report_and_accuracy_artifacts(finished_run):
     rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
     assert [r["task"] for r in rows] == TASKS + ["average"]
     assert rows[-1]["ensemble %"] == pytest.approx(
-        100 * result["metrics"]["average"]["ensemble_accuracy"])
+        100 * result.metrics.average.ensemble_accuracy)
 
 
 def test_progress_artifacts(finished_run):
@@ -92,7 +94,7 @@ def test_run_names_identify_their_work(finished_run):
     states = task_states(run_id)
     expected = ([f"gradients[{t}]" for t in TASKS] + ["linearity[rte]", "subsets[0]",
                 "affinity-and-groups", "train[group-0]", "train[group-1]", "train[all-tasks]",
-                "theta-star", "scores[group-0]", "scores[all-tasks]", "weights-and-evaluation"])
+                "theta-star", "scores[group-0]", "scores[all-tasks]", "weights", "evaluation"])
     for name in expected:
         assert states.get(name) == "Completed", (name, sorted(states))
     assert any(n.startswith("boost[group-") for n in states)

@@ -16,6 +16,8 @@ from flows.cli import main
 
 from capture_utils import prefect_console_follows_capsys  # noqa: F401 (autouse)
 
+pytestmark = pytest.mark.integration  # Prefect server, subprocesses (make test-fast skips)
+
 COMPLETE_MARKERS = ("manifest.json", "metrics.json", "ensemble.json", "adapter_model.safetensors",
                     "groups.json", "affinity.json")
 
@@ -254,7 +256,8 @@ def test_extremely_long_text_is_truncated_not_an_error(setup, capsys, prefect_se
     prompt, where the question is); stage 1 succeeds."""
     from ensemble_core.config import load_config
     from ensemble_core.data import load_task
-    from ensemble_core.models import ChoiceScorer, load_base
+    from ensemble_core.models import load_base
+    from ensemble_core.scoring import ChoiceScorer
 
     long_text = ("the premise is not what it was because of the cause " * 20000)[:1 << 20]
     _jsonl(setup["train"], _records(3) + [{"text": long_text, "label": 1}] + _records(2, 50))

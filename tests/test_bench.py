@@ -5,7 +5,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+
+pytestmark = pytest.mark.integration  # Prefect server, subprocesses (make test-fast skips)
 
 
 def test_gradient_bench_runs_on_the_tiny_model(data_root, cache_dir):

@@ -14,6 +14,8 @@ from flows.cli import error_reason, main
 from capture_utils import prefect_console_follows_capsys  # noqa: F401 (autouse)
 from conftest import REPO
 
+pytestmark = pytest.mark.integration  # Prefect server, subprocesses (make test-fast skips)
+
 CONFIG = str(REPO / "configs" / "tiny.yaml")
 
 

@@ -1,4 +1,4 @@
-"""Stage 3 (DESIGN.md step 3): task affinity (eq. 1) and SDP clustering (Appendix A.1)."""
+"""Stage 3: task affinity (eq. 1) and SDP clustering (Appendix A.1)."""
 from __future__ import annotations
 
 import json
@@ -22,7 +22,7 @@ def _hand_results():
         ((0, 1), {0: r(1.0, 0.5), 1: r(2.0, 0.4)}),
         ((0, 1, 2), {0: r(3.0, 0.7), 1: r(4.0, 0.6), 2: r(5.0, 0.9)}),
         ((1, 2), {1: r(6.0, 0.2), 2: r(7.0, 0.3)}),
-        ((0, 2), {"0": r(8.0, 0.1), "2": r(9.0, 0.8)}),  # JSON round-trip keys
+        ((0, 2), {"boolq": r(8.0, 0.1), "rte": r(9.0, 0.8)}),  # keyed by name (stage 2)
     ]
 
 

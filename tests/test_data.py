@@ -176,6 +176,7 @@ def test_determinism_and_provenance():
 
 
 @needs_data
+@pytest.mark.integration  # a subprocess
 def test_identical_across_processes():
     code = ("import sys, json; from ensemble_core.data import *; "
             "d = load_task(TaskConfig(name='w', builtin='glue/wnli', seed=5), sys.argv[1]); "

@@ -16,10 +16,12 @@ from conftest import REPO
 sys.path.insert(0, str(REPO))
 from deployments import local_server, start, stop  # noqa: E402
 
+pytestmark = pytest.mark.integration  # Prefect server, subprocesses (make test-fast skips)
+
 TINY = REPO / "configs" / "tiny.yaml"
 STAGES = {"gradient_features/gradient-features": "gpu", "affinity/affinity": "cpu",
           "group_adapters/group-adapters": "gpu",
-          "boosting_and_weights/boosting-and-weights": "cpu"}
+          "boosting_and_weights/boosting-and-weights": "gpu"}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,7 @@ def test_deployments_schedule_and_pools(service):
     env, _ = service
     with _client(env) as client:
         dep = client.read_deployment_by_name("ensemble_lora/ensemble-lora")
-        assert dep.work_pool_name == "cpu"
+        assert dep.work_pool_name == "gpu"
         assert dep.parameters == {"config": "configs/superglue-smollm2.yaml", "overrides": []}
         [sched] = dep.schedules
         assert sched.active and sched.schedule.cron == "0 3 * * 1"
@@ -95,16 +97,17 @@ def test_deployments_schedule_and_pools(service):
 
 
 def test_ensemble_lora_deployment_run(service):
-    """The whole tiny pipeline in the flow-run process of the `cpu` worker."""
+    """The whole tiny pipeline in the flow-run process of the `gpu` worker."""
     env, tmp = service
     run_dir = tmp / "run-local"
     t0 = time.monotonic()
     run = _run_and_wait(env, tmp, [f"output_dir={run_dir}"])
     print(f"ensemble-lora deployment run: {time.monotonic() - t0:.0f} s")
-    assert run.work_pool_name == "cpu"
+    assert run.work_pool_name == "gpu"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["tasks"]) == {"rte", "cb", "copa", "wic"}
-    assert run.state.result()["run_dir"] == str(run_dir)  # JSON-persisted (prefect.yaml env)
+    from ensemble_core.records import PipelineResult  # JSON-persisted (prefect.yaml env)
+    assert PipelineResult.from_json(run.state.result()).run_dir == str(run_dir)
 
 
 def test_stages_on_work_pools(service):

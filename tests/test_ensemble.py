@@ -7,12 +7,15 @@ import torch
 
 from ensemble_core.config import parse_config
 from ensemble_core.data import DataError, load_task, read_records
-from ensemble_core.ensemble import (EnsembleError, EnsembleModel, boosted_scores,
-                                    ensemble_log_loss, fit_ensemble_weights, softmax, task_entry,
+from ensemble_core.adapters import save_adapter
+from ensemble_core.boosting import group_scores
+from ensemble_core.ensemble import (EnsembleError, EnsembleModel, ensemble_log_loss,
+                                    fit_ensemble_weights, probabilities, task_entry,
                                     write_ensemble_json)
-from ensemble_core.models import (ChoiceScorer, adapter_vector, choice_outputs, load_model,
-                                  set_adapter_vector)
-from ensemble_core.training import save_adapter, train_adapter
+from ensemble_core.models import adapter_vector, load_model, set_adapter_vector
+from ensemble_core.records import GroupEnsemble, Member
+from ensemble_core.scoring import ChoiceScorer, choice_outputs
+from ensemble_core.training import train_adapter
 
 from conftest import tiny_config
 
@@ -79,13 +82,18 @@ def test_weights_edge_cases():
 
 
 def test_boosting_adds_in_score_space():
-    h = [np.array([1.0, -1.0]), np.array([0.5, 0.0, 2.0])]
-    b1 = [np.array([2.0, 0.0]), np.array([1.0, 1.0, -1.0])]
-    b2 = [np.array([0.0, 4.0]), np.array([0.0, 2.0, 0.0])]
-    out = boosted_scores(h, [b1, b2], eta=0.1)
-    np.testing.assert_allclose(out[0], [1.2, -0.6])
-    np.testing.assert_allclose(out[1], [0.6, 0.3, 1.9])
-    np.testing.assert_allclose(softmax([0.0, np.log(3.0)]), [0.25, 0.75])
+    # a group adapter, one boosting adapter (+1) and θ* (−1): h = h_g + (h_k − h0)
+    scores = {"g": {"t": {"train": [[1.0, -1.0], [0.5, 0.0, 2.0]]}},
+              "g-boost-1": {"t": {"train": [[2.0, 0.0], [1.0, 1.0, -1.0]]}},
+              "theta-star": {"t": {"train": [[0.5, 0.5], [0.0, 2.0, 0.0]]}}}
+    group = GroupEnsemble("g", ["t"], [Member("g", 1.0), Member("g-boost-1", 1.0),
+                                       Member("theta-star", -1.0)])
+    out = group_scores(scores, group, "t", "train")
+    np.testing.assert_allclose(out[0], [2.5, -1.5])
+    np.testing.assert_allclose(out[1], [1.5, -1.0, 1.0])
+    p = probabilities([[0.0, np.log(3.0)], [0.0, 0.0, np.log(2.0)]])
+    np.testing.assert_allclose(p[0], [0.25, 0.75])
+    np.testing.assert_allclose(p[1], [0.25, 0.25, 0.5])
 
 
 # ---------------------------------------------------------------------------- EnsembleModel
@@ -212,10 +220,17 @@ def test_ensemble_json_is_validated(run, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written, no temporaries
     write_ensemble_json(tmp_path / "ensemble.json", tasks=spec["tasks"], **kw)
     assert [p.name for p in tmp_path.iterdir()] == ["ensemble.json"]
-    # a missing adapter is named when loading (absolute adapter paths work too)
-    for mem in spec["groups"][0]["members"]:
-        mem["adapter"] = str(run_dir / mem["adapter"])
+    # a missing adapter is named when loading
+    import shutil
+    shutil.copytree(run_dir / "adapters", tmp_path / "adapters")
     spec["groups"][1]["members"][0]["adapter"] = "adapters/nowhere"
     (tmp_path / "ensemble.json").write_text(json.dumps(spec))
     with pytest.raises(EnsembleError, match="adapters/nowhere"):
         EnsembleModel.from_pretrained(tmp_path)
+    # adapter paths read from ensemble.json must stay inside the run directory
+    for bad in [str(run_dir / "adapters" / "group-0"), "../ensemble-run/adapters/group-0",
+                "~/adapters/group-0", "adapters/../../x"]:
+        spec["groups"][1]["members"][0]["adapter"] = bad
+        (tmp_path / "ensemble.json").write_text(json.dumps(spec))
+        with pytest.raises(EnsembleError, match="relative to the run directory|leaves the run"):
+            EnsembleModel.from_pretrained(tmp_path)

@@ -6,8 +6,9 @@ import torch
 
 from ensemble_core.config import parse_config
 from ensemble_core.data import load_task
-from ensemble_core.gradients import extract_features, outputs
-from ensemble_core.models import ChoiceScorer, adapter_vector, load_model, set_adapter_vector
+from ensemble_core.gradients import extract_features
+from ensemble_core.models import adapter_vector, load_model, set_adapter_vector
+from ensemble_core.scoring import ChoiceScorer, score_rows
 from ensemble_core.projection import GaussianProjector
 from ensemble_core.surrogate import FirstOrderSurrogate
 
@@ -44,7 +45,7 @@ def test_surrogate_loss_matches_true_loss_to_first_order(task, data_root, cache_
         sur.coef_ = x * scale  # evaluate the surrogate at this x
         est = sur.score(table)["loss"]
         set_adapter_vector(lm.model, theta0 + delta * scale)
-        true = _ce(outputs(lm.model, scorer, ex, 4).double().numpy(), table)
+        true = _ce(score_rows(lm.model, scorer, ex, 4).double().numpy(), table)
         set_adapter_vector(lm.model, theta0)
         change = abs(true - base_loss)
         assert change > 0
@@ -57,15 +58,17 @@ def test_surrogate_loss_matches_true_loss_to_first_order(task, data_root, cache_
 def test_check_estimates_end_to_end(data_root, cache_dir, tmp_path):
     from ensemble_core import stages
     from ensemble_core.checks import check_estimates
+    from ensemble_core.run import Run
 
     raw = tiny_config(data_root, tmp_path, cache_dir=str(cache_dir))
     raw["estimation"] = dict(raw["estimation"], n_subsets=3, subset_size=2)
     raw["training"] = {"epochs": 1, "batch_size": 4}
-    cfg = parse_config(raw)
-    records = {t.name: stages.gradient_features(cfg, load_task(t, data_root)) for t in cfg.tasks}
-    res = check_estimates(cfg, records, stages.plan_subsets(cfg), r=2)
-    s = res["summary"]
-    assert s["pairs"] == 4 and len(res["rows"]) == 4
-    assert np.isfinite(s["mean_relative_error"]) and s["true_finetune_s"] > 0
-    for row in res["rows"]:
-        assert row["estimated_loss"] > 0 and row["true_loss"] > 0
+    run = Run.open(parse_config(raw))
+    records = {t: stages.gradient_features(run, t) for t in run.task_names}
+    res = check_estimates(run, records, stages.plan_subsets(run.cfg), r=2)
+    s = res.summary
+    assert s.pairs == 4 and len(res.rows) == 4
+    assert np.isfinite(s.mean_relative_error) and s.true_finetune_s > 0
+    for row in res.rows:
+        assert row.estimated_loss > 0 and row.true_loss > 0
+    assert res.file.verified()

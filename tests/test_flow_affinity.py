@@ -1,6 +1,5 @@
 """Stage 2 under a real Prefect server: subset fan-out, affinity, SDP groups; cached re-run;
 the same fan-out on a real Dask LocalCluster reached through its address."""
-import json
 import os
 
 import numpy as np
@@ -13,6 +12,8 @@ from flows.affinity import affinity_flow, run_affinity
 
 from conftest import tiny_config
 from prefect_utils import task_states
+
+pytestmark = pytest.mark.integration  # Prefect server, subprocesses (make test-fast skips)
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +36,11 @@ def run_cfg(data_root, cache_dir, tmp_path_factory):
 def test_affinity_flow_groups_and_cache(prefect_server, run_cfg):
     state = affinity_flow(run_cfg, return_state=True)
     res = state.result()
-    assert len(res["subsets"]) == 6  # all C(4, 2) pairs
-    groups = read_json(res["groups"]["path"])
+    assert len(res.results) == 6  # all C(4, 2) pairs
+    groups = read_json(res.groups.groups.path)
     tasks = sorted(t for g in groups["groups"] for t in g["tasks"])
     assert tasks == ["cb", "copa", "rte", "wic"] and groups["n_groups"] == 2
-    with open(res["affinity"]["path"]) as f:
+    with open(res.groups.affinity.path) as f:
         aff = Affinity.from_json(f.read())
     assert aff.names == ["rte", "cb", "copa", "wic"]
     assert (aff.counts[~np.eye(4, dtype=bool)] == 1).all()
@@ -51,7 +52,7 @@ def test_affinity_flow_groups_and_cache(prefect_server, run_cfg):
     assert {states2[f"subsets[{i}]"] for i in range(3)} == {"Cached"}
     assert states2["gradients[rte]"] == "Cached"
     assert states2["affinity-and-groups"] == "Cached"
-    assert state2.result()["group_tasks"] == res["group_tasks"]
+    assert state2.result().groups.group_tasks == res.groups.group_tasks
 
 
 def test_subset_fanout_on_dask_local_cluster(prefect_server, run_cfg, tmp_path):
@@ -63,21 +64,21 @@ def test_subset_fanout_on_dask_local_cluster(prefect_server, run_cfg, tmp_path):
                       dashboard_address=None) as cluster:
         cfg_dask = dict(cfg, runner={"kind": "dask", "address": cluster.scheduler_address},
                         output_dir=str(tmp_path / "dask-run-2"))
-        on_dask = run_affinity(cfg_dask, gradient_records=threads_records(threads, cfg))
+        on_dask = run_affinity(cfg_dask, features=threads_records(threads, cfg))
         with cluster.get_client() as client:
             worker_pids = set(client.run(os.getpid).values())
     # the subset tasks really ran in the cluster's worker processes, not in this one
-    used = {int(w.rsplit(":", 1)[1]) for w in on_dask["workers"]}
+    used = {int(w.rsplit(":", 1)[1]) for w in on_dask.workers}
     assert used and used <= worker_pids and os.getpid() not in used
-    assert {int(w.rsplit(":", 1)[1]) for w in threads["workers"]} == {os.getpid()}
-    for a, b in zip(threads["subsets"], on_dask["subsets"]):
-        assert a["subset"] == b["subset"]
-        for i in a["per_task"]:
-            assert a["per_task"][i]["loss"] == pytest.approx(b["per_task"][i]["loss"], rel=1e-6)
-    assert on_dask["group_tasks"] == threads["group_tasks"]
+    assert {int(w.rsplit(":", 1)[1]) for w in threads.workers} == {os.getpid()}
+    for a, b in zip(threads.results, on_dask.results):
+        assert a.subset == b.subset and a.tasks == b.tasks
+        for t in a.per_task:
+            assert a.per_task[t].loss == pytest.approx(b.per_task[t].loss, rel=1e-6)
+    assert on_dask.groups.group_tasks == threads.groups.group_tasks
 
 
 def threads_records(result, cfg):
     """Reuse the gradient files of the first run (the Dask run reads them by path)."""
     from flows.gradient_features import gradient_features
-    return gradient_features(cfg)["tasks"]
+    return gradient_features(cfg).features

@@ -1,13 +1,14 @@
 """Stage 1 exactness: batched per-example gradients vs the plain autograd loop."""
-import numpy as np
 import pytest
 import torch
 
 from ensemble_core.config import parse_config
 from ensemble_core.data import Example, load_task
-from ensemble_core.gradients import (batched_gradients, extract_features, linearity_check,
+from ensemble_core.checks import linearity_check
+from ensemble_core.gradients import (batched_gradients, extract_features,
                                      reference_gradients)
-from ensemble_core.models import ChoiceScorer, load_model, trainable_parameters
+from ensemble_core.models import load_model, trainable_parameters
+from ensemble_core.scoring import ChoiceScorer
 from ensemble_core.projection import GaussianProjector
 
 from conftest import tiny_config

@@ -1,7 +1,6 @@
 """The whole pipeline on configs/tiny.yaml under a real Prefect server: outputs, manifest,
 boosting, inference consistency; a second run is served entirely from the cache."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +13,8 @@ from flows.pipeline import ensemble_lora
 
 from conftest import REPO
 from prefect_utils import task_states
+
+pytestmark = pytest.mark.integration  # Prefect server, subprocesses (make test-fast skips)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_second_run_entirely_cached(runs):
     _, res1, states1, res2, states2 = runs
     assert set(states2) == set(states1)
     assert all(s == "Cached" for s in states2.values()), states2
-    assert res2["metrics"] == res1["metrics"]
+    assert res2.metrics == res1.metrics
 
 
 def test_boosting_lowered_the_chosen_groups_training_loss(runs):
@@ -79,13 +80,14 @@ def test_ensemble_model_reproduces_the_pipeline_evaluation(runs, data_root):
 
 def test_run_directory_of_another_config_is_refused(runs, data_root):
     from ensemble_core.config import load_config
-    from ensemble_core.stages import RunDirError, claim_run_dir
+    from ensemble_core.run import Run
+    from ensemble_core.rundir import RunDirError
 
     out = runs[0]
     same = load_config(str(REPO / "configs" / "tiny.yaml"),
                        [f"output_dir={out}", "training.epochs=2", "tasks.0.max_examples.train=8"])
-    claim_run_dir(same)  # other training/data settings: resumable, recomputed where needed
+    Run.open(same)  # other training/data settings: resumable, recomputed where needed
     other = load_config(str(REPO / "configs" / "tiny.yaml"),
                         [f"output_dir={out}", "adapter.r=8"])
     with pytest.raises(RunDirError, match=r"belongs to another run \(different adapter\)"):
-        claim_run_dir(other)
+        Run.open(other)

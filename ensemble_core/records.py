@@ -1,0 +1,484 @@
+"""What the stages hand each other: small typed records (docs/design.md, "Records").
+
+A record names files (path + sha256) and carries the few numbers a later stage needs; arrays
+stay in the files. Every record is a frozen dataclass with ``to_json()`` / ``from_json()``
+(validated, nested records included), which is how records travel through Prefect (JSON
+results, never pickles) and how they are compared. ``key()`` is the part of a record that
+identifies its content, which is what a later stage's cache key is made of (``stages``).
+
+The stages, in the one numbering used everywhere (README, flows, prefect.yaml, the report):
+
+1. gradient features    -> :class:`FeaturesRecord` per task, :class:`LinearityRecord`
+2. subset regressions   -> :class:`SubsetBatch` (of :class:`SubsetEstimate`)
+3. affinity and groups  -> :class:`GroupsRecord`
+4. group adapters       -> :class:`AdapterRecord` per group (and the baseline, θ*)
+5. boosting and weights -> :class:`ScoresRecord` per member, :class:`BoostRecord` per step,
+                           :class:`EnsembleRecord`
+6. evaluation           -> :class:`EvaluationRecord` (:class:`Metrics`)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import lru_cache
+from typing import Callable
+
+__all__ = [
+    "Progress", "Record", "FileRef", "ProjectionInfo", "SplitFeatures", "FeaturesRecord",
+    "LinearityPoint", "LinearityRecord", "TaskEstimate", "SurrogateFit", "SubsetEstimate",
+    "SubsetBatch", "GroupsRecord", "TrainResult", "AdapterRecord", "ScoresRecord", "Member",
+    "GroupEnsemble", "BoostRecord", "EnsembleRecord", "TaskMetrics", "Averages", "Compute",
+    "Metrics", "EvaluationRecord", "FeaturesResult", "GroupingResult", "AdaptersResult",
+    "EnsembleResult", "PipelineResult", "EstimateCheckRow", "EstimateCheckSummary",
+    "EstimateCheck",
+]
+
+# progress(done, total, detail): the one shape of progress callback in the library
+Progress = Callable[[int, int, str], None]
+
+
+@lru_cache(maxsize=None)
+def _adapter(cls):
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(cls)
+
+
+class Record:
+    """JSON both ways for a dataclass record."""
+
+    def to_json(self) -> dict:
+        return _adapter(type(self)).dump_python(self, mode="json")
+
+    @classmethod
+    def from_json(cls, data):
+        """The record from its JSON form (or the record itself), validated."""
+        if isinstance(data, cls):
+            return data
+        from pydantic import ValidationError
+
+        try:
+            return _adapter(cls).validate_python(data)
+        except ValidationError as e:
+            raise ValueError(f"not a valid {cls.__name__} record: {e}") from None
+
+    def key(self):
+        """The content identity of the record (cache keys). Default: all of it."""
+        return self.to_json()
+
+
+# ---------------------------------------------------------------------------------- files
+
+@dataclasses.dataclass(frozen=True)
+class FileRef(Record):
+    """A file of the run directory and the sha256 of its content when it was written."""
+    path: str
+    sha256: str
+
+    def verified(self) -> bool:
+        """The file is there with the content it was written with."""
+        from .storage import file_sha256
+
+        try:
+            return file_sha256(self.path) == self.sha256
+        except (FileNotFoundError, OSError):
+            return False
+
+    def key(self):
+        return self.sha256
+
+
+# ---------------------------------------------------------------------------------- stage 1
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionInfo(Record):
+    """The projection of stage 1: P is p × d with N(0, 1/d) entries, generated from ``seed``
+    in blocks of ``block_rows`` rows (``projection.GaussianProjector``), taken at the adapter θ*
+    of norm ``theta_norm``."""
+    p: int
+    d: int
+    seed: int
+    block_rows: int
+    theta_norm: float
+
+    def relative_distance(self, x_norm: float) -> float:
+        """‖P x‖/‖θ*‖ ≈ sqrt(p/d)·‖x‖/‖θ*‖ (the paper's Table 2 measure; E‖P x‖² = (p/d)‖x‖²)."""
+        return x_norm * ((self.p / self.d) ** 0.5 / max(self.theta_norm, 1e-30))
+
+    def norm_for_relative_distance(self, r: float) -> float:
+        """The ‖x‖ at which ‖P x‖ ≈ r·‖θ*‖ (the surrogate's bound)."""
+        return r * self.theta_norm / (self.p / self.d) ** 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitFeatures(FileRef):
+    """One Parquet file of stage-1 features (``features.FeatureTable``)."""
+    rows: int
+    examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturesRecord(Record):
+    """Stage 1 for one task: its train and validation features and its manifest."""
+    task: str
+    manifest: FileRef
+    train: SplitFeatures
+    validation: SplitFeatures
+    projection: ProjectionInfo
+    seconds: float  # wall time of the task's gradient pass (both splits)
+
+    def split(self, name: str) -> SplitFeatures:
+        if name not in ("train", "validation"):
+            raise KeyError(f"stage-1 features have train and validation splits, not {name!r}")
+        return getattr(self, name)
+
+    def files(self) -> list[FileRef]:
+        return [self.manifest, self.train, self.validation]
+
+    def verified(self) -> bool:
+        return all(f.verified() for f in self.files())
+
+    def key(self):
+        return {"task": self.task, "train": self.train.sha256,
+                "validation": self.validation.sha256, "projection": self.projection.to_json()}
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearityPoint(Record):
+    relative_distance: float
+    relative_error: float
+    error_vs_change: float
+    n_rows: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearityRecord(Record):
+    """The first-order check (Table 5 / Figure 2) on one task's first validation examples."""
+    task: str
+    examples: int
+    results: list[LinearityPoint]
+    file: FileRef
+
+
+# ---------------------------------------------------------------------------------- stage 2
+
+@dataclasses.dataclass(frozen=True)
+class TaskEstimate(Record):
+    """f̂_i(S): the surrogate fitted on S, evaluated on task i's validation examples."""
+    loss: float
+    accuracy: float
+    n_examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SurrogateFit(Record):
+    norm: float  # ‖x̂‖
+    l2: float  # the effective λ (raised when the norm bound holds)
+    n_iter: int
+    converged: bool
+    train_loss: float
+    n_train_examples: int
+    relative_distance: float  # ‖P x̂‖/‖θ*‖ (Table 2), ProjectionInfo.relative_distance
+
+
+@dataclasses.dataclass(frozen=True)
+class SubsetEstimate(Record):
+    """One sampled subset S: its tasks (indices into the run's task list, and names) and
+    f̂_i(S) for every i ∈ S, keyed by task name."""
+    subset: list[int]
+    tasks: list[str]
+    per_task: dict[str, TaskEstimate]
+    fit: SurrogateFit
+
+
+@dataclasses.dataclass(frozen=True)
+class SubsetBatch(Record):
+    """Stage 2 for a batch of subsets (one task run)."""
+    batch: int
+    file: FileRef
+    results: list[SubsetEstimate]
+    worker: str  # host:pid of the process that fitted them
+    seconds: float
+
+    def key(self):
+        return [r.key() for r in self.results]
+
+
+# ---------------------------------------------------------------------------------- stage 3
+
+@dataclasses.dataclass(frozen=True)
+class GroupsRecord(Record):
+    """Stage 3: the task affinity (eq. 1) and the groups."""
+    affinity: FileRef
+    groups: FileRef
+    group_tasks: list[list[str]]
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------- stage 4
+
+@dataclasses.dataclass
+class TrainResult(Record):
+    """What one ``training.train_adapter`` call did (training.json beside an adapter; an
+    AdapterRecord carries it without ``history``).
+
+    ``history`` has one entry per epoch: ``{"epoch", "train_loss", "steps", "seconds",
+    "val_loss", "val": evaluate(...)}``; entry 0 (when validated) is the adapter before training
+    (``train_loss`` None). ``val_loss`` is the selection criterion: the unweighted mean over
+    tasks of each task's mean validation loss. ``best_epoch`` is chosen among epochs >= 1.
+
+    ``flops_estimate`` = 6 · n_params_forward · tokens_seen: the usual forward (2N) + backward
+    (4N) floating-point operations per token, N = parameters applied at every position (all weights,
+    LoRA included, except the input embedding table, a lookup, and the output head, which
+    ``choice_outputs`` applies to a few rows or positions only). With frozen base weights the
+    backward pass skips their weight gradients, so the true cost is nearer 4N per token: the
+    estimate is an upper bound of the usual kind.
+    ``tokens_seen`` counts non-padding input tokens of training batches (in sequence mode, one
+    sequence per answer choice); validation forwards are not counted.
+
+    ``peak_memory_bytes``: ``torch.cuda.max_memory_allocated`` on the training device when it
+    is a GPU (reset at the start of training), else the process's peak resident set size
+    (``getrusage``), which covers the whole process lifetime, not only this call.
+    """
+    best_epoch: int
+    history: list[dict]
+    wall_seconds: float
+    n_steps: int
+    tokens_seen: int
+    flops_estimate: float
+    peak_memory_bytes: int
+    trainable_parameters: int
+    n_params_forward: int = 0
+    examples_seen: int = 0
+    best_val_loss: float | None = None
+    device: str = "cpu"
+    config: dict = dataclasses.field(default_factory=dict)  # the TrainingConfig used, + max_length, mode
+
+    def to_json(self) -> dict:
+        from .storage import jsonable
+
+        return jsonable(dataclasses.asdict(self))  # NaN and inf as null
+
+    @classmethod
+    def from_json(cls, data) -> "TrainResult":
+        if isinstance(data, cls):
+            return data
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})  # newer fields ignored
+
+    def summary(self) -> "TrainResult":
+        """The same without the per-epoch history."""
+        return dataclasses.replace(self, history=[])
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterRecord(Record):
+    """A PEFT adapter directory of the run (a group adapter, the baseline, θ*, a boosting
+    adapter) and the sha256 of its weights."""
+    name: str
+    tasks: list[str]
+    path: str
+    sha256: str
+    train: TrainResult | None = None  # trained adapters, without the history
+
+    def key(self):
+        return {"name": self.name, "sha256": self.sha256}
+
+
+# ---------------------------------------------------------------------------------- stage 5
+
+@dataclasses.dataclass(frozen=True)
+class ScoresRecord(Record):
+    """One member adapter's scores h_c(s) on the splits and tasks a later step reads."""
+    name: str
+    file: FileRef
+    seconds: float
+
+    def key(self):
+        return {"name": self.name, "sha256": self.file.sha256}
+
+
+@dataclasses.dataclass(frozen=True)
+class Member(Record):
+    """A member of a group ensemble: its scores enter the group's sum with ``scale``."""
+    name: str
+    scale: float
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupEnsemble(Record):
+    """Group g's ensemble: h_g = Σ_members scale · h_member (score space, ``boosting``)."""
+    name: str
+    tasks: list[str]
+    members: list[Member]
+
+
+@dataclasses.dataclass(frozen=True)
+class BoostRecord(Record):
+    """One boosting step (Algorithm 2): the restored adapter and the exact training loss of
+    the chosen group's ensemble before and after adding it."""
+    adapter: AdapterRecord
+    group: str
+    step: int
+    eta: float
+    train_loss_before: float
+    train_loss_after: float
+    train_loss_first_order: float
+    x_norm: float
+    relative_distance: float
+    accepted: bool
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleRecord(Record):
+    """ensemble.json: the group ensembles and every task's weights over them."""
+    file: FileRef
+    groups: list[GroupEnsemble]
+    weights: dict[str, list[float]]
+
+
+# ---------------------------------------------------------------------------------- stage 6
+
+@dataclasses.dataclass(frozen=True)
+class TaskMetrics(Record):
+    n_test: int
+    group: int
+    weights: list[float]
+    baseline_accuracy: float
+    group_accuracy: float
+    ensemble_accuracy: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Averages(Record):
+    baseline_accuracy: float
+    group_accuracy: float
+    ensemble_accuracy: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Compute(Record):
+    """Wall seconds of each part and the compute ratio (whole ensemble pipeline / baseline)."""
+    gradients_s: float
+    estimation_s: float
+    group_adapters_s: float
+    boosting_s: float
+    ensemble_pipeline_s: float
+    baseline_s: float
+    ratio: float
+    baseline_flops: float
+    group_flops: float
+    peak_memory_bytes: int
+
+    def __post_init__(self):
+        if not math.isfinite(self.ratio):
+            raise ValueError(f"compute ratio is {self.ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Metrics(Record):
+    """metrics.json."""
+    tasks: dict[str, TaskMetrics]
+    average: Averages
+    compute: Compute
+    n_groups: int
+    groups: list[list[str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationRecord(Record):
+    file: FileRef
+    metrics: Metrics
+
+
+# ---------------------------------------------------------------------------- flow results
+# What each flow of flows/ returns (and a stage deployment hands back as JSON).
+
+@dataclasses.dataclass(frozen=True)
+class FeaturesResult(Record):
+    """Stage 1 for every task, and the first-order check."""
+    features: dict[str, FeaturesRecord]
+    linearity: LinearityRecord | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupingResult(Record):
+    """Stages 2–3: the subset batches and the groups."""
+    batches: list[SubsetBatch]
+    groups: GroupsRecord
+
+    @property
+    def results(self) -> list[SubsetEstimate]:
+        return [r for b in self.batches for r in b.results]
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of stages 2–3 (the subset fits and the clustering)."""
+        return sum(b.seconds for b in self.batches) + self.groups.seconds
+
+    @property
+    def workers(self) -> list[str]:
+        return sorted({b.worker for b in self.batches})
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptersResult(Record):
+    """Stage 4: the group adapters, the single-adapter baseline and θ*, by name."""
+    adapters: dict[str, AdapterRecord]
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleResult(Record):
+    """Stages 5–6: the boosting steps, the ensemble, its evaluation."""
+    boosting: list[BoostRecord]
+    ensemble: EnsembleRecord
+    evaluation: EvaluationRecord
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineResult(Record):
+    """The whole pipeline."""
+    run_dir: str
+    metrics: Metrics
+    groups: list[list[str]]
+    report: FileRef
+    manifest: FileRef
+
+
+# ---------------------------------------------------------------------------------- checks
+
+@dataclasses.dataclass(frozen=True)
+class EstimateCheckRow(Record):
+    """One (subset, task) pair of the Table 3 check: the estimate against real fine-tuning."""
+    subset: list[str]
+    task: str
+    estimated_loss: float
+    true_loss: float
+    estimated_accuracy: float
+    true_accuracy: float
+    relative_error: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimateCheckSummary(Record):
+    pairs: int
+    subsets: int
+    mean_relative_error: float
+    spearman: float | None
+    accuracy_abs_error: float
+    true_finetune_s: float
+    surrogate_fit_s: float
+    estimation_with_amortized_gradients_s: float
+    compute_ratio_fits_only: float
+    compute_ratio_with_gradients: float
+    k_subsets: int
+    stage1_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimateCheck(Record):
+    """estimate_check.json (the paper's Table 3)."""
+    file: FileRef
+    summary: EstimateCheckSummary
+    rows: list[EstimateCheckRow]

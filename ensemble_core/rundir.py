@@ -1,0 +1,207 @@
+"""The run directory: one object owns its layout (docs/design.md, "Run directory").
+
+Every path of a run is made here, on any fsspec URL; nothing else joins run paths::
+
+    run.json                              the run's identity (name, model, adapter, seed)
+    manifest.json                         every output with its sha256, the config, the code
+    gradients/<task>/{train,validation}.parquet, manifest.json    stage 1
+    gradients/linearity.json              stage 1's first-order check (Table 5 / Figure 2)
+    estimation/subsets-<batch>.json       stage 2: surrogate fits of a batch of subsets
+    estimate_check.json                   the estimates against real fine-tuning (Table 3)
+    affinity.json, affinity.png           stage 3: task affinity T (eq. 1) and its heatmap
+    groups.json                           stage 3: the groups (SDP, Appendix A.1)
+    adapters/<name>/                      stage 4 (group-<k>, all-tasks, theta-star) and
+                                          stage 5 (group-<k>-boost-<j>): PEFT adapters
+    scores/<name>.json                    stage 5: a member adapter's scores h_c(s)
+    boosting.json, ensemble.json          stage 5: boosting steps; groups, members, weights
+    metrics.json, report.md               stage 6: test accuracy, compute; the report
+    .prefect/cache, .prefect/locks        Prefect's cache records and locks (tasks/)
+
+Adapters are read and written by PEFT, which needs local files: a remote run directory is an
+error at the first adapter (:meth:`RunDir.local`).
+"""
+from __future__ import annotations
+
+import posixpath
+import re
+from pathlib import Path
+
+from .records import FileRef
+from .storage import (atomic_write_bytes, dumps_json, exists, join, read_bytes, read_json,
+                      remove_stale_temporaries)
+
+GRADIENT_SPLITS = ("train", "validation")
+THETA_STAR = "theta-star"
+BASELINE = "all-tasks"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class RunDirError(ValueError):
+    pass
+
+
+class RunDir:
+    """The paths and files of one run directory (a local path or an fsspec URL)."""
+
+    def __init__(self, url: str):
+        self.url = str(url).rstrip("/") or "/"
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.url!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RunDir) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    # -- composing paths ---------------------------------------------------------------------
+    def _path(self, *parts: str) -> str:
+        for p in parts:
+            if not _NAME.match(p) or ".." in p:
+                raise RunDirError(f"{p!r} cannot be a file name in the run directory {self.url}")
+        return join(self.url, *parts)
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.url or self.url.startswith("file://")
+
+    def local(self, url: str) -> Path:
+        """A path of this run directory as a local file path (for PEFT, which reads and writes
+        local files only)."""
+        if not self.is_local:
+            raise RunDirError(f"adapters are written with PEFT, which needs a local run "
+                              f"directory; got {self.url}")
+        return Path(url.replace("file://", "", 1) if url.startswith("file://") else url)
+
+    def relative(self, url: str) -> str:
+        """A path of this run directory relative to it (as ensemble.json stores adapters)."""
+        prefix = self.url + "/"
+        if not url.startswith(prefix):
+            raise RunDirError(f"{url} is not inside the run directory {self.url}")
+        return url[len(prefix):]
+
+    def resolve(self, rel: str) -> str:
+        """A relative path read from one of the run's files, as a path of this directory; an
+        absolute path or one that leaves the directory is an error."""
+        if not isinstance(rel, str) or not rel or rel.startswith(("/", "~")) or "://" in rel \
+                or "\\" in rel:
+            raise RunDirError(f"path {rel!r} (from a file of {self.url}) must be relative to "
+                              "the run directory")
+        norm = posixpath.normpath(rel)
+        if norm == ".." or norm.startswith("../") or norm == ".":
+            raise RunDirError(f"path {rel!r} (from a file of {self.url}) leaves the run "
+                              "directory")
+        return join(self.url, norm)
+
+    # -- the layout --------------------------------------------------------------------------
+    @property
+    def run_json(self) -> str:
+        return self._path("run.json")
+
+    @property
+    def manifest(self) -> str:
+        return self._path("manifest.json")
+
+    def features(self, task: str, split: str) -> str:
+        if split not in GRADIENT_SPLITS:
+            raise RunDirError(f"stage-1 features have splits {GRADIENT_SPLITS}, not {split!r}")
+        return self._path("gradients", task, f"{split}.parquet")
+
+    def features_manifest(self, task: str) -> str:
+        return self._path("gradients", task, "manifest.json")
+
+    @property
+    def linearity(self) -> str:
+        return self._path("gradients", "linearity.json")
+
+    def subsets(self, batch: int) -> str:
+        return self._path("estimation", f"subsets-{int(batch):04d}.json")
+
+    @property
+    def estimate_check(self) -> str:
+        return self._path("estimate_check.json")
+
+    @property
+    def affinity(self) -> str:
+        return self._path("affinity.json")
+
+    @property
+    def affinity_png(self) -> str:
+        return self._path("affinity.png")
+
+    @property
+    def groups(self) -> str:
+        return self._path("groups.json")
+
+    def adapter(self, name: str) -> str:
+        return self._path("adapters", name)
+
+    def adapter_weights(self, name: str) -> str:
+        return self._path("adapters", name, "adapter_model.safetensors")
+
+    def scores(self, member: str) -> str:
+        return self._path("scores", f"{member}.json")
+
+    @property
+    def boosting(self) -> str:
+        return self._path("boosting.json")
+
+    @property
+    def ensemble(self) -> str:
+        return self._path("ensemble.json")
+
+    @property
+    def metrics(self) -> str:
+        return self._path("metrics.json")
+
+    @property
+    def report(self) -> str:
+        return self._path("report.md")
+
+    @property
+    def prefect(self) -> Path | None:
+        """Where Prefect keeps this run's cache records and locks (local run directories)."""
+        return self.local(join(self.url, ".prefect")) if self.is_local else None
+
+    # -- reading and writing -----------------------------------------------------------------
+    def write_json(self, url: str, obj) -> FileRef:
+        return FileRef(url, atomic_write_bytes(url, dumps_json(obj)))
+
+    def write_bytes(self, url: str, data: bytes) -> FileRef:
+        return FileRef(url, atomic_write_bytes(url, data))
+
+    @staticmethod
+    def read_json(url: str):
+        return read_json(url)
+
+    @staticmethod
+    def read_text(url: str) -> str:
+        return read_bytes(url).decode("utf-8")
+
+    @staticmethod
+    def exists(url: str) -> bool:
+        return exists(url)
+
+    # -- claiming ----------------------------------------------------------------------------
+    def claim(self, identity: dict) -> dict:
+        """Mark the directory as this run's (``run.json``) or check that it is; leftovers of
+        writes that a killed process did not finish are removed.
+
+        A run directory belongs to one run identity: its name, base model, adapter and seed —
+        nothing computed under another identity can be reused. Data, estimation, clustering,
+        training and boosting settings may change between runs in one directory: the stages
+        whose inputs changed are recomputed, the rest is served from the cache."""
+        if exists(self.run_json):
+            have = read_json(self.run_json)
+            diff = [k for k in identity if have.get(k) != identity[k]]
+            if diff:
+                raise RunDirError(
+                    f"run directory {self.url} belongs to another run (different "
+                    f"{', '.join(diff)}); choose another output_dir, e.g. --set "
+                    f"output_dir=runs/{identity.get('name', 'run')}-2")
+            remove_stale_temporaries(self.url)
+            return have
+        self.write_json(self.run_json, identity)
+        return identity

@@ -1,0 +1,117 @@
+"""What one process shares between the stages it runs: loaded models, projectors, feature
+tables, the device lock, and the code version that is part of every cache key.
+
+A worker process may run many task runs (threads of one flow run, or a Dask worker): the base
+model with θ* is loaded once per setting, a features file is read once, and P's blocks are
+generated once. None of this changes a result; it is state of the process, not of the run.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import threading
+from pathlib import Path
+
+from . import __version__
+
+_LOCK = threading.Lock()
+# Model work in one process runs one at a time: it shares a device, seeds the global torch RNG
+# (adapter init, dropout) and installs hooks, so interleaving threads would be neither fast nor
+# reproducible. Parallelism across devices comes from several worker processes.
+DEVICE_LOCK = threading.RLock()
+
+_MODELS: dict = {}
+_PROJECTORS: dict = {}
+_TABLES: dict = {}
+
+
+def code_version() -> str:
+    """Package version + a hash of the library's source: part of every cache key."""
+    h = hashlib.sha256(__version__.encode())
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache_path(cfg) -> Path | None:
+    return Path(cfg.cache_dir) if cfg.cache_dir else None
+
+
+def theta_star_model(cfg):
+    """The base model with a fresh adapter θ* (``models.load_model``), loaded once per process
+    and setting (model, adapter, seed). Callers hold :data:`DEVICE_LOCK` while using it."""
+    from .models import load_model
+
+    key = (cfg.model.model_dump_json(), cfg.adapter.model_dump_json(), cfg.seed)
+    with DEVICE_LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = load_model(cfg, cache_path(cfg))
+        return _MODELS[key]
+
+
+def projector(p: int, d: int, seed: int, block_rows: int, cache_gb: float | None, device):
+    """One :class:`projection.GaussianProjector` (and its cache of P's blocks) per process and
+    setting, shared by the tasks of stage 1."""
+    from .projection import GaussianProjector
+
+    cache = None if cache_gb is None else int(cache_gb * 2**30)
+    key = (p, d, seed, block_rows, str(device), cache)
+    with _LOCK:
+        if key not in _PROJECTORS:
+            _PROJECTORS[key] = GaussianProjector(p, d, seed=seed, block_rows=block_rows,
+                                                 cache_bytes=cache, device=device)
+        return _PROJECTORS[key]
+
+
+def feature_table(path: str, sha256: str):
+    """A features file, read once per process (keyed by path and content hash): a worker that
+    handles many subsets does not re-read what it already holds."""
+    from .features import read_features
+
+    key = (path, sha256)
+    with _LOCK:
+        hit = _TABLES.get(key)
+    if hit is None:
+        hit = read_features(path)
+        with _LOCK:
+            _TABLES[key] = hit
+    return hit
+
+
+def release_models() -> None:
+    """Drop the process's θ* models and projection blocks (after stage 1)."""
+    with DEVICE_LOCK, _LOCK:
+        _MODELS.clear()
+        _PROJECTORS.clear()
+    release_memory()
+
+
+def release_memory() -> None:
+    """Give freed memory back after a model stage: without it glibc keeps each worker thread's
+    arena at its peak (a training step's activations) and a long run's resident size only
+    grows; on CUDA, empty the caching allocator."""
+    import ctypes
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def on_device(fn):
+    """Run a model-using function under the process's device lock, releasing memory after."""
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        with DEVICE_LOCK:
+            try:
+                return fn(*a, **k)
+            finally:
+                release_memory()
+    return wrapper

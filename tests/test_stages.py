@@ -1,0 +1,169 @@
+"""The run layer: what each stage declares it depends on (and may read), the run directory's
+layout and its guard against paths that leave it, the typed records, the choice math."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from pydantic import BaseModel
+
+from ensemble_core import stages
+from ensemble_core.choices import Choices, flatten
+from ensemble_core.config import RunConfig, parse_config
+from ensemble_core.records import (FeaturesRecord, FileRef, GroupEnsemble, Member,
+                                   ProjectionInfo, SplitFeatures)
+from ensemble_core.run import LOCATION_FIELDS, Run, StageInputError
+from ensemble_core.rundir import RunDir, RunDirError
+
+from conftest import tiny_config
+
+
+def _leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _leaves(ann, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def test_every_config_field_is_declared_by_a_stage_or_the_planning():
+    """A new config option must say what it changes: a stage whose result depends on it (its
+    cache key then covers it), the planning of the stages' arguments, or nothing (where things
+    are). Otherwise a changed value could be served a stale cache."""
+    declared = set(stages.PLANNING)
+    for spec in stages.STAGES.values():
+        declared |= set(spec.config) | set(spec.uses)
+    uncovered = [p for p in _leaves(RunConfig)
+                 if p.split(".")[0] not in LOCATION_FIELDS
+                 and not any(p == d or p.startswith(d + ".") for d in declared)]
+    assert not uncovered, f"config fields no stage declares: {uncovered}"
+    assert [s.number for s in stages.STAGES.values()] == sorted(
+        s.number for s in stages.STAGES.values())  # declared in stage order
+    assert {s.number for s in stages.STAGES.values()} == {1, 2, 3, 4, 5, 6}
+
+
+@pytest.fixture
+def run(tmp_path):
+    return Run(parse_config(tiny_config("/nowhere", tmp_path / "run")))
+
+
+def test_a_stage_sees_only_what_it_declared(run):
+    view = run.for_stage("subsets", ("estimation.l2", "estimation.max_norm"), [])
+    assert view.cfg.estimation.l2 == run.cfg.estimation.l2
+    assert view.cfg.run_dir == run.cfg.run_dir  # where things are: readable everywhere
+    with pytest.raises(StageInputError, match="reads config field 'estimation.metric'"):
+        view.cfg.estimation.metric
+    with pytest.raises(StageInputError, match="reads config field 'training'"):
+        view.cfg.training
+    with pytest.raises(StageInputError, match="data of task 'rte'"):
+        view.task_data("rte")
+    whole = run.for_stage("train", ("training",), ["rte"])
+    assert whole.cfg.training is run.cfg.training  # a declared section is the real object
+    with pytest.raises(AttributeError):
+        view.cfg.estimation.l2 = 1.0
+
+
+def _subset_inputs(cfg) -> dict:
+    return stages.fit_subsets.stage.inputs(Run(cfg), features={}, batch=0, subsets=[],
+                                           tasks=[])
+
+
+def test_cache_inputs_follow_the_declaration(run):
+    base = _subset_inputs(run.cfg)
+    assert base["config"] == {"estimation.l2": run.cfg.estimation.l2,
+                              "estimation.max_norm": None,
+                              "estimation.max_relative_distance": 1.0}
+    changed = run.cfg.model_copy(deep=True)
+    changed.estimation.l2 = 0.5
+    assert _subset_inputs(changed)["config"] != base["config"]
+    other = run.cfg.model_copy(deep=True)
+    other.training.epochs = 7  # stage 2 does not depend on training
+    assert _subset_inputs(other) == base
+
+
+def test_cache_inputs_use_the_records_content_keys(run):
+    info = ProjectionInfo(100, 10, 0, 32, 1.5)
+    rec = FeaturesRecord("rte", FileRef("m", "s0"), SplitFeatures("a", "s1", 4, 2),
+                         SplitFeatures("b", "s2", 4, 2), info, seconds=3.0)
+    slower = dataclasses.replace(rec, seconds=9.0)  # a timing is not content
+    key = lambda r: stages.fit_subsets.stage.inputs(  # noqa: E731
+        run, features={"rte": r, "cb": r}, batch=1, subsets=[[0]], tasks=["rte", "cb"])
+    assert key(rec) == key(slower)
+    assert list(key(rec)["args"]["features"]) == ["rte"]  # only the tasks the batch uses
+    other = dataclasses.replace(rec, train=SplitFeatures("a", "s9", 4, 2))
+    assert key(other) != key(rec)
+
+
+def test_run_directory_layout_and_guard(tmp_path):
+    rd = RunDir(str(tmp_path / "run"))
+    assert rd.features("rte", "train") == f"{rd.url}/gradients/rte/train.parquet"
+    assert rd.adapter("group-0") == f"{rd.url}/adapters/group-0"
+    assert rd.relative(rd.adapter("group-0")) == "adapters/group-0"
+    assert rd.resolve("adapters/group-0") == rd.adapter("group-0")
+    for bad in ["/etc/passwd", "~/x", "../x", "adapters/../../x", "s3://b/x", "", "."]:
+        with pytest.raises(RunDirError):
+            rd.resolve(bad)
+    for name in ["../x", "a/b", "", ".hidden", "x y"]:
+        with pytest.raises(RunDirError, match="cannot be a file name"):
+            rd.features(name, "train")
+    with pytest.raises(RunDirError, match="needs a local run directory"):
+        RunDir("memory://bucket/run").local("memory://bucket/run/adapters/x")
+
+
+def test_claim_refuses_another_identity(tmp_path):
+    rd = RunDir(str(tmp_path / "run"))
+    ident = {"name": "a", "model": {"name": "tiny-llama"}, "adapter": {"r": 4}, "seed": 0}
+    assert rd.claim(ident) == ident
+    assert rd.claim(ident) == ident
+    with pytest.raises(RunDirError, match=r"belongs to another run \(different seed\)"):
+        rd.claim(dict(ident, seed=1))
+
+
+def test_records_round_trip_through_json():
+    g = GroupEnsemble("group-0", ["rte", "cb"], [Member("group-0", 1.0),
+                                                Member("theta-star", -1.0)])
+    assert GroupEnsemble.from_json(g.to_json()) == g
+    assert GroupEnsemble.from_json(g) is g
+    info = ProjectionInfo(460800, 400, 0, 32768, 2.5)
+    assert info.norm_for_relative_distance(1.0) == 1.0 * 2.5 / (460800 / 400) ** 0.5
+    assert info.relative_distance(info.norm_for_relative_distance(1.0)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="not a valid GroupEnsemble record"):
+        GroupEnsemble.from_json({"name": "g", "tasks": ["rte"]})
+
+
+def _loop(z, n, gold):
+    """Per example, by hand: softmax, log loss, argmax (the independent reference)."""
+    out, i = [], 0
+    for c, g in zip(n, gold):
+        v = np.asarray(z[i:i + c], np.float64)
+        p = np.exp(v - v.max()) / np.exp(v - v.max()).sum()
+        out.append((p, -np.log(p[g]), int(np.argmax(v))))
+        i += c
+    return out
+
+
+def test_choice_math_equals_a_per_example_loop():
+    rng = np.random.default_rng(0)
+    n = rng.integers(2, 5, size=50)
+    gold = [int(rng.integers(0, c)) for c in n]
+    z = rng.standard_normal(int(n.sum())) * 5
+    z[:2] = [1.0, 1.0]  # a tie: the first choice wins
+    layout = Choices(n, gold)
+    ref = _loop(z, n, gold)
+    np.testing.assert_allclose(layout.softmax(z), np.concatenate([p for p, _, _ in ref]),
+                               rtol=1e-13)
+    np.testing.assert_allclose(layout.losses(z), [loss for _, loss, _ in ref], rtol=1e-12,
+                               atol=1e-14)
+    assert layout.argmax(z).tolist() == [a for _, _, a in ref]
+    r = layout.residuals(z)
+    onehot = np.zeros_like(z)
+    onehot[layout.gold_rows] = 1.0
+    np.testing.assert_allclose(r, onehot - layout.softmax(z), atol=1e-15)
+    flat, again = flatten(layout.split(z), gold)
+    assert np.array_equal(flat, z) and np.array_equal(again.gold_rows, layout.gold_rows)
+    with pytest.raises(ValueError, match="gold index 3 outside 0..1"):
+        Choices([2], [3])
