@@ -10,9 +10,14 @@ which starts as the group's fine-tuned adapter alone (scale 1). A boosting step:
 
 1. chooses the group whose ensemble has the highest exact training loss (choose_group);
 2. fits the residuals r_c(s) = 1[c = gold] − p_c(s) — the negative gradient of the log loss
-   w.r.t. the scores — with the first-order model on the stage-1 projected gradients,
-   g̃(s)ᵀx ≈ r(s): x̂ = argmin_x mean_(s,c) (r_c(s) − g̃_c(s)ᵀx)² + λ‖x‖² (ridge, closed form in
-   d dimensions; fit_residuals);
+   w.r.t. the scores — with the first-order model on the stage-1 features. These are gradients
+   of score differences, g̃_c(s) = Pᵀ∇(h_c − h_0)(s): a change x moves the scores by g̃_c(s)ᵀx
+   up to a shift common to all of s's choices, which no softmax sees. Since the residuals sum
+   to zero over each example's choices, they are fitted by the part of the change that differs
+   between the choices, the per-example centred features g̃_c(s) − ḡ(s) (ḡ the mean over s's
+   choices): x̂ = argmin_x mean_(s,c) (r_c(s) − (g̃_c(s) − ḡ(s))ᵀx)² + λ‖x‖² (ridge, closed form
+   in d dimensions; fit_residuals). It is the same for any reference choice, and it is the fit
+   on per-choice gradients g_c − ḡ with the common part removed;
 3. restores the step as a real PEFT adapter θ* + η·P x̂: the step size η is taken in parameter
    space, so h_k − h0 ≈ η·g̃ᵀx̂ while the adapter stays 1/η times closer to θ*, where the
    first-order model that fitted x̂ holds (restore);
@@ -89,13 +94,22 @@ def choose_group(groups: Sequence[GroupEnsemble], losses: Mapping[str, float]) -
     return max(groups, key=lambda g: losses[g.name])
 
 
+def centred(G: np.ndarray, layout: Choices) -> np.ndarray:
+    """Each row minus the mean of its example's rows (the part a softmax over the choices
+    sees)."""
+    mean = np.add.reduceat(G, layout.starts, axis=0) / layout.n_choices[:, None]
+    return G - mean[layout.example_of_row]
+
+
 def fit_residuals(tables: Sequence[FeatureTable], residual: np.ndarray,
                   l2: float = 1e-3) -> np.ndarray:
-    """Ridge regression of the residuals on the projected gradients (rows of ``tables`` in
-    order): x̂ = (GᵀG/N + λI)⁻¹ Gᵀr/N."""
+    """Ridge regression of the residuals on the per-example centred features (rows of
+    ``tables`` in order, step 2 of the module docstring): x̂ = (GᵀG/N + λI)⁻¹ Gᵀr/N with
+    G = g̃ − ḡ."""
     G = np.concatenate([t.grad for t in tables]).astype(np.float64)
     if G.shape[0] != residual.shape[0]:
         raise ValueError(f"{residual.shape[0]} residuals for {G.shape[0]} gradient rows")
+    G = centred(G, _train_layout(tables))
     N, d = G.shape
     A = G.T @ G / N + l2 * np.eye(d)
     return np.linalg.solve(A, G.T @ residual / N)

@@ -1,8 +1,8 @@
 """The paper's two checks of the first-order approach (docs/design.md, "Checks").
 
 * **Table 5 / Figure 2, the first-order approximation** (:func:`linearity_check`): move the
-  adapter a small relative distance from θ* along P x and compare the true outputs with
-  h0 + g̃ᵀx. Stage 1 runs it on one task (``stages.linearity``).
+  adapter a small relative distance from θ* along P x and compare the true margins between an
+  example's choices with m0 + g̃ᵀx. Stage 1 runs it on one task (``stages.linearity``).
 * **Table 3, the estimates against real fine-tuning** (:func:`check_estimates`): for r of the
   sampled subsets S, the adapter is really fine-tuned on S's train examples and each task
   i ∈ S is evaluated on its validation examples; the surrogate's f̂_i(S) is refitted on the
@@ -37,11 +37,13 @@ def linearity_check(model, scorer: ChoiceScorer, examples: Sequence[Example],
                     projector: GaussianProjector, features: FeatureTable | None = None,
                     distances: Sequence[float] = (0.0005, 0.001, 0.0015, 0.002, 0.0025),
                     seed: int = 0, batch_size: int = 16) -> list[dict]:
-    """The paper's Table 5 / Figure 2: move the adapter to θ = θ* + P x at relative distance
-    ‖P x‖/‖θ*‖ = r and compare the true outputs h(θ) with the first-order model h0 + g̃ᵀx.
+    """The paper's Table 5 / Figure 2, on the margins: move the adapter to θ = θ* + P x at
+    relative distance ‖P x‖/‖θ*‖ = r and compare the true margins m_c(θ) = h_c(θ) − h_0(θ)
+    (every choice c ≥ 1 against the example's first) with the first-order model m0 + g̃ᵀx, g̃
+    the stage-1 features Pᵀ∇(h_c − h_0). The margins are what a softmax over the choices reads.
 
-    ``relative_error`` = ‖h(θ) − h0 − g̃ᵀx‖ / ‖h(θ)‖ (the paper's measure);
-    ``error_vs_change`` = ‖h(θ) − h0 − g̃ᵀx‖ / ‖h(θ) − h0‖ (how much of the change is missed).
+    ``relative_error`` = ‖m(θ) − m0 − g̃ᵀx‖ / ‖m(θ)‖ (the paper's measure);
+    ``error_vs_change`` = ‖m(θ) − m0 − g̃ᵀx‖ / ‖m(θ) − m0‖ (how much of the change is missed).
     """
     if features is None:
         features = extract_features(model, scorer, examples, projector, task="check",
@@ -50,9 +52,15 @@ def linearity_check(model, scorer: ChoiceScorer, examples: Sequence[Example],
     norm0 = float(theta0.norm())
     if norm0 == 0:
         raise GradientError("adapter weights at θ* are all zero; relative distance undefined")
-    # h0 from the same batching as the perturbed outputs, so batch composition cancels out
-    h0 = score_rows(model, scorer, examples, batch_size=batch_size).double()
-    Gp = torch.from_numpy(features.grad).double()
+    first = torch.from_numpy(np.repeat(features.offsets[:-1], features.n_choices))
+    rows = torch.from_numpy(features.choice > 0)  # the margins' rows (c ≥ 1)
+
+    def margins(h):
+        return (h - h[first])[rows]
+
+    # m0 from the same batching as the perturbed outputs, so batch composition cancels out
+    m0 = margins(score_rows(model, scorer, examples, batch_size=batch_size).double())
+    Gp = torch.from_numpy(features.grad).double()[rows]
     rng = np.random.default_rng(seed)
     report = []
     try:
@@ -62,49 +70,60 @@ def linearity_check(model, scorer: ChoiceScorer, examples: Sequence[Example],
             scale = r * norm0 / float(delta.norm())
             x, delta = x * scale, delta * scale
             set_adapter_vector(model, theta0 + delta)
-            h = score_rows(model, scorer, examples, batch_size=batch_size).double()
-            lin = h0 + Gp @ x.double()
-            err = float((h - lin).norm())
+            m = margins(score_rows(model, scorer, examples, batch_size=batch_size).double())
+            err = float((m - m0 - Gp @ x.double()).norm())
             report.append({"relative_distance": float(r),
-                           "relative_error": err / float(h.norm()),
-                           "error_vs_change": err / max(float((h - h0).norm()), 1e-30),
-                           "n_rows": int(h.numel())})
+                           "relative_error": err / max(float(m.norm()), 1e-30),
+                           "error_vs_change": err / max(float((m - m0).norm()), 1e-30),
+                           "n_rows": int(m.numel())})
     finally:
         set_adapter_vector(model, theta0)
     return report
 
 
 def check_estimates(run, features: dict[str, FeaturesRecord], subsets: Sequence[Sequence[int]],
-                    r: int, seed: int = 0, progress: Progress | None = None) -> EstimateCheck:
+                    r: int, seed: int = 0, progress: Progress | None = None,
+                    dims: Sequence[int] | None = None) -> EstimateCheck:
     """The paper's Table 3 on ``r`` of the sampled ``subsets`` (indices into the run's tasks,
-    chosen with ``seed``); writes estimate_check.json."""
+    chosen with ``seed``), at every projection dimension of ``dims`` (default: all that stage 1
+    computed, ``estimation.projection_dim``) from the one stage-1 pass; each subset is
+    fine-tuned for real once. Writes estimate_check.json."""
     from scipy.stats import spearmanr
 
     from .models import load_model
     from .runtime import DEVICE_LOCK, cache_path, feature_table
     from .surrogate import fit_subset, norm_bound
-    from .training import evaluate, train_adapter
 
     cfg, names = run.cfg, run.task_names
+    e = cfg.estimation
+    dims = sorted(dims or e.dims)
+    bad = [d for d in dims if d not in e.dims]
+    if bad:
+        raise ValueError(f"projection dimension(s) {bad} were not computed "
+                         f"(estimation.projection_dim = {e.dims})")
     rng = np.random.default_rng(seed)
     chosen = [tuple(subsets[i]) for i in sorted(rng.choice(len(subsets), size=min(r, len(subsets)),
                                                            replace=False))]
-    tables = {}
-    for t in sorted({names[i] for s in chosen for i in s}):
-        f = features[t]
-        tables[t] = (feature_table(f.train.path, f.train.sha256),
-                     feature_table(f.validation.path, f.validation.sha256))
+    used = sorted({names[i] for s in chosen for i in s})
     stage1_s = sum(f.seconds for f in features.values())
-    info = features[names[chosen[0][0]]].projection
-    e = cfg.estimation
-    bound = norm_bound(e.max_norm, e.max_relative_distance, info)
-    rows, fit_s, true_s = [], 0.0, 0.0
+    info = features[used[0]].projection
+    rows: list[EstimateCheckRow] = []
+    fit_s = {d: 0.0 for d in dims}
+    true_s = 0.0
+    from .training import evaluate, train_adapter
+
     for k, s in enumerate(chosen):
         task_names = [names[i] for i in s]
-        t0 = time.perf_counter()
-        est = fit_subset([tables[t][0] for t in task_names], [tables[t][1] for t in task_names],
-                         l2=e.l2, max_norm=bound)["tasks"]
-        fit_s += time.perf_counter() - t0
+        estimates = {}
+        for d in dims:
+            tables = [(feature_table(features[t].train.path, features[t].train.sha256, d),
+                       feature_table(features[t].validation.path, features[t].validation.sha256,
+                                     d)) for t in task_names]
+            t0 = time.perf_counter()
+            estimates[d] = fit_subset(
+                [tr for tr, _ in tables], [va for _, va in tables], l2=e.l2,
+                max_norm=norm_bound(e.max_norm, e.max_relative_distance, info.at_dim(d)))["tasks"]
+            fit_s[d] += time.perf_counter() - t0
         val = run.examples(task_names, "validation")
         with DEVICE_LOCK:
             t0 = time.perf_counter()
@@ -114,27 +133,31 @@ def check_estimates(run, features: dict[str, FeaturesRecord], subsets: Sequence[
             true = evaluate(lm.model, lm.tokenizer, val, cfg.model.max_length,
                             e.batch_size, cfg.model.choice_mode)
             true_s += time.perf_counter() - t0
-        for t in task_names:
-            est_t, true_t = est[t], true[t]
-            rows.append(EstimateCheckRow(
-                list(task_names), t, est_t["loss"], true_t["loss"], est_t["accuracy"],
-                true_t["accuracy"],
-                abs(est_t["loss"] - true_t["loss"]) / max(true_t["loss"], 1e-12)))
+        for d in dims:
+            for t in task_names:
+                est_t, true_t = estimates[d][t], true[t]
+                rows.append(EstimateCheckRow(
+                    d, list(task_names), t, est_t["loss"], true_t["loss"], est_t["accuracy"],
+                    true_t["accuracy"],
+                    abs(est_t["loss"] - true_t["loss"]) / max(true_t["loss"], 1e-12)))
         if progress:
             progress(k + 1, len(chosen), "+".join(task_names))
-    est_l = np.array([x.estimated_loss for x in rows])
-    true_l = np.array([x.true_loss for x in rows])
-    rho = float(spearmanr(est_l, true_l).statistic) if len(rows) > 2 else None
-    amortized = fit_s + stage1_s * len(chosen) / max(len(subsets), 1)
-    summary = EstimateCheckSummary(
-        pairs=len(rows), subsets=len(chosen),
-        mean_relative_error=float(np.mean([x.relative_error for x in rows])), spearman=rho,
-        accuracy_abs_error=float(np.mean([abs(x.estimated_accuracy - x.true_accuracy)
-                                          for x in rows])),
-        true_finetune_s=true_s, surrogate_fit_s=fit_s,
-        estimation_with_amortized_gradients_s=amortized,
-        compute_ratio_fits_only=true_s / max(fit_s, 1e-12),
-        compute_ratio_with_gradients=true_s / max(amortized, 1e-12),
-        k_subsets=len(subsets), stage1_s=stage1_s)
-    body = {"summary": summary.to_json(), "rows": [r.to_json() for r in rows]}
-    return EstimateCheck(run.dir.write_json(run.dir.estimate_check, body), summary, rows)
+    summaries = []
+    for d in dims:
+        at = [x for x in rows if x.d == d]
+        est_l = np.array([x.estimated_loss for x in at])
+        true_l = np.array([x.true_loss for x in at])
+        rho = float(spearmanr(est_l, true_l).statistic) if len(at) > 2 else None
+        amortized = fit_s[d] + stage1_s * len(chosen) / max(len(subsets), 1)
+        summaries.append(EstimateCheckSummary(
+            d=d, pairs=len(at), subsets=len(chosen),
+            mean_relative_error=float(np.mean([x.relative_error for x in at])), spearman=rho,
+            accuracy_abs_error=float(np.mean([abs(x.estimated_accuracy - x.true_accuracy)
+                                              for x in at])),
+            true_finetune_s=true_s, surrogate_fit_s=fit_s[d],
+            estimation_with_amortized_gradients_s=amortized,
+            compute_ratio_fits_only=true_s / max(fit_s[d], 1e-12),
+            compute_ratio_with_gradients=true_s / max(amortized, 1e-12),
+            k_subsets=len(subsets), stage1_s=stage1_s))
+    body = {"summaries": [x.to_json() for x in summaries], "rows": [x.to_json() for x in rows]}
+    return EstimateCheck(run.dir.write_json(run.dir.estimate_check, body), summaries, rows)

@@ -53,7 +53,14 @@ class AdapterConfig(_Strict):
 
 class EstimationConfig(_Strict):
     """Stage 1 (projected gradients) and stage 2 (subset regressions)."""
-    projection_dim: int = Field(400, ge=1)  # d
+    # d, or several: stage 1 computes the largest, and the features at every listed d' come
+    # from that one pass (the first d' columns of the same projection; features.py)
+    projection_dim: int | list[int] = 400
+    # the d' of stage 2 and boosting: one of projection_dim (default: the largest)
+    fit_dim: int | None = None
+    # per split ("train", "validation"): stage 1 and the surrogate use a seeded sample of this
+    # many examples of each task (all when unset); fine-tuning uses every example
+    max_examples: dict[str, int] = {}
     projection_seed: int = 0
     projection_block_rows: int = Field(32768, ge=1)
     # memory for caching P's float64 blocks, in GiB; None: a quarter of the device's free memory
@@ -79,6 +86,50 @@ class EstimationConfig(_Strict):
     max_relative_distance: float | None = Field(1.0, gt=0.0)
     metric: Literal["loss", "accuracy"] = "loss"
     subsets_per_task_run: int = Field(10, ge=1)
+
+    @field_validator("projection_dim")
+    @classmethod
+    def _dims(cls, v):
+        dims = [v] if isinstance(v, int) else list(v)
+        if not dims or any(d < 1 for d in dims) or len(set(dims)) != len(dims):
+            raise ValueError(f"projection_dim must be a positive integer or a list of distinct "
+                             f"positive integers, got {v!r}")
+        return v
+
+    @field_validator("max_examples")
+    @classmethod
+    def _caps(cls, v):
+        bad = sorted(set(v) - {"train", "validation"})
+        if bad:
+            raise ValueError(f"max_examples has split(s) {bad}; stage 1 reads 'train' and "
+                             "'validation'")
+        for split, n in v.items():
+            if n < 1:
+                raise ValueError(f"max_examples.{split} = {n}, must be >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _fit_dim_listed(self):
+        if self.fit_dim is not None and self.fit_dim not in self.dims:
+            raise ValueError(f"estimation.fit_dim = {self.fit_dim} is not one of the computed "
+                             f"projection dimensions (estimation.projection_dim = {self.dims})")
+        return self
+
+    @property
+    def dims(self) -> list[int]:
+        """The projection dimensions the features are available at, ascending."""
+        return sorted([self.projection_dim] if isinstance(self.projection_dim, int)
+                      else self.projection_dim)
+
+    @property
+    def stored_dim(self) -> int:
+        """What stage 1 computes: the largest listed d."""
+        return self.dims[-1]
+
+    @property
+    def surrogate_dim(self) -> int:
+        """The d' of stage 2 and boosting."""
+        return self.fit_dim if self.fit_dim is not None else self.stored_dim
 
 
 class ClusteringConfig(_Strict):

@@ -1,15 +1,18 @@
-"""Stage 1: outputs h_c(s) and gradients g_c(s) = ∇_X h_c(s) at θ* (docs/design.md, "Stage 1":
-the gradients of the paper's first-order approximation).
+"""Stage 1: outputs h_c(s) and the gradients of the score differences ∇_X (h_c(s) − h_0(s)) at
+θ* (docs/design.md, "Stage 1": the gradients of the paper's first-order approximation; only the
+differences of an example's scores reach a softmax over its choices).
 
 Fast path: one batched forward (one sequence per example; in sequence mode the example's choices
-are packed into it, see :class:`models.EncodedBatch`), then one backward per answer-choice slot j,
-for row j of every example at once. Per-sequence gradients of
-every trainable ``nn.Linear`` (the LoRA A and B matrices) are formed inside the backward pass from
+may be packed into it, see :class:`scoring.EncodedBatch`), then one backward per choice slot
+j ≥ 1, of h_j − h_0 for every example at once — one backward for a binary task. With one
+sequence per choice (unpacked), a single backward of all rows. Per-sequence gradients of every
+trainable ``nn.Linear`` (the LoRA A and B matrices) are formed inside the backward pass from
 the layer's saved input x and its output gradient δ: ∇W = Σ_t δ_tᵀ x_t per sequence — the
 standard per-sample-gradient identity for a linear map — and never via one backward per example.
 
 Reference: :func:`reference_gradients`, a plain autograd loop (one example, one choice, one
-backward at a time, each choice its own unpacked sequence), kept as the test oracle.
+backward at a time, each choice its own unpacked sequence, per-choice gradients), kept as the
+test oracle.
 """
 from __future__ import annotations
 
@@ -110,35 +113,56 @@ class PerSampleLinearGrads:
         return parts
 
 
+def _choice_rows(batch: EncodedBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(example of each row, row of each example's first choice) of a batch."""
+    n = torch.as_tensor(batch.n_choices, device=device)
+    example = torch.repeat_interleave(torch.arange(len(n), device=device), n)
+    first = torch.cumsum(n, 0) - n
+    return example, first
+
+
 def batched_gradients(model, batch: EncodedBatch,
                       project: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs [R] and gradients of the rows of one batch: [R, p], or [R, d] when ``project``
-    (e.g. :meth:`GaussianProjector.project`) is given. The projection is then applied to each
-    backward's gradient chunks as they come, so the [R, p] matrix is never assembled."""
+    """Outputs h_c [R] of every row of one batch and the per-example gradients of the score
+    differences h_c − h_0 against each example's first choice: [R, p], or [R, d] when
+    ``project`` (e.g. :meth:`GaussianProjector.project_unit`) is given — applied to each
+    backward's gradient chunks as they come, so the [R, p] matrix is never assembled. The rows
+    of first choices are zero.
+
+    One sequence per example (token mode, packed choices): one backward per choice slot j ≥ 1,
+    of Σ_examples (h_j − h_0) — C − 1 backwards, one for a binary task; each sequence's
+    per-sample gradient is then its example's ∇(h_j − h_0). One sequence per choice (unpacked
+    sequence mode): a single backward of all rows, each row's gradient from its own sequence,
+    and the differences taken after the projection (it is linear)."""
     finish = project if project is not None else (lambda parts: torch.cat(parts, dim=1))
     with PerSampleLinearGrads(model) as psg:
         out = choice_outputs(model, batch)
         R = out.shape[0]
-        # one backward per slot j, for row j of every sequence at once: rows sharing a sequence
-        # (token mode, packed choices) need a backward each, and a sequence's other rows get
-        # exactly zero gradient from it (packed choices are masked from each other)
-        G = None
-        row_seq, row_slot = batch.row_seq.to(out.device), batch.row_slot.to(out.device)
-        slots = int(row_slot.max()) + 1
+        row_seq = batch.row_seq.to(out.device)
+        example, first = _choice_rows(batch, out.device)
         n_seq = batch.input_ids.shape[0]
-        for j in range(slots):
-            rows = torch.nonzero(row_slot == j, as_tuple=True)[0]
-            psg.backward(out[rows].sum(), retain=j < slots - 1)
-            seqs = row_seq[rows]
-            parts = psg.collect_parts()  # per sequence
+
+        def rows_of(seqs, parts):  # per-sequence gradients -> the given rows' sequences
             if len(seqs) < n_seq or not torch.equal(seqs, torch.arange(n_seq, device=seqs.device)):
-                parts = [g.index_select(0, seqs.to(g.device)) for g in parts]
-            Gj = finish(parts)  # [rows of slot j, p or d]
-            if G is None:
-                G = torch.empty(R, Gj.shape[1], dtype=Gj.dtype, device=Gj.device)
-            G[rows.to(G.device)] = Gj
-        return out.detach(), G
+                return [g.index_select(0, seqs.to(g.device)) for g in parts]
+            return parts
+
+        if n_seq == R:  # one sequence per choice
+            psg.backward(out.sum(), retain=False)
+            G = finish(rows_of(row_seq, psg.collect_parts()))  # [R, ·] per row
+            return out.detach(), G - G[first.to(G.device)][example.to(G.device)]
+        D = None
+        slots = max(batch.n_choices)
+        slot = torch.arange(R, device=out.device) - first[example]
+        for j in range(1, slots):
+            rows = torch.nonzero(slot == j, as_tuple=True)[0]
+            psg.backward((out[rows] - out[first[example[rows]]]).sum(), retain=j < slots - 1)
+            Dj = finish(rows_of(row_seq[rows], psg.collect_parts()))  # [rows of slot j, ·]
+            if D is None:
+                D = torch.zeros(R, Dj.shape[1], dtype=Dj.dtype, device=Dj.device)
+            D[rows.to(D.device)] = Dj
+        return out.detach(), D
 
 
 def reference_gradients(model, scorer: ChoiceScorer, examples: Sequence[Example],
@@ -189,9 +213,14 @@ def extract_features(model, scorer: ChoiceScorer, examples: Sequence[Example],
                      projector: GaussianProjector, *, task: str, split: str,
                      batch_size: int = 16, progress: Progress | None = None,
                      timings: dict | None = None) -> FeatureTable:
-    """Projected gradient features of a task split: the Parquet rows of stage 1.
+    """Projected gradient features of a task split: the Parquet rows of stage 1, with the
+    unit projections Zᵀ∇(h_c − h_0) the file stores (``features``) and the features at the
+    projector's d.
 
     Examples are batched by token length (less padding); rows come back in the input order.
+    In sequence mode a batch is packed when its token counts say that is cheaper: packed, one
+    forward and C − 1 backwards over the packed tokens; unpacked, one forward and one backward
+    over a sequence per choice (a backward costs about two forwards).
     """
     if not examples:
         raise GradientError(f"task {task}: split {split} has no examples")
@@ -211,7 +240,7 @@ def extract_features(model, scorer: ChoiceScorer, examples: Sequence[Example],
     def timed_project(parts):
         _sync(device)
         t = time.perf_counter()
-        res = projector.project(parts)
+        res = projector.project_unit(parts)
         _sync(device)
         proj_s[0] += time.perf_counter() - t
         return res
@@ -222,10 +251,8 @@ def extract_features(model, scorer: ChoiceScorer, examples: Sequence[Example],
         chunk = [examples[i] for i in idx]
         pack = True
         if mode == "sequence":
-            # packed: one forward, then one backward per choice over the packed tokens;
-            # unpacked: one forward and one backward over a sequence per choice
             packed, single = scorer.sequence_costs(chunk)
-            pack = packed * (1 + max(len(e.choices) for e in chunk)) < 2 * single
+            pack = packed * (1 + 2 * (max(len(e.choices) for e in chunk) - 1)) < 3 * single
         batch = scorer.encode(chunk, mode=mode, pack=pack).to(device)
         t0 = time.perf_counter()
         out, Gp = batched_gradients(model, batch, project=timed_project)
@@ -248,4 +275,5 @@ def extract_features(model, scorer: ChoiceScorer, examples: Sequence[Example],
     choice = np.concatenate([np.arange(n) for n in n_rows]).astype(np.int32)
     is_gold = np.concatenate([np.arange(len(ex.choices)) == ex.label for ex in examples])
     example_id = np.array([ex.example_id for ex in examples for _ in ex.choices], dtype=object)
-    return FeatureTable(task, split, example_id, choice, is_gold, output, grad)
+    return FeatureTable.from_unit(task, split, example_id, choice, is_gold, output, grad,
+                                  projector.d)

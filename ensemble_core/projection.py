@@ -1,13 +1,18 @@
-"""Seeded Gaussian random projection g̃ = Pᵀ g (stage 1; the paper's d ≈ 400;
-docs/design.md, "Stage 1").
+"""Seeded Gaussian random projection g̃ = Pᵀ g (stage 1; the paper's d ≈ 400; docs/design.md,
+"Stage 1").
 
-P is p × d with entries N(0, 1/d), so E[⟨Pᵀa, Pᵀb⟩] = ⟨a, b⟩ (Johnson–Lindenstrauss). P is never stored: its row block k (rows
+P = Z / √d, with Z a p × d matrix of independent standard normals, so P has N(0, 1/d) entries and
+E[⟨Pᵀa, Pᵀb⟩] = ⟨a, b⟩ (Johnson–Lindenstrauss). Z is never stored: its row block k (rows
 k·block_rows … (k+1)·block_rows − 1) is generated from (seed, k) alone with numpy's counter-based
-Philox generator and the integer-only ziggurat normal sampler, so every process, machine, CPU or
-GPU gets the same bits. Blocks are cached (as float64, the precision the products accumulate
-in) up to ``cache_bytes`` and regenerated beyond that; by default the budget is a quarter of the
-memory available on the projector's device, which holds P whole for models up to a few billion
-parameters with LoRA on two projections (SmolLM2-135M, r = 8 on q, v: p·d·8 bytes = 1.5 GB).
+Philox generator and the ziggurat normal sampler, column after column, so every process,
+machine, CPU or GPU gets the same bits — and the first d′ columns of Z are the same for every
+d ≥ d′: the projection at d′ is Z[:, :d′] / √d′ (:meth:`GaussianProjector.at_dim`), which is how
+one stage-1 pass serves several d (``features``: the files store Zᵀg, unscaled).
+
+Blocks are cached (as float64, the precision the products accumulate in) up to ``cache_bytes``
+and regenerated beyond that; by default the budget is a quarter of the memory available on the
+projector's device, which holds Z whole for models up to a few billion parameters with LoRA on
+two projections (SmolLM2-135M, r = 8 on q, v: p·d·8 bytes = 1.5 GB at d = 400).
 """
 from __future__ import annotations
 
@@ -45,6 +50,9 @@ def available_memory(device: torch.device) -> int:
 
 
 class GaussianProjector:
+    """P = Z[:, :d] / √d (see the module docstring). ``project`` gives Pᵀg, ``project_unit``
+    Zᵀg (what stage 1 stores), ``expand`` P x."""
+
     def __init__(self, p: int, d: int, seed: int = 0, block_rows: int = 32768,
                  cache_bytes: int | None = None, device: str | torch.device = "cpu"):
         if d <= 0 or p <= 0:
@@ -63,16 +71,21 @@ class GaussianProjector:
     def n_blocks(self) -> int:
         return math.ceil(self.p / self.block_rows)
 
+    @property
+    def scale(self) -> np.float32:
+        """1/√d in float32: Pᵀg = float32(Zᵀg) · scale."""
+        return np.float32(1.0 / math.sqrt(self.d))
+
     def block(self, k: int) -> torch.Tensor:
-        """Rows [k·block_rows, min(p, (k+1)·block_rows)) of P as a float32 tensor on device."""
+        """Rows [k·block_rows, min(p, (k+1)·block_rows)) of Z (unit normals) as float32."""
         return self._block64(k).float()  # exact: the float64 copy holds float32 values
 
     def _generate(self, k: int) -> torch.Tensor:
         rows = min(self.block_rows, self.p - k * self.block_rows)
         rng = np.random.Generator(np.random.Philox(key=_block_key(self.seed, k)))
-        z = rng.standard_normal((rows, self.d), dtype=np.float32)
-        z *= np.float32(1.0 / math.sqrt(self.d))
-        return torch.from_numpy(z).to(self.device, torch.float64)
+        # column after column: column j is the j-th run of `rows` draws, the same for every d
+        z = rng.standard_normal((self.d, rows), dtype=np.float32).T
+        return torch.from_numpy(np.ascontiguousarray(z)).to(self.device, torch.float64)
 
     def _block64(self, k: int) -> torch.Tensor:
         hit = self._cache.get(k)
@@ -90,7 +103,11 @@ class GaussianProjector:
         return t
 
     def project(self, g: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-        """g: [N, p] (any float dtype, any device) -> Pᵀg per row: [N, d] float32.
+        """g: [N, p] -> Pᵀg per row: [N, d] float32, = :meth:`project_unit` · :attr:`scale`."""
+        return self.project_unit(g) * torch.tensor(self.scale)
+
+    def project_unit(self, g: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """g: [N, p] (any float dtype, any device) -> Zᵀg per row: [N, d] float32.
 
         ``g`` may also be a list of [N, p_i] column chunks with Σ p_i = p, in order (e.g. one per
         adapter matrix), which spares the caller concatenating them into one [N, p] tensor.
@@ -134,12 +151,21 @@ class GaussianProjector:
         x = x.reshape(-1, self.d)
         x = x.double()  # float64 sums, rounded once: identical on any BLAS (see project)
         parts = [x @ self._block64(k).T for k in range(self.n_blocks)]
-        out = torch.cat(parts, dim=1).float()
+        out = (torch.cat(parts, dim=1) / math.sqrt(self.d)).float()
         return out[0] if squeeze else out
+
+    def at_dim(self, d: int) -> "GaussianProjector":
+        """The projection at d ≤ self.d: the first d columns of the same Z, scaled by 1/√d
+        (its own cache; the blocks it generates are the first d columns of this one's)."""
+        if not 0 < d <= self.d:
+            raise ValueError(f"projection dimension {d} is not in 1..{self.d}")
+        return GaussianProjector(self.p, d, seed=self.seed, block_rows=self.block_rows,
+                                 cache_bytes=self.cache_bytes, device=self.device)
 
     def fingerprint(self) -> dict:
         """Enough to regenerate P anywhere, plus a checksum of its first block."""
         first = self.block(0)[:4].cpu().numpy().tobytes()
-        return {"kind": "gaussian-philox", "p": self.p, "d": self.d, "seed": self.seed,
+        return {"kind": "gaussian-philox/unit-columns", "p": self.p, "d": self.d,
+                "seed": self.seed,
                 "block_rows": self.block_rows,
                 "check": hashlib.sha256(first).hexdigest()[:16]}

@@ -101,6 +101,13 @@ class ProjectionInfo(Record):
     block_rows: int
     theta_norm: float
 
+    def at_dim(self, d: int) -> "ProjectionInfo":
+        """The projection at d ≤ self.d (the first d columns of the same Z, ``projection``)."""
+        if not 0 < d <= self.d:
+            raise ValueError(f"projection dimension {d} was not computed (stage 1 computed "
+                             f"d <= {self.d})")
+        return dataclasses.replace(self, d=int(d))
+
     def relative_distance(self, x_norm: float) -> float:
         """‖P x‖/‖θ*‖ ≈ sqrt(p/d)·‖x‖/‖θ*‖ (the paper's Table 2 measure; E‖P x‖² = (p/d)‖x‖²)."""
         return x_norm * ((self.p / self.d) ** 0.5 / max(self.theta_norm, 1e-30))
@@ -450,7 +457,9 @@ class PipelineResult(Record):
 
 @dataclasses.dataclass(frozen=True)
 class EstimateCheckRow(Record):
-    """One (subset, task) pair of the Table 3 check: the estimate against real fine-tuning."""
+    """One (subset, task) pair of the Table 3 check at projection dimension d: the estimate
+    against real fine-tuning."""
+    d: int
     subset: list[str]
     task: str
     estimated_loss: float
@@ -462,6 +471,7 @@ class EstimateCheckRow(Record):
 
 @dataclasses.dataclass(frozen=True)
 class EstimateCheckSummary(Record):
+    d: int
     pairs: int
     subsets: int
     mean_relative_error: float
@@ -478,7 +488,16 @@ class EstimateCheckSummary(Record):
 
 @dataclasses.dataclass(frozen=True)
 class EstimateCheck(Record):
-    """estimate_check.json (the paper's Table 3)."""
+    """estimate_check.json (the paper's Table 3): one summary per projection dimension."""
     file: FileRef
-    summary: EstimateCheckSummary
+    summaries: list[EstimateCheckSummary]
     rows: list[EstimateCheckRow]
+
+    def summary(self, d: int | None = None) -> EstimateCheckSummary:
+        """The summary at d (default: the only one, or the largest d)."""
+        if d is None:
+            return max(self.summaries, key=lambda s: s.d)
+        for s in self.summaries:
+            if s.d == d:
+                return s
+        raise KeyError(f"the check ran at d = {[s.d for s in self.summaries]}, not {d}")

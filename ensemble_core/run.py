@@ -185,6 +185,9 @@ class ConfigView:
         if name.startswith("_"):
             raise AttributeError(name)
         path = self._prefix + name
+        prop = getattr(type(self._obj), name, None)
+        if isinstance(prop, property) and not (not self._prefix and name in LOCATION_FIELDS):
+            return prop.fget(self)  # a derived value: computed through this view
         value = getattr(self._obj, name)
         if (not self._prefix and name in LOCATION_FIELDS) or path in self._allowed:
             return value

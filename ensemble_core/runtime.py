@@ -23,6 +23,7 @@ DEVICE_LOCK = threading.RLock()
 _MODELS: dict = {}
 _PROJECTORS: dict = {}
 _TABLES: dict = {}
+_SCORERS: dict = {}
 
 
 def code_version() -> str:
@@ -50,6 +51,32 @@ def theta_star_model(cfg):
         return _MODELS[key]
 
 
+def member_model(cfg, adapter_dir, name: str, sha256: str):
+    """The base model, loaded once per process and model setting, with the adapter saved at
+    ``adapter_dir`` loaded (once; under a name made of ``name`` and its sha256) and active, in
+    eval mode, and the tokenizer: stage 5 scores its members by swapping adapters on one base
+    model. Callers hold :data:`DEVICE_LOCK` while using it."""
+    from .adapters import load_adapter
+    from .models import load_base
+
+    key = (cfg.model.model_dump_json(), str(cfg.cache_dir))
+    with DEVICE_LOCK:
+        entry = _SCORERS.get(key)
+        if entry is None:
+            base, tok, fp = load_base(cfg.model, cache_path(cfg))
+            entry = _SCORERS[key] = {"model": base, "tokenizer": tok, "fingerprint": fp,
+                                     "loaded": {}}
+        adapter = f"{name}-{sha256[:12]}".replace(".", "_")
+        if adapter not in entry["loaded"]:
+            entry["model"] = load_adapter(entry["model"], adapter_dir, adapter_name=adapter,
+                                          base_fingerprint=entry["fingerprint"])
+            entry["loaded"][adapter] = True
+        model = entry["model"]
+        model.set_adapter(adapter)
+        model.eval()
+        return model, entry["tokenizer"]
+
+
 def projector(p: int, d: int, seed: int, block_rows: int, cache_gb: float | None, device):
     """One :class:`projection.GaussianProjector` (and its cache of P's blocks) per process and
     setting, shared by the tasks of stage 1."""
@@ -64,18 +91,26 @@ def projector(p: int, d: int, seed: int, block_rows: int, cache_gb: float | None
         return _PROJECTORS[key]
 
 
-def feature_table(path: str, sha256: str):
-    """A features file, read once per process (keyed by path and content hash): a worker that
-    handles many subsets does not re-read what it already holds."""
+def feature_table(path: str, sha256: str, dim: int | None = None):
+    """A features file with its features at projection dimension ``dim`` (default: all it
+    stores), read once per process (keyed by path and content hash): a worker that handles
+    many subsets does not re-read what it already holds."""
     from .features import read_features
 
-    key = (path, sha256)
     with _LOCK:
-        hit = _TABLES.get(key)
-    if hit is None:
-        hit = read_features(path)
+        full = _TABLES.get((path, sha256, None))
+    if full is None:
+        full = read_features(path)
         with _LOCK:
-            _TABLES[key] = hit
+            _TABLES[(path, sha256, None)] = full
+    if dim is None or dim == full.d:
+        return full
+    with _LOCK:
+        hit = _TABLES.get((path, sha256, dim))
+    if hit is None:
+        hit = full.at_dim(dim)
+        with _LOCK:
+            _TABLES[(path, sha256, dim)] = hit
     return hit
 
 
@@ -84,6 +119,7 @@ def release_models() -> None:
     with DEVICE_LOCK, _LOCK:
         _MODELS.clear()
         _PROJECTORS.clear()
+        _SCORERS.clear()
     release_memory()
 
 

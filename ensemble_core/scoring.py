@@ -112,6 +112,14 @@ class ChoiceScorer:
             room -= max(len(self._ids(c)) for c in ex.choices)
         return self._fit(self._prompt_ids(ex.prompt), room)
 
+    def padded_length(self, ex: Example, mode: str) -> int:
+        """Tokens of the longest sequence of one example as :meth:`encode` builds it (packed
+        in sequence mode): what a batch of such examples is padded to."""
+        prompt = len(self.prompt_for(ex, mode)[0])
+        if mode == "token":
+            return prompt
+        return prompt + sum(len(self._ids(c)) for c in ex.choices)
+
     def sequence_costs(self, examples: Sequence[Example]) -> tuple[int, int]:
         """Token counts (padded) of a sequence-mode batch: (packed, one sequence per choice)."""
         packed, single, rows = 0, 0, 0
@@ -298,13 +306,25 @@ def examples_by_task(examples: Sequence[Example]) -> dict[str, list[int]]:
     return out
 
 
-def _eval_batches(scorer: ChoiceScorer, examples: Sequence[Example], batch_size: int):
-    """(indices, mode) batches: within a task, sorted by prompt length (less padding)."""
+SCORING_TOKENS = 8192  # padded tokens per forward-only batch (at most batch_size examples)
+
+
+def _eval_batches(scorer: ChoiceScorer, examples: Sequence[Example], batch_size: int,
+                  max_tokens: int = SCORING_TOKENS):
+    """(indices, mode) batches of one task each, the task's examples in order of token length
+    (little padding), at most ``batch_size`` examples and ``max_tokens`` padded tokens."""
     for t, idx in examples_by_task(examples).items():
         mode = scorer.mode_for([examples[i] for i in idx])
-        idx = sorted(idx, key=lambda i: (len(examples[i].prompt), i))
-        for j in range(0, len(idx), batch_size):
-            yield idx[j:j + batch_size], mode
+        size = {i: scorer.padded_length(examples[i], mode) for i in idx}
+        idx = sorted(idx, key=lambda i: (size[i], i))
+        batch: list[int] = []
+        for i in idx:
+            if batch and (len(batch) >= batch_size or (len(batch) + 1) * size[i] > max_tokens):
+                yield batch, mode
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch, mode
 
 
 def model_device(model) -> torch.device:
@@ -324,7 +344,7 @@ def score_examples(model, scorer: ChoiceScorer, examples: Sequence[Example],
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             for idx, mode in _eval_batches(scorer, examples, batch_size):
                 batch = scorer.encode([examples[i] for i in idx], mode=mode).to(device)
                 scores = choice_outputs(model, batch).float().cpu().numpy()

@@ -39,7 +39,8 @@ from .rundir import BASELINE, GRADIENT_SPLITS, THETA_STAR
 from .runtime import (DEVICE_LOCK, cache_path, code_version, feature_table, on_device,
                       projector, release_memory, theta_star_model)
 
-__all__ = ["Stage", "stage", "STAGES", "PLANNING", "gradient_features", "linearity", "plan_subsets",
+__all__ = ["Stage", "stage", "STAGES", "PLANNING", "estimation_examples", "gradient_features",
+           "linearity", "plan_subsets",
            "subset_batches", "fit_subsets", "affinity_and_groups", "train_group",
            "save_theta_star", "score_plans", "score_member", "boost_group", "fit_weights",
            "evaluate", "compute_summary", "finish"]
@@ -127,24 +128,47 @@ PROJECTION = ("estimation.projection_dim", "estimation.projection_seed",
 # Stage 1: gradient features (the first-order approximation at θ*)
 # -------------------------------------------------------------------------------------------
 
+def estimation_examples(run: Run, task: str, split: str):
+    """The examples of a task's split that stage 1 and the surrogate use: all of them, or a
+    seeded sample of ``estimation.max_examples[split]`` (original order kept), so the gradient
+    pass does not grow with the training set. Fine-tuning uses every example."""
+    import hashlib
+
+    examples = run.task_data(task).splits[split]
+    cap = run.cfg.estimation.max_examples.get(split)
+    if cap is None:
+        return examples
+    if cap > len(examples):
+        raise ValueError(f"estimation.max_examples.{split} = {cap}, but task {task!r} has only "
+                         f"{len(examples)} {split} examples; lower it to at most "
+                         f"{len(examples)}")
+    digest = hashlib.sha256(f"estimation/{run.cfg.seed}/{task}/{split}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    keep = sorted(int(i) for i in rng.permutation(len(examples))[:cap])
+    return [examples[i] for i in keep]
+
+
 def _stage1_projector(run: Run, lm):
     e, a = run.cfg.estimation, run.cfg.adapter
     p = sum(q.numel() for q in lm.model.parameters() if q.requires_grad)
-    if e.projection_dim > p:  # name the config key, not only the projector's d and p
-        raise ValueError(f"estimation.projection_dim = {e.projection_dim} (d) is larger than the "
+    d = e.stored_dim
+    if d > p:  # name the config key, not only the projector's d and p
+        raise ValueError(f"estimation.projection_dim = {d} (d) is larger than the "
                          f"number of adapter parameters p = {p} (model {run.cfg.model.name!r}, "
                          f"adapter r = {a.r} on {', '.join(a.target_modules)}); choose d <= {p}")
-    return projector(p, e.projection_dim, e.projection_seed, e.projection_block_rows,
-                     e.projection_cache_gb, lm.device)
+    return projector(p, d, e.projection_seed, e.projection_block_rows, e.projection_cache_gb,
+                     lm.device)
 
 
-@stage(1, "gradients", config=MODEL + PROJECTION + ("estimation.batch_size",),
+@stage(1, "gradients", config=MODEL + PROJECTION + ("estimation.batch_size",
+                                                     "estimation.max_examples"),
        uses=("estimation.projection_cache_gb",), reads=lambda task: [task])
 def gradient_features(run: Run, task: str, progress=None) -> FeaturesRecord:
-    """Outputs h_c(s) and projected gradients g̃ = Pᵀ∇h_c(s) at θ* of one task's train and
-    validation examples (Parquet), and the task's manifest."""
+    """Outputs h_c(s) and the projected gradients of the score differences
+    g̃ = Pᵀ∇(h_c(s) − h_0(s)) at θ* of one task's train and validation examples (or their
+    estimation sample) as Parquet (``features``), and the task's manifest."""
+    from .features import FEATURES_FORMAT, GRAD_MEANING, write_features
     from .gradients import extract_features
-    from .features import write_features
     from .models import adapter_vector
     from .scoring import ChoiceScorer
 
@@ -154,11 +178,16 @@ def gradient_features(run: Run, task: str, progress=None) -> FeaturesRecord:
     t_start = time.perf_counter()
     with DEVICE_LOCK:
         proj = _stage1_projector(run, lm)
-        files, timings = {}, {}
+        files, timings, sample = {}, {}, {}
         for split in GRADIENT_SPLITS:
             t0 = time.perf_counter()
             tim: dict = {}
-            table = extract_features(lm.model, scorer, td.splits[split], proj, task=task,
+            examples = estimation_examples(run, task, split)
+            if len(examples) < len(td.splits[split]):
+                sample[split] = {"max": cfg.estimation.max_examples[split],
+                                 "from_n": len(td.splits[split]),
+                                 "ids": [e.example_id for e in examples]}
+            table = extract_features(lm.model, scorer, examples, proj, task=task,
                                      split=split, batch_size=cfg.estimation.batch_size,
                                      timings=tim, progress=progress)
             url = run.dir.features(task, split)
@@ -169,13 +198,15 @@ def gradient_features(run: Run, task: str, progress=None) -> FeaturesRecord:
     info = ProjectionInfo(proj.p, proj.d, proj.seed, proj.block_rows, theta_norm)
     manifest = {
         "task": task, "seed": info.seed, "d": info.d, "p": info.p, "theta_norm": theta_norm,
+        "dims": cfg.estimation.dims, "format": FEATURES_FORMAT.decode(),
+        "grad": GRAD_MEANING.decode(), "reference_choice": 0,
         "projection": proj.fingerprint(), "model": lm.fingerprint,
         "template": td.config.template, "choices": td.config.choices,
         "choice_mode": scorer.mode_for(td.splits["train"]),
         "tokenizer": {"class": type(lm.tokenizer).__name__, "vocab_size": len(lm.tokenizer),
                       "max_length": cfg.model.max_length, "padding_side": "right",
                       "truncation": "left (keeps BOS and the end of the prompt)"},
-        "data": td.provenance,
+        "data": td.provenance, "estimation_sample": sample,
         "files": {s: {"path": f.path, "sha256": f.sha256, "rows": f.rows,
                       "examples": f.examples} for s, f in files.items()},
         "timings": timings, "code_version": code_version(),
@@ -239,7 +270,8 @@ def _used(features: dict, subsets, names) -> dict:
 
 
 @stage(2, "subsets", config=("estimation.l2", "estimation.max_norm",
-                             "estimation.max_relative_distance"),
+                             "estimation.max_relative_distance", "estimation.fit_dim",
+                             "estimation.projection_dim"),
        key_args=lambda features, batch, subsets, tasks: {
            "features": _used(features, subsets, tasks), "batch": batch,
            "subsets": [[tasks[i] for i in s] for s in subsets]})
@@ -251,13 +283,14 @@ def fit_subsets(run: Run, features: dict[str, FeaturesRecord], batch: int,
 
     t0 = time.perf_counter()
     e = run.cfg.estimation
+    d = e.surrogate_dim
     tables = {}
     for t, rec in _used(features, subsets, tasks).items():
-        tables[t] = (feature_table(rec.train.path, rec.train.sha256),
-                     feature_table(rec.validation.path, rec.validation.sha256))
+        tables[t] = (feature_table(rec.train.path, rec.train.sha256, d),
+                     feature_table(rec.validation.path, rec.validation.sha256, d))
         if tables[t][1].n_examples == 0:
             raise ValueError(f"task {t} has no validation rows")
-    info = features[tasks[subsets[0][0]]].projection
+    info = features[tasks[subsets[0][0]]].projection.at_dim(d)
     bound = norm_bound(e.max_norm, e.max_relative_distance, info)
     results = []
     for s in subsets:
@@ -384,25 +417,26 @@ def boost_score_plan(tasks: Sequence[str], group: GroupEnsemble) -> dict[str, li
     return {"train": list(group.tasks), "validation": list(tasks), "test": list(tasks)}
 
 
-@stage(5, "scores", config=("model", "estimation.batch_size"),
+@stage(5, "scores", config=("model", "estimation.batch_size", "seed", "estimation.max_examples"),
        reads=lambda adapter, plan: [t for ts in plan.values() for t in ts])
 @on_device
 def score_member(run: Run, adapter: AdapterRecord, plan: dict[str, list[str]]) -> ScoresRecord:
     """Scores h_c(s) of one member adapter on the splits and tasks of ``plan`` (split ->
-    tasks): scores/<name>.json, ``{"scores": {task: {split: [[h_c of example 0], ...]}}}``."""
-    from .adapters import load_adapter
-    from .models import load_base
+    tasks): scores/<name>.json, ``{"scores": {task: {split: [[h_c of example 0], ...]}}}``.
+    "train" means the examples stage 1 computed features of (``estimation_examples``), which
+    is what boosting reads."""
+    from .runtime import member_model
     from .scoring import predict_scores
 
     t0 = time.perf_counter()
     cfg = run.cfg
-    base, tok, fp = load_base(cfg.model, cache_path(cfg))
-    model = load_adapter(base, run.dir.local(adapter.path), base_fingerprint=fp)
-    model.eval()
+    model, tok = member_model(cfg, run.dir.local(adapter.path), adapter.name, adapter.sha256)
     out: dict = {}
     for split, names in plan.items():
         for name in names:
-            scores = predict_scores(model, tok, run.examples([name], split), cfg.model.max_length,
+            examples = (estimation_examples(run, name, split) if split == "train"
+                        else run.task_data(name).splits[split])
+            scores = predict_scores(model, tok, examples, cfg.model.max_length,
                                     cfg.estimation.batch_size, cfg.model.choice_mode)
             out.setdefault(name, {})[split] = [s.astype(float).tolist() for s in scores]
     ref = run.dir.write_json(run.dir.scores(adapter.name),
@@ -430,7 +464,8 @@ def group_losses(run: Run, groups: Sequence[GroupEnsemble], features: dict[str, 
 
 
 @stage(5, "boost", config=MODEL + ("boosting.eta", "boosting.mode", "estimation.l2",
-                                   "estimation.batch_size"),
+                                   "estimation.batch_size", "estimation.fit_dim",
+                                   "estimation.projection_dim", "estimation.max_examples"),
        reads=lambda group, features, scores, step: group.tasks,
        key_args=lambda group, features, scores, step: {
            "group": group, "features": {t: features[t] for t in group.tasks},
@@ -449,15 +484,16 @@ def boost_group(run: Run, group: GroupEnsemble, features: dict[str, FeaturesReco
 
     t0 = time.perf_counter()
     cfg = run.cfg
-    tables = [feature_table(features[t].train.path, features[t].train.sha256)
+    d = cfg.estimation.surrogate_dim
+    tables = [feature_table(features[t].train.path, features[t].train.sha256, d)
               for t in group.tasks]
     member = read_scores({m.name: scores[m.name] for m in group.members})
     h_cur, _ = flatten([s for t in group.tasks for s in group_scores(member, group, t, "train")])
-    info = features[group.tasks[0]].projection
+    info = features[group.tasks[0]].projection.at_dim(d)
     lm = load_model(cfg, cache_path(cfg))
     proj = GaussianProjector(info.p, info.d, seed=info.seed, block_rows=info.block_rows,
                              cache_bytes=0)  # one expand: each block is used once
-    train = run.examples(group.tasks, "train")
+    train = [e for t in group.tasks for e in estimation_examples(run, t, "train")]
 
     def score_train(model):
         return np.concatenate(predict_scores(model, lm.tokenizer, train, cfg.model.max_length,

@@ -2,10 +2,14 @@
 docs/design.md, "Stage 2").
 
 The paper approximates the fine-tuned model around the base weights θ* by its first-order Taylor
-expansion. With projected gradients g̃_c(s) = Pᵀ ∇h_c(s) (stage 1) and an adapter change x ∈ R^d,
+expansion. With the stage-1 features g̃_c(s) = Pᵀ∇(h_c(s) − h_0(s)) (the gradients of the score
+differences against the example's first choice) and an adapter change x ∈ R^d,
 
     logit_c(s; x) = h_c(s) + g̃_c(s) · x                                   (linearization)
     p_c(s; x)     = softmax over the choices c of example s                 (per example)
+
+— the per-choice linearization h_c + (Pᵀ∇h_c)·x less (Pᵀ∇h_0)·x for every choice of s, which the
+softmax does not see: the same objective as with per-choice gradients.
 
 and the fine-tuned adapter weights are restored as θ̂ = θ* + P x̂. The surrogate for a subset S
 of tasks minimizes the mean log loss over the train examples of S plus a ridge penalty:

@@ -49,9 +49,11 @@ def run_affinity(config, overrides=None, features=None) -> GroupingResult:
 
 
 @flow(name="check_estimates")
-def check_estimates_flow(config, overrides: list[str] | None = None, r: int = 3) -> EstimateCheck:
+def check_estimates_flow(config, overrides: list[str] | None = None, r: int = 3,
+                         dims: list[int] | None = None) -> EstimateCheck:
     """The paper's Table 3: fine-tune for real on r of the sampled subsets and compare with
-    the first-order estimates (mean relative error, Spearman correlation, compute ratio)."""
+    the first-order estimates (mean relative error, Spearman correlation, compute ratio), at
+    every projection dimension of ``dims`` (default: all of estimation.projection_dim)."""
     from ensemble_core.checks import check_estimates
 
     run = open_run(config, overrides)
@@ -59,10 +61,10 @@ def check_estimates_flow(config, overrides: list[str] | None = None, r: int = 3)
     features = gradient_features(run.cfg).features
     res = check_estimates(run, features, stages.plan_subsets(run.cfg), r, seed=run.cfg.seed,
                           progress=lambda i, n, what: log.info("fine-tuned subset %d/%d (%s)",
-                                                               i, n, what))
-    s = res.summary
-    log.info("estimate check: %d pairs, mean relative error %.2f%%, Spearman %s, "
-             "compute ratio %.1fx (with amortized gradients %.1fx)", s.pairs,
-             100 * s.mean_relative_error, "-" if s.spearman is None else f"{s.spearman:.2f}",
-             s.compute_ratio_fits_only, s.compute_ratio_with_gradients)
+                                                               i, n, what), dims=dims)
+    for s in res.summaries:
+        log.info("estimate check at d = %d: %d pairs, mean relative error %.2f%%, Spearman %s, "
+                 "compute ratio %.1fx (with amortized gradients %.1fx)", s.d, s.pairs,
+                 100 * s.mean_relative_error, "-" if s.spearman is None else f"{s.spearman:.2f}",
+                 s.compute_ratio_fits_only, s.compute_ratio_with_gradients)
     return res

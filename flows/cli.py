@@ -35,14 +35,17 @@ def preflight(cfg, stage2: bool = False) -> None:
     whether the output location can be written. Writes nothing but the (empty) run directory.
     When stages run on work pools (``runner.work_pools``), data, model and run directory are
     the workers' to reach, and only the config-level checks are made here."""
-    from ensemble_core.data import load_tasks
-    from ensemble_core.stages import plan_subsets
+    from ensemble_core.run import Run
+    from ensemble_core.stages import estimation_examples, plan_subsets
 
     if stage2:
         plan_subsets(cfg)
     if cfg.runner.work_pools:
         return
-    load_tasks(cfg.tasks, cfg.data_root)
+    run = Run(cfg)
+    for name in run.task_names:  # every task's data, and its estimation sample
+        for split in ("train", "validation"):
+            estimation_examples(run, name, split)
     check_model_source(cfg.model, cfg.cache_dir)
     check_writable(cfg.run_dir)
 
@@ -217,18 +220,20 @@ def _cmd_predict(args) -> int:
 def _cmd_check(args) -> int:
     from .affinity import check_estimates_flow
 
-    res = check_estimates_flow(args.config, overrides=args.set, r=args.r)
-    print(_table(["subset", "task", "est. loss", "true loss", "est. acc", "true acc", "rel. err"],
-                 [["+".join(x.subset), x.task, x.estimated_loss, x.true_loss,
+    dims = [int(x) for x in args.d.split(",")] if args.d else None
+    res = check_estimates_flow(args.config, overrides=args.set, r=args.r, dims=dims)
+    print(_table(["d", "subset", "task", "est. loss", "true loss", "est. acc", "true acc",
+                  "rel. err"],
+                 [[x.d, "+".join(x.subset), x.task, x.estimated_loss, x.true_loss,
                    x.estimated_accuracy, x.true_accuracy, f"{100 * x.relative_error:.1f}%"]
                   for x in res.rows]))
-    s = res.summary
-    rho = "-" if s.spearman is None else f"{s.spearman:.2f}"
-    print(f"\n{s.pairs} (subset, task) pairs: mean relative error of the loss "
-          f"{100 * s.mean_relative_error:.2f}%, Spearman {rho}; "
-          f"fine-tuning {s.true_finetune_s:.0f} s vs estimation {s.surrogate_fit_s:.2f} s "
-          f"({s.compute_ratio_fits_only:.0f}x; {s.compute_ratio_with_gradients:.1f}x with "
-          f"the amortized gradient features)")
+    print()
+    print(_table(["d", "pairs", "mean rel. error", "Spearman", "fits s", "fine-tuning s",
+                  "speed-up (fits)", "speed-up (with stage 1)"],
+                 [[s.d, s.pairs, f"{100 * s.mean_relative_error:.2f}%",
+                   "-" if s.spearman is None else f"{s.spearman:.2f}", f"{s.surrogate_fit_s:.2f}",
+                   f"{s.true_finetune_s:.0f}", f"{s.compute_ratio_fits_only:.0f}x",
+                   f"{s.compute_ratio_with_gradients:.1f}x"] for s in res.summaries]))
     return 0
 
 
@@ -250,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config value by dotted key, e.g. training.epochs=3")
     sub.choices["check-estimates"].add_argument(
         "--r", type=int, default=3, help="number of sampled subsets to fine-tune for real")
+    sub.choices["check-estimates"].add_argument(
+        "--d", default=None, help="projection dimensions to check, e.g. 200,400,800 (default: "
+        "every estimation.projection_dim)")
     sp = sub.add_parser("predict", help="predict with a trained ensemble: jsonl in, jsonl out")
     sp.add_argument("run_dir", help="a finished run directory (with ensemble.json)")
     sp.add_argument("--task", required=True, help="task name as in the run's config")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from ensemble_core.records import FeaturesRecord, FeaturesResult, LinearityRecord
+from ensemble_core.runtime import release_models
 from tasks.common import for_run
 from tasks.stages import compute_gradients, linearity_check
 
@@ -32,4 +33,5 @@ def gradient_features(config, overrides: list[str] | None = None) -> FeaturesRes
         for row in linearity.results:
             log.info("linearity[%s] distance %.2f%%: relative error %.3g%%", linearity.task,
                      100 * row.relative_distance, 100 * row.relative_error)
+    release_models()  # θ* and P's cached blocks are stage 1's alone
     return FeaturesResult(features, linearity)

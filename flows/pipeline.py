@@ -15,6 +15,7 @@ from ensemble_core.records import (AdapterRecord, AdaptersResult, BoostRecord, E
                                    PipelineResult, ScoresRecord)
 from ensemble_core.report import ACCURACY_HEADERS, accuracy_rows
 from ensemble_core.rundir import BASELINE, THETA_STAR
+from ensemble_core.runtime import release_models
 from tasks.common import for_run
 from tasks.stages import (boost_group, evaluate, fit_weights, save_theta_star, score_member,
                           train_adapter)
@@ -75,6 +76,7 @@ def boosting_and_weights(config, adapters: dict[str, AdapterRecord],
     compute = stages.compute_summary(features, estimation_s, adapters, boosting)
     evaluation = EvaluationRecord.from_json(
         for_run(evaluate, run)(run, ensemble, scores, BASELINE, compute))
+    release_models()  # the scoring base model with its members
     return EnsembleResult(boosting, ensemble, evaluation)
 
 

@@ -22,7 +22,8 @@ def test_gradient_bench_runs_on_the_tiny_model(data_root, cache_dir):
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
     assert "cb (token mode" in out and "copa (sequence mode" in out
-    for label in ("ratio ours / plain step", "ratio ours / per-example loop"):
+    for label in ("ratio ours / plain step", "ratio ours / choice step",
+                  "ratio ours / per-example loop", "ratio scoring / choice step"):
         ratios = re.findall(re.escape(label) + r"\s+([0-9.]+)x.*work ratio ([0-9.]+)x", out)
         assert len(ratios) == 2 and all(float(a) > 0 and float(b) > 0 for a, b in ratios), out
-    assert out.count("GFLOP/s") >= 9  # every method of both tasks reports its FLOP rate
+    assert out.count("GFLOP/s") >= 11  # every method of both tasks reports its FLOP rate

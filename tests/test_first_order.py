@@ -61,14 +61,18 @@ def test_check_estimates_end_to_end(data_root, cache_dir, tmp_path):
     from ensemble_core.run import Run
 
     raw = tiny_config(data_root, tmp_path, cache_dir=str(cache_dir))
-    raw["estimation"] = dict(raw["estimation"], n_subsets=3, subset_size=2)
+    raw["estimation"] = dict(raw["estimation"], n_subsets=3, subset_size=2,
+                             projection_dim=[16, 32])
     raw["training"] = {"epochs": 1, "batch_size": 4}
     run = Run.open(parse_config(raw))
     records = {t: stages.gradient_features(run, t) for t in run.task_names}
     res = check_estimates(run, records, stages.plan_subsets(run.cfg), r=2)
-    s = res.summary
-    assert s.pairs == 4 and len(res.rows) == 4
-    assert np.isfinite(s.mean_relative_error) and s.true_finetune_s > 0
+    assert [s.d for s in res.summaries] == [16, 32]  # both from the one stage-1 pass at 32
+    for s in res.summaries:
+        assert s.pairs == 4 and np.isfinite(s.mean_relative_error) and s.true_finetune_s > 0
+    assert len(res.rows) == 8 and res.summary().d == 32
     for row in res.rows:
         assert row.estimated_loss > 0 and row.true_loss > 0
     assert res.file.verified()
+    with pytest.raises(ValueError, match=r"dimension\(s\) \[24\] were not computed"):
+        check_estimates(run, records, stages.plan_subsets(run.cfg), r=1, dims=[24])

@@ -1,4 +1,5 @@
-"""Stage 1 exactness: batched per-example gradients vs the plain autograd loop."""
+"""Stage 1 exactness: batched per-example gradients of the score differences h_c − h_0 vs the
+plain autograd loop's per-choice gradients (their differences, taken here)."""
 import pytest
 import torch
 
@@ -16,6 +17,26 @@ from conftest import tiny_config
 
 def _rel(a, b):
     return float((a - b).norm() / b.norm())
+
+
+def _differences(G, examples):
+    """The reference's per-choice gradient rows minus each example's first choice's row."""
+    out, r = [], 0
+    for ex in examples:
+        n = len(ex.choices)
+        out.append(G[r:r + n] - G[r])
+        r += n
+    return torch.cat(out)
+
+
+def _check_rows(G, ref_D, examples):
+    """Every first-choice row exactly zero; every other row close to the reference's."""
+    r = 0
+    for ex in examples:
+        assert float(G[r].abs().max()) == 0.0, r
+        for c in range(1, len(ex.choices)):
+            assert _rel(G[r + c], ref_D[r + c]) <= 1e-3, (r, c)
+        r += len(ex.choices)
 
 
 @pytest.fixture(scope="module", params=["none", "nf4"])
@@ -38,13 +59,12 @@ def test_batched_gradients_equal_autograd_loop(loaded, task, data_root):
     assert (batch.attention_mask == 0).any(), "the batch must contain padding"
     out, G = batched_gradients(lm.model, batch)
     ref_out, ref_G = reference_gradients(lm.model, scorer, examples)
+    ref_D = _differences(ref_G, examples)
     assert G.shape == ref_G.shape == (sum(len(e.choices) for e in examples), G.shape[1])
     assert _rel(out, ref_out) <= 1e-4
-    assert float(ref_G.norm()) > 0
-    assert _rel(G, ref_G) <= 1e-4
-    # per row too: no example's gradient leaks into another's
-    for r in range(G.shape[0]):
-        assert _rel(G[r], ref_G[r]) <= 1e-3, r
+    assert float(ref_D.norm()) > 0
+    assert _rel(G, ref_D) <= 1e-4
+    _check_rows(G, ref_D, examples)  # per row too: no example's gradient leaks into another's
 
 
 def test_projected_features_match_reference(loaded, data_root):
@@ -56,8 +76,10 @@ def test_projected_features_match_reference(loaded, data_root):
     proj = GaussianProjector(ref_G.shape[1], 16, seed=3, block_rows=1000)
     table = extract_features(lm.model, scorer, examples, proj, task="cb", split="validation",
                              batch_size=4)
-    expected = ref_G @ torch.cat([proj.block(k) for k in range(proj.n_blocks)])
+    P = torch.cat([proj.block(k) for k in range(proj.n_blocks)]) / 16 ** 0.5  # Z / √d
+    expected = _differences(ref_G, examples) @ P
     assert _rel(torch.from_numpy(table.grad), expected) <= 1e-4
+    assert _rel(torch.from_numpy(table.unit), expected * 16 ** 0.5) <= 1e-4
     # rows come back in example order although batches are sorted by length
     ids = [e.example_id for e in examples for _ in e.choices]
     assert list(table.example_id) == ids
@@ -81,7 +103,8 @@ def test_projected_features_with_the_default_lora_init(data_root, cache_dir, tmp
         proj = GaussianProjector(ref_G.shape[1], 16, seed=3, block_rows=1000)
         table = extract_features(lm.model, scorer, examples, proj, task=task,
                                  split="validation", batch_size=4)
-        expected = ref_G @ torch.cat([proj.block(k) for k in range(proj.n_blocks)])
+        P = torch.cat([proj.block(k) for k in range(proj.n_blocks)]) / 16 ** 0.5
+        expected = _differences(ref_G, examples) @ P
         assert _rel(torch.from_numpy(table.grad), expected) <= 1e-4, task
 
 
@@ -112,7 +135,7 @@ def test_long_prompts_are_truncated_from_the_left(loaded, data_root):
         assert batch.input_ids[0, 0].item() == lm.tokenizer.bos_token_id
     out, G = batched_gradients(lm.model, batch)
     ref_out, ref_G = reference_gradients(lm.model, scorer, examples)
-    assert _rel(G, ref_G) <= 1e-4
+    assert _rel(G, _differences(ref_G, examples)) <= 1e-4
 
 
 def _many_choice_examples():
@@ -131,8 +154,9 @@ def _many_choice_examples():
 @pytest.mark.parametrize("pack", [True, False])
 def test_packed_choices_equal_separate_sequences(loaded, attn, cut, pack):
     """All choices of an example share one packed sequence (block mask, positions restarting
-    after the prompt); outputs and per-choice gradients equal the reference's separate plain
-    sequences, with varying choice counts, padding and (cut) left-truncated prompts."""
+    after the prompt); outputs and the gradients of the score differences equal the reference's
+    on separate plain sequences, with varying choice counts, padding and (cut) left-truncated
+    prompts; the same unpacked (one sequence per choice, one backward)."""
     cfg, lm = loaded
     examples = _many_choice_examples()
     scorer = ChoiceScorer(lm.tokenizer, max_length=1024)
@@ -155,7 +179,7 @@ def test_packed_choices_equal_separate_sequences(loaded, attn, cut, pack):
         lm.model.get_base_model().set_attn_implementation("sdpa")
     assert out.shape == ref_out.shape == (9,)
     assert _rel(out, ref_out) <= 1e-4
-    for r in range(G.shape[0]):
-        assert _rel(G[r], ref_G[r]) <= 1e-3, r
-    assert _rel(G, ref_G) <= 1e-4
+    ref_D = _differences(ref_G, examples)
+    _check_rows(G, ref_D, examples)
+    assert _rel(G, ref_D) <= 1e-4
     assert torch.allclose(Gp, proj.project(G), rtol=1e-5, atol=1e-6)

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ensemble_core.features import FeatureTable, read_features, write_features
+from ensemble_core.features import FeatureTable, feature_schema, read_features, write_features
 from ensemble_core.projection import GaussianProjector
 from ensemble_core.storage import (read_json, remove_stale_temporaries, temporary_name,
                                    write_json)
@@ -53,15 +53,39 @@ def test_projection_identical_across_processes():
 
 def test_projection_statistics_and_expand():
     pr = GaussianProjector(20000, 50, seed=1, block_rows=4096)
-    P = torch.cat([pr.block(k) for k in range(pr.n_blocks)])
-    assert P.shape == (20000, 50)
-    assert abs(float(P.var()) - 1 / 50) < 1e-3 and abs(float(P.mean())) < 1e-3
+    Z = torch.cat([pr.block(k) for k in range(pr.n_blocks)])  # unit normals
+    assert Z.shape == (20000, 50)
+    assert abs(float(Z.var()) - 1) < 2e-2 and abs(float(Z.mean())) < 1e-2
+    P = Z / 50 ** 0.5  # N(0, 1/d)
     g = torch.randn(3, 20000)
     assert torch.allclose(pr.project(g), g @ P, rtol=1e-4, atol=1e-4)
     x = torch.randn(50)
     assert torch.allclose(pr.expand(x), P @ x, rtol=1e-4, atol=1e-4)
+    assert torch.equal(pr.project(g), pr.project_unit(g) * np.float32(1 / 50 ** 0.5))
     # different seeds differ; JL: inner products preserved in expectation
     assert not torch.equal(GaussianProjector(20000, 50, seed=2).block(0), pr.block(0))
+
+
+def test_a_smaller_d_is_the_first_columns_of_the_same_projection():
+    """One stage-1 pass at the largest d serves every smaller d': the d' projection built
+    directly has the same Z columns, and features derived from the stored unit projection at
+    d' are the same bits as a direct projection at d' (estimation.projection_dim as a list)."""
+    g = torch.randn(4, 20000)
+    big = GaussianProjector(20000, 80, seed=3, block_rows=3000)
+    for d in (20, 40, 80):
+        small = GaussianProjector(20000, d, seed=3, block_rows=3000)
+        assert torch.equal(small.block(2), big.block(2)[:, :d])
+        assert small.block(0).shape == (3000, d)
+        unit = big.project_unit(g).numpy()
+        table = FeatureTable.from_unit("t", "train", np.array(["a", "a", "b", "b"], object),
+                                       np.array([0, 1, 0, 1], np.int32),
+                                       np.array([True, False, False, True]),
+                                       np.zeros(4, np.float32), unit, d)
+        assert np.array_equal(table.grad, small.project(g).numpy()), d
+        assert np.array_equal(table.at_dim(20).grad,
+                              GaussianProjector(20000, 20, seed=3, block_rows=3000)
+                              .project(g).numpy())
+        assert torch.equal(big.at_dim(d).block(1), small.block(1))
 
 
 def test_projection_rejects_d_larger_than_p():
@@ -73,7 +97,7 @@ def _table(n=5, d=8, task="t", split="train"):
     rng = np.random.default_rng(0)
     n_choices = [2, 3, 2, 2, 3][:n]
     rows = sum(n_choices)
-    return FeatureTable(
+    return FeatureTable.from_unit(
         task, split, np.array([f"e{i}" for i, c in enumerate(n_choices) for _ in range(c)], object),
         np.concatenate([np.arange(c) for c in n_choices]).astype(np.int32),
         np.concatenate([np.arange(c) == (i % c) for i, c in enumerate(n_choices)]),
@@ -90,9 +114,14 @@ def test_parquet_schema_and_round_trip(tmp_path):
     for name, typ in [("task", pa.string()), ("split", pa.string()), ("example_id", pa.string()),
                       ("choice", pa.int32()), ("is_gold", pa.bool_()), ("output", pa.float32())]:
         assert schema.field(name).type == typ
+    assert schema.metadata[b"ensemble_lora"] == b"projected-gradient-features/v2"
     back = read_features(url)
     assert back.task == "t" and back.split == "train"
     np.testing.assert_array_equal(back.grad, t.grad)
+    np.testing.assert_array_equal(back.unit, t.unit)
+    np.testing.assert_array_equal(read_features(url, dim=3).grad, t.at_dim(3).grad)
+    with pytest.raises(ValueError, match="projection dimension 9 was not computed"):
+        read_features(url, dim=9)
     np.testing.assert_array_equal(back.output, t.output)
     np.testing.assert_array_equal(back.is_gold, t.is_gold)
     assert list(back.example_id) == list(t.example_id)
@@ -149,6 +178,21 @@ def test_stale_temporaries_are_those_of_dead_writers(tmp_path):
     assert list((tmp_path / "adapters").iterdir()) == []
 
 
+def test_a_features_file_of_the_old_format_is_refused(tmp_path):
+    t = _table()
+    old = pa.Table.from_arrays(
+        [pa.array(["t"] * 12), pa.array(["train"] * 12), pa.array(["e"] * 12),
+         pa.array(t.choice), pa.array(t.is_gold), pa.array(t.output),
+         pa.FixedSizeListArray.from_arrays(pa.array(t.unit.reshape(-1)), 8)],
+        schema=feature_schema(8).with_metadata(
+            {b"ensemble_lora": b"projected-gradient-features/v1"}))
+    url = tmp_path / "train.parquet"
+    pq.write_table(old, url)
+    with pytest.raises(ValueError, match=r"train.parquet: features file of format "
+                                         r"'projected-gradient-features/v1'.*recompute"):
+        read_features(str(url))
+
+
 def test_feature_table_checks_gold_rows():
     t = _table()
     with pytest.raises(ValueError, match="gold choices"):
@@ -194,7 +238,7 @@ def test_projection_cache_budget_from_the_config(tmp_path, data_root):
             d["estimation"]["projection_cache_gb"] = gb
         cfg = parse_config(d)
         e = cfg.estimation
-        return cfg, runtime.projector(20000, e.projection_dim, e.projection_seed,
+        return cfg, runtime.projector(20000, e.stored_dim, e.projection_seed,
                                       e.projection_block_rows, e.projection_cache_gb, "cpu")
 
     cfg_default, default = projector("default")

@@ -65,6 +65,11 @@ def test_a_stage_sees_only_what_it_declared(run):
     assert whole.cfg.training is run.cfg.training  # a declared section is the real object
     with pytest.raises(AttributeError):
         view.cfg.estimation.l2 = 1.0
+    # a derived value (a property) is computed through the view: it needs its fields declared
+    with pytest.raises(StageInputError, match="'estimation.projection_dim'"):
+        view.cfg.estimation.stored_dim
+    dims = run.for_stage("g", ("estimation.projection_dim",), [])
+    assert dims.cfg.estimation.stored_dim == 32
 
 
 def _subset_inputs(cfg) -> dict:
@@ -76,7 +81,8 @@ def test_cache_inputs_follow_the_declaration(run):
     base = _subset_inputs(run.cfg)
     assert base["config"] == {"estimation.l2": run.cfg.estimation.l2,
                               "estimation.max_norm": None,
-                              "estimation.max_relative_distance": 1.0}
+                              "estimation.max_relative_distance": 1.0,
+                              "estimation.fit_dim": None, "estimation.projection_dim": 32}
     changed = run.cfg.model_copy(deep=True)
     changed.estimation.l2 = 0.5
     assert _subset_inputs(changed)["config"] != base["config"]
@@ -167,3 +173,32 @@ def test_choice_math_equals_a_per_example_loop():
     assert np.array_equal(flat, z) and np.array_equal(again.gold_rows, layout.gold_rows)
     with pytest.raises(ValueError, match="gold index 3 outside 0..1"):
         Choices([2], [3])
+
+
+def test_estimation_sample_is_seeded_recorded_and_bounded(data_root, cache_dir, tmp_path):
+    """estimation.max_examples: stage 1 (and so the surrogate) uses a seeded sample of each
+    task's split, recorded in the manifest; fine-tuning still sees every example."""
+    from ensemble_core.storage import read_json
+
+    raw = tiny_config(data_root, tmp_path / "run", cache_dir=str(cache_dir))
+    raw["estimation"] = dict(raw["estimation"], max_examples={"train": 5})
+    run = Run.open(parse_config(raw))
+    full = run.task_data("cb").splits["train"]
+    sample = stages.estimation_examples(run, "cb", "train")
+    assert len(sample) == 5 and len(full) == 8
+    assert [e.example_id for e in sample] == [e.example_id for e in full if e in sample]
+    assert sample == stages.estimation_examples(run, "cb", "train")  # seeded
+    other = dict(raw, seed=1)
+    assert stages.estimation_examples(Run(parse_config(other)), "cb", "train") != sample
+    assert stages.estimation_examples(run, "cb", "validation") == \
+        run.task_data("cb").splits["validation"]  # no cap on validation
+    rec = stages.gradient_features(run, "cb")
+    assert rec.train.examples == 5 and rec.train.rows == 15 and rec.validation.examples == 6
+    man = read_json(rec.manifest.path)
+    assert man["estimation_sample"]["train"]["ids"] == [e.example_id for e in sample]
+    assert man["estimation_sample"]["train"]["from_n"] == 8 and "validation" not in \
+        man["estimation_sample"]
+    raw["estimation"]["max_examples"] = {"train": 9}
+    with pytest.raises(ValueError, match=r"estimation.max_examples.train = 9, but task 'rte' "
+                                         r"has only 8 train examples"):
+        stages.estimation_examples(Run(parse_config(raw)), "rte", "train")

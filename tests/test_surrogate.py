@@ -335,3 +335,28 @@ def test_blas_stays_single_threaded_until_the_last_concurrent_fit_ends():
         assert get() == 2  # restored when the last one ended
     finally:
         set_(before)
+
+
+def _as_differences(t: FeatureTable) -> FeatureTable:
+    """The same data with each example's gradients replaced by g_c − g_0 (stage 1's v2)."""
+    first = np.repeat(t.offsets[:-1], t.n_choices)
+    g = t.grad.astype(np.float64)
+    return FeatureTable(t.task, t.split, t.example_id, t.choice, t.is_gold, t.output,
+                        g - g[first])
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.3])
+def test_surrogate_on_difference_features_finds_the_same_solution(max_norm):
+    """A softmax over an example's choices does not see a vector added to all its g̃_c, so
+    the surrogate fitted on per-choice features and on the differences to the first choice
+    is the same problem: the same x̂ (relative difference ≤ 1e-8), with and without the norm
+    bound."""
+    d = 12
+    x_true = np.random.default_rng(9).standard_normal(d)
+    tables = [make_table("a", 60, d, [2, 3, 4], 1, x_true), make_table("b", 40, d, 2, 2, x_true)]
+    per_choice = FirstOrderSurrogate(l2=1e-3, max_norm=max_norm, tol=1e-12).fit(tables)
+    diffs = FirstOrderSurrogate(l2=1e-3, max_norm=max_norm, tol=1e-12).fit(
+        [_as_differences(t) for t in tables])
+    rel = np.linalg.norm(diffs.coef_ - per_choice.coef_) / np.linalg.norm(per_choice.coef_)
+    assert rel <= 1e-8, rel
+    assert diffs.loss_ == pytest.approx(per_choice.loss_, rel=1e-10)
