@@ -18,6 +18,7 @@ the same config yields the same splits in every process (no Python ``hash()`` in
 """
 from __future__ import annotations
 
+import bisect
 import csv
 import dataclasses
 import gzip
@@ -95,6 +96,16 @@ class TaskConfig(BaseModel):
     choice_fields: list[str] | None = None  # per-example candidates instead of verbalizers
     choice_template: str = " {choice}"  # how a per-example candidate becomes a continuation
     id_field: str | None = None  # default: line number (row number for parquet)
+    # csv/tsv: the field names, for a file without a header row (header: false), or to rename
+    # the header's (header: true: its first row is skipped)
+    columns: list[str] | None = None
+    header: bool | None = None  # default: true, false when columns are given
+    # raw label value -> choice (its index, its label_values entry, or its continuation);
+    # several values may map to one choice; values not listed are an error
+    label_map: dict[str, int | str] | None = None
+    # a numeric label becomes choice k = the number of thresholds <= it (ascending; e.g.
+    # [2.5]: below 2.5 -> choice 0, from 2.5 on -> choice 1)
+    label_thresholds: list[float] | None = None
     max_examples: dict[str, int] = {}  # per-split caps, seeded subsample, original order kept
     carve: dict[str, CarveSpec] = {}  # split -> where to carve it from
     seed: int = 0
@@ -182,19 +193,27 @@ def _parse_jsonl(text: str, url: str) -> list[_Record]:
 
 
 def _parse_delimited(text: str, url: str, delimiter: str,
-                     fieldnames: tuple[str, ...] | None = None) -> list[_Record]:
+                     fieldnames: tuple[str, ...] | None = None,
+                     skip_header: bool = False) -> list[_Record]:
     """csv: standard quoting.  tsv: quoting disabled (csv.QUOTE_NONE) because the GLUE
     files contain unbalanced quote characters inside the text.  Without `fieldnames`
-    the first row is the header."""
+    the first row is the header; with them and `skip_header`, the first row is skipped."""
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # long passages
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     records = []
     header = list(fieldnames) if fieldnames is not None else None
+    if header is not None:
+        dup = sorted({h for h in header if header.count(h) > 1})
+        if dup:
+            raise DataError(f"{url}: duplicate column name(s) {dup}")
     try:
         for row in reader:
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue  # blank line
+            if skip_header:
+                skip_header = False
+                continue
             if header is None:
                 header = [h.strip() for h in row]
                 dup = sorted({h for h in header if header.count(h) > 1})
@@ -203,8 +222,9 @@ def _parse_delimited(text: str, url: str, delimiter: str,
                                     f"{dup} in header")
                 continue
             if len(row) != len(header):
-                raise DataError(f"{url} line {reader.line_num}: {len(row)} fields, the "
-                                f"header has {len(header)} ({header})")
+                names = "the header has" if fieldnames is None else "columns names"
+                raise DataError(f"{url} line {reader.line_num}: {len(row)} fields, {names} "
+                                f"{len(header)} ({header})")
             records.append(_Record(reader.line_num, dict(zip(header, row))))
     except csv.Error as e:
         raise DataError(f"{url} line {reader.line_num}: {e}") from e
@@ -221,7 +241,7 @@ def _parse_parquet(raw: bytes, url: str) -> list[_Record]:
 
 
 def _read_file(url: str, fmt: str = "auto",
-               fieldnames: tuple[str, ...] | None = None) -> _File:
+               fieldnames: tuple[str, ...] | None = None, skip_header: bool = False) -> _File:
     fmt = _detect_format(url, fmt)
     raw = _read_bytes(url)
     digest = hashlib.sha256(raw).hexdigest()
@@ -231,7 +251,8 @@ def _read_file(url: str, fmt: str = "auto",
     if fmt == "jsonl":
         records = _parse_jsonl(text, url)
     else:
-        records = _parse_delimited(text, url, "\t" if fmt == "tsv" else ",", fieldnames)
+        records = _parse_delimited(text, url, "\t" if fmt == "tsv" else ",", fieldnames,
+                                   skip_header)
     return _File(url, digest, "line", records)
 
 
@@ -432,7 +453,64 @@ def _label_key(value: Any) -> tuple | None:
     return ("other", repr(value))
 
 
+def _choice_index(cfg: TaskConfig, target, n_choices: int) -> int:
+    """A label_map target: a choice index, a label_values entry or a continuation."""
+    if isinstance(target, int) and not isinstance(target, bool):
+        if 0 <= target < n_choices:
+            return target
+    else:
+        if cfg.label_values is not None:
+            keys = [_label_key(v) for v in cfg.label_values]
+            if _label_key(target) in keys:
+                return keys.index(_label_key(target))
+        if cfg.choices is not None and target in cfg.choices:
+            return cfg.choices.index(target)
+    raise DataError(f"task {cfg.name!r}: label_map maps to {target!r}, which is no choice "
+                    f"(indices 0..{n_choices - 1}"
+                    + (f", label_values {cfg.label_values}" if cfg.label_values else "")
+                    + (f", choices {cfg.choices}" if cfg.choices else "") + ")")
+
+
+def choice_labels(cfg: TaskConfig) -> list:
+    """What each choice is called in the task's own labels (predictions report it): its
+    label_values entry; with a label_map, the first raw value that maps to it; with
+    thresholds, its range; else its index."""
+    n = len(cfg.choices if cfg.choices is not None else cfg.choice_fields)
+    if cfg.label_thresholds is not None:
+        th = cfg.label_thresholds
+        return [f"< {th[0]:g}"] + [f"[{a:g}, {b:g})" for a, b in zip(th, th[1:])] \
+            + [f">= {th[-1]:g}"]
+    if cfg.label_map is not None:
+        first: dict[int, Any] = {}
+        for raw, target in cfg.label_map.items():
+            first.setdefault(_choice_index(cfg, target, n), raw)
+        return [first.get(k, cfg.label_values[k] if cfg.label_values else k) for k in range(n)]
+    if cfg.label_values is not None:
+        return list(cfg.label_values)
+    return list(range(n))
+
+
+def _threshold_label(cfg: TaskConfig, raw, where: str) -> int:
+    try:
+        x = float(raw)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: field {cfg.label_field!r} has label value {raw!r}, which "
+                        f"is not a number (label_thresholds {cfg.label_thresholds})") from None
+    if x != x:
+        raise DataError(f"{where}: field {cfg.label_field!r} has label value {raw!r} (NaN)")
+    return bisect.bisect_right(cfg.label_thresholds, x)
+
+
 def _label_map(cfg: TaskConfig, n_choices: int) -> dict[tuple, int]:
+    if cfg.label_map is not None:
+        mapping = {}
+        for raw, target in cfg.label_map.items():
+            key = _label_key(raw)
+            if key is None or key in mapping:
+                raise DataError(f"task {cfg.name!r}: label_map key {raw!r} is "
+                                f"{'null' if key is None else 'given twice'}")
+            mapping[key] = _choice_index(cfg, target, n_choices)
+        return mapping
     if cfg.label_values is None:
         # Default [0, 1, ..., C-1]; with two choices also false/true.
         mapping = {("int", i): i for i in range(n_choices)}
@@ -488,6 +566,22 @@ def _check_config(cfg: TaskConfig) -> None:
                         f"{'y' if len(options) == 1 else 'ies'}, at least 2 are needed")
     if len(set(options)) != len(options):
         raise DataError(f"task {name!r}: {what} has duplicate entries {options}")
+    if cfg.header is False and not cfg.columns:
+        raise DataError(f"task {name!r}: header: false needs columns (the field names of the "
+                        f"file's columns)")
+    if cfg.columns is not None and cfg.format in ("jsonl", "parquet"):
+        raise DataError(f"task {name!r}: columns name the fields of csv/tsv files, not "
+                        f"{cfg.format}")
+    if cfg.label_map is not None and cfg.label_thresholds is not None:
+        raise DataError(f"task {name!r}: set at most one of label_map and label_thresholds")
+    if cfg.label_thresholds is not None:
+        th = cfg.label_thresholds
+        if not th or any(b <= a for a, b in zip(th, th[1:])):
+            raise DataError(f"task {name!r}: label_thresholds must be a non-empty ascending "
+                            f"list, got {th}")
+        if cfg.choices is not None and len(th) + 1 != len(cfg.choices):
+            raise DataError(f"task {name!r}: {len(th)} label_thresholds make {len(th) + 1} "
+                            f"choices, but choices has {len(cfg.choices)}")
     for tmpl in (cfg.template, cfg.choice_template):
         try:
             list(string.Formatter().parse(tmpl))
@@ -538,10 +632,16 @@ def _examples(cfg: TaskConfig, split: str, file: _File) -> list[Example]:
             raise DataError(f"{where}: label_field {cfg.label_field!r} is not in the record "
                             f"(available fields: {sorted(data)})")
         raw = data[cfg.label_field]
-        label = labels.get(_label_key(raw))
+        if cfg.label_thresholds is not None:
+            label = _threshold_label(cfg, raw, where)
+        else:
+            label = labels.get(_label_key(raw))
         if label is None:
+            what = ("maps nowhere (label_map keys: "
+                    f"{sorted(map(str, cfg.label_map))})" if cfg.label_map is not None
+                    else f"not one of the label values {allowed}")
             raise DataError(f"{where}: field {cfg.label_field!r} has label value {raw!r}, "
-                            f"not one of the label values {allowed}")
+                            f"{what}")
         if cfg.id_field is None:
             example_id = str(rec.number)
         elif cfg.id_field not in data:
@@ -598,7 +698,10 @@ def _load(cfg: TaskConfig, data_root: str) -> TaskData:
             continue
         url = _resolve_url(cfg.files[split], data_root)
         try:
-            file = _read_file(url, cfg.format, spec.fieldnames if spec else None)
+            fieldnames = tuple(cfg.columns) if cfg.columns else (spec.fieldnames if spec
+                                                                 else None)
+            skip = bool(cfg.columns) and cfg.header is True
+            file = _read_file(url, cfg.format, fieldnames, skip)
             if spec and spec.preprocess:
                 try:
                     file.records = spec.preprocess(file.records)

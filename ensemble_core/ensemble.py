@@ -21,6 +21,7 @@ Two levels, as in the paper:
      "max_length": 256, "choice_mode": "auto", "eta": 0.1,
      "tasks": {"rte": {"group": 0, "weights": [w_0, ..., w_{m-1}],
                        "template": "...", "choices": [" yes", " no"],
+                       "labels": ["entailment", "not_entailment"],  # each choice's label
                        # optional: "choice_fields", "choice_template", "builtin",
                        #           "choice_mode", "label_values"
                        }},
@@ -253,6 +254,8 @@ def task_entry(task_config, group: int, weights: Sequence[float],
         entry["builtin"] = cfg.builtin
     if cfg.label_values is not None:
         entry["label_values"] = list(cfg.label_values)
+    from .data import choice_labels
+    entry["labels"] = choice_labels(cfg)  # each choice in the task's own labels
     if choice_mode is not None:
         entry["choice_mode"] = choice_mode
     return entry
@@ -512,14 +515,23 @@ class EnsembleModel:
         probs = self.group_probabilities(task, examples, batch_size, used)
         return combine_probabilities([probs[g] for g in used], [w[g] for g in used])
 
+    def labels(self, task: str, n_choices: int) -> list:
+        """Each choice in the task's own labels: its label_values entry, the first raw value
+        its label_map maps to it, its threshold range (``data.choice_labels``), or its index."""
+        entry = self._task(task)
+        labels = entry.get("labels") or entry.get("label_values")
+        return list(labels) if labels and len(labels) == n_choices else list(range(n_choices))
+
     def predict(self, task: str, items: Sequence, batch_size: int = 16) -> list[dict]:
-        """One dict per example: ``label`` (index of the most probable choice), ``choice``
-        (its text) and ``probabilities`` (over the example's choices)."""
+        """One dict per example: ``label`` (the most probable choice in the task's own labels,
+        :meth:`labels`), ``choice`` (its index), ``continuation`` (its text) and
+        ``probabilities`` (per choice, keyed by label, as strings: JSON object keys)."""
         examples = self.examples(task, items)
         probs = self.predict_proba(task, examples, batch_size)
         out = []
         for ex, p in zip(examples, probs):
             k = int(np.argmax(p))
-            out.append({"label": k, "choice": ex.choices[k],
-                        "probabilities": [float(x) for x in p]})
+            labels = self.labels(task, len(ex.choices))
+            out.append({"label": labels[k], "choice": k, "continuation": ex.choices[k],
+                        "probabilities": {str(lab): float(x) for lab, x in zip(labels, p)}})
         return out

@@ -30,7 +30,10 @@ from pathlib import Path
 
 import torch
 
+from . import quiet
+
 log = logging.getLogger(__name__)
+quiet.install()  # third-party messages nobody can act on (ensemble_core/quiet.py)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -141,10 +141,13 @@ def test_predict_on_a_finished_run(finished_run, data_root, cache_dir, tmp_path,
     preds = [json.loads(ln) for ln in y.read_text().splitlines()]
     assert len(preds) == 5
     for p in preds:
-        assert p["label"] in (0, 1) and p["choice"] in (" yes", " no")
-        assert len(p["probabilities"]) == 2
-        assert math.isclose(sum(p["probabilities"]), 1.0, abs_tol=1e-9)
-        assert p["probabilities"][p["label"]] == max(p["probabilities"])
+        # RTE's own labels (label_values), the choice index and its continuation
+        assert p["label"] in ("entailment", "not_entailment") and p["choice"] in (0, 1)
+        assert p["continuation"] == [" yes", " no"][p["choice"]]
+        assert p["label"] == ["entailment", "not_entailment"][p["choice"]]
+        assert sorted(p["probabilities"]) == ["entailment", "not_entailment"]
+        assert math.isclose(sum(p["probabilities"].values()), 1.0, abs_tol=1e-9)
+        assert p["probabilities"][p["label"]] == max(p["probabilities"].values())
 
 
 def test_predict_errors_are_one_line(finished_run, tmp_path, capsys):

@@ -165,10 +165,13 @@ def test_ensemble_predictions_equal_by_hand_combination(run, task):
     expected = _by_hand(run, task, examples)
     assert len(preds) == len(examples)
     for p, e, ex in zip(preds, expected, examples):
-        np.testing.assert_allclose(p["probabilities"], e, rtol=1e-5, atol=1e-6)
-        assert sum(p["probabilities"]) == pytest.approx(1.0)
-        assert p["label"] == int(np.argmax(e))
-        assert p["choice"] == ex.choices[p["label"]]
+        np.testing.assert_allclose(list(p["probabilities"].values()), e, rtol=1e-5, atol=1e-6)
+        assert sum(p["probabilities"].values()) == pytest.approx(1.0)
+        assert p["choice"] == int(np.argmax(e))
+        assert p["continuation"] == ex.choices[p["choice"]]
+        labels = run["em"].labels(task, len(ex.choices))
+        assert p["label"] == labels[p["choice"]]
+        assert list(p["probabilities"]) == [str(x) for x in labels]
     # the members really differ, so the test pins the combination
     probs = run["em"].group_probabilities(task, examples)
     assert not np.allclose(probs[0], probs[1])
@@ -188,7 +191,8 @@ def test_raw_records_are_formatted_like_training(run, data_root):
     # unused groups (weight 0) do not matter: cb uses group 0 only
     cb = data["cb"].splits["validation"]
     only0 = em.group_probabilities("cb", cb, groups=[0])[0]
-    np.testing.assert_allclose([p["probabilities"] for p in em.predict("cb", cb)], only0,
+    np.testing.assert_allclose([list(p["probabilities"].values()) for p in em.predict("cb", cb)],
+                               only0,
                                atol=1e-12)
 
 
