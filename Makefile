@@ -4,15 +4,20 @@ export ENSEMBLE_LORA_CACHE ?= $(HOME)/.cache/ensemble-lora
 export TOKENIZERS_PARALLELISM ?= false
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test test-fast bench
+.PHONY: install demo benchmark test test-fast bench
 
 install:
 	$(PY) -m pip install -q -r requirements-lock.txt
 	$(PY) -m pip install -q --no-deps -e .
 
-## The main job: the whole pipeline on SmolLM2-135M and six SuperGLUE tasks.
+## The main job: the whole pipeline on SmolLM2-135M and six GLUE/SuperGLUE tasks.
 demo: install
-	ensemble-lora run configs/superglue-smollm2.yaml
+	ensemble-lora run configs/demo.yaml
+
+## The paper's baselines and three seeds, with confidence intervals (BENCHMARKS.md).
+benchmark: install
+	ensemble-lora benchmark configs/demo.yaml --seeds 3 \
+	    --set "evaluation.baselines=[per-task, mtl-ft, random-groups, gradient-groups]"
 
 ## The test suite (what CI runs).
 test: install

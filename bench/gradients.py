@@ -12,14 +12,15 @@
             (scoring.predict_scores: inference mode, batches by token length)
 
 Prints examples/second of each, the ratios ours/plain, ours/choice and ours/loop with their
-targets, scoring/choice, and the projection's share of our time. Beside each time it prints the arithmetic each method does (the model's matmul and
-attention FLOPs and the per-example gradient products, counted by torch's FlopCounterMode on the
-same batches; our float64 projection is not counted, its share of the time is printed) and the
-FLOP rate it reached: the work ratio is what a device that runs every method at the same FLOP
-rate would give, so it separates what the method costs from how well the hardware runs it.
+targets, scoring/choice, and the projection's share of our time. Beside each time it prints the
+arithmetic each method does (the model's matmul and attention FLOPs and the per-example
+gradient products, counted by torch's FlopCounterMode on the same batches; our float64
+projection is not counted, its share of the time is printed) and the FLOP rate it reached: the
+work ratio is what a device that runs every method at the same FLOP rate would give, so it
+separates what the method costs from how well the hardware runs it.
 
-Usage:  python bench/gradients.py [--model smollm2-135m] [--tasks rte,cb,copa,rte:sequence,boolq]
-                                  [--batch 16] [--pick median|first] [--quantization none|nf4]
+Usage:  python bench/gradients.py [--model smollm2-135m] [--batch 16] [--pick median|first]
+                                  [--tasks rte,cb,copa,rte:sequence,boolq] [--quantization nf4]
 
 A task may name its choice mode after a colon (rte:sequence: RTE's long prompts scored as
 one-token continuations, packed); otherwise the mode is stage 1's automatic one.
@@ -275,14 +276,14 @@ def main() -> None:
         target_plain = {("rte", "token"): "1.0", ("cb", "token"): "0.8",
                         ("rte", "sequence"): "1.0"}.get((task, mode), "-")
         target_choice = "0.9" if task == "copa" else "-"
-        print(f"  ratio ours / plain step        {t_plain / t_ours:8.2f}x   (target {target_plain:>3})  "
-              f"work ratio {flops['plain'] / flops['ours']:.2f}x")
-        print(f"  ratio ours / choice step       {t_choice / t_ours:8.2f}x   (target {target_choice:>3})  "
-              f"work ratio {flops['choice'] / flops['ours']:.2f}x")
-        print(f"  ratio ours / per-example loop  {t_loop / t_ours:8.2f}x   (target   5)  "
-              f"work ratio {flops['loop'] / flops['ours']:.2f}x")
-        print(f"  ratio scoring / choice step    {t_choice / best['scoring']:8.2f}x   (target 2.5)  "
-              f"work ratio {flops['choice'] / flops['scoring']:.2f}x")
+        ratios = [("ours / plain step", t_plain / t_ours, target_plain, "plain", "ours"),
+                  ("ours / choice step", t_choice / t_ours, target_choice, "choice", "ours"),
+                  ("ours / per-example loop", t_loop / t_ours, "5", "loop", "ours"),
+                  ("scoring / choice step", t_choice / best["scoring"], "2.5", "choice",
+                   "scoring")]
+        for label, ratio, target, num, den in ratios:
+            print(f"  ratio {label:<24} {ratio:8.2f}x   (target {target:>3})  "
+                  f"work ratio {flops[num] / flops[den]:.2f}x")
         if torch.cuda.is_available():
             print("  peak GPU memory (GiB)          " + ", ".join(
                 f"{key} {peak[key] / 2**30:.2f}" for key in fns))

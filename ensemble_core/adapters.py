@@ -20,7 +20,8 @@ from .storage import jsonable, temporary_name, temporary_prefix
 log = logging.getLogger(__name__)
 
 __all__ = ["AdapterMismatchError", "save_adapter", "load_adapter", "check_adapter_fits",
-           "read_train_result", "read_base_fingerprint", "TRAINING_FILE", "BASE_MODEL_FILE",
+           "read_train_result", "read_base_fingerprint", "load_weights", "TRAINING_FILE",
+           "BASE_MODEL_FILE",
            "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
 
 TRAINING_FILE = "training.json"  # TrainResult of the adapter, next to the PEFT files
@@ -212,6 +213,20 @@ def load_adapter(base_model, adapter_dir, adapter_name: str | None = None, *,
             raise AdapterMismatchError(f"adapter {adapter_dir} does not fit the base model: "
                                        f"{e}") from e
         raise
+
+
+def load_weights(model, adapter_dir) -> None:
+    """Set the active adapter of a PeftModel to the weights saved in ``adapter_dir`` (same
+    adapter configuration), e.g. to continue training from them."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    check_adapter_fits(model, adapter_dir)
+    result = set_peft_model_state_dict(model, load_file(str(adapter_dir / ADAPTER_WEIGHTS)))
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise AdapterMismatchError(f"adapter {adapter_dir} lacks weights for {missing[:3]}")
 
 
 def read_base_fingerprint(adapter_dir) -> dict:

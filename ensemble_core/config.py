@@ -143,12 +143,17 @@ class ClusteringConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    learning_rate: float = Field(5e-4, gt=0.0)
+    learning_rate: float = Field(5e-4, gt=0.0)  # the peak learning rate (after warm-up)
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(8, ge=1)
     grad_accumulation: int = Field(1, ge=1)
     weight_decay: float = Field(0.0, ge=0.0)
     max_steps: int | None = Field(None, ge=1)
+    # the learning rate rises linearly over the first warmup_ratio of the optimizer steps, then
+    # follows `schedule` down to 0 at the last step ("constant": stays at learning_rate)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float | None = Field(1.0, gt=0.0)  # gradient clipping (None: none)
     seed: int = 0
 
 
@@ -167,6 +172,19 @@ class BoostingConfig(_Strict):
                              "residuals) is not implemented yet; use 'first-order'")
         if v != "first-order":
             raise ValueError(f"the only boosting mode is 'first-order', got {v!r}")
+        return v
+
+
+class EvaluationConfig(_Strict):
+    # the paper's baselines trained and evaluated beside the ensemble (ensemble_core/baselines.py;
+    # the single adapter on all tasks always is): per-task, mtl-ft, random-groups, gradient-groups
+    baselines: list[Literal["per-task", "mtl-ft", "random-groups", "gradient-groups"]] = []
+
+    @field_validator("baselines")
+    @classmethod
+    def _distinct(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"baselines lists a method twice: {v}")
         return v
 
 
@@ -190,6 +208,7 @@ class RunConfig(_Strict):
     clustering: ClusteringConfig = ClusteringConfig()
     training: TrainingConfig = TrainingConfig()
     boosting: BoostingConfig = BoostingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     runner: RunnerConfig = RunnerConfig()
 
     @field_validator("tasks")

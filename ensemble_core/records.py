@@ -28,7 +28,8 @@ __all__ = [
     "LinearityPoint", "LinearityRecord", "TaskEstimate", "SurrogateFit", "SubsetEstimate",
     "SubsetBatch", "GroupsRecord", "TrainResult", "AdapterRecord", "ScoresRecord", "Member",
     "GroupEnsemble", "BoostRecord", "EnsembleRecord", "TaskMetrics", "Averages", "Compute",
-    "Metrics", "EvaluationRecord", "FeaturesResult", "GroupingResult", "AdaptersResult",
+    "Metrics", "EvaluationRecord", "BaselineResult", "BaselinesRecord", "FeaturesResult",
+    "GroupingResult", "AdaptersResult",
     "EnsembleResult", "PipelineResult", "EstimateCheckRow", "EstimateCheckSummary",
     "EstimateCheck",
 ]
@@ -259,7 +260,8 @@ class TrainResult(Record):
     examples_seen: int = 0
     best_val_loss: float | None = None
     device: str = "cpu"
-    config: dict = dataclasses.field(default_factory=dict)  # the TrainingConfig used, + max_length, mode
+    # the TrainingConfig used, with max_length and the choice modes
+    config: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         from .storage import jsonable
@@ -296,13 +298,16 @@ class AdapterRecord(Record):
 
 @dataclasses.dataclass(frozen=True)
 class ScoresRecord(Record):
-    """One member adapter's scores h_c(s) on the splits and tasks a later step reads."""
+    """One member adapter's scores h_c(s) on the splits and tasks a later step reads: before
+    the weights (``phase`` "fit": boosting's train sample, every task's validation) or after
+    them (``phase`` "test": the test split of the tasks whose ensemble it is part of)."""
     name: str
     file: FileRef
     seconds: float
+    phase: str = "fit"
 
     def key(self):
-        return {"name": self.name, "sha256": self.file.sha256}
+        return {"name": self.name, "phase": self.phase, "sha256": self.file.sha256}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,6 +360,7 @@ class TaskMetrics(Record):
     baseline_accuracy: float
     group_accuracy: float
     ensemble_accuracy: float
+    majority: float  # the test split's majority-class rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,6 +368,12 @@ class Averages(Record):
     baseline_accuracy: float
     group_accuracy: float
     ensemble_accuracy: float
+    majority: float
+    # ensemble − single adapter, average accuracy, with its 95% paired bootstrap interval over
+    # the test examples (benchmark.paired_bootstrap)
+    difference: float
+    difference_low: float
+    difference_high: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,6 +409,28 @@ class Metrics(Record):
 class EvaluationRecord(Record):
     file: FileRef
     metrics: Metrics
+    predictions: FileRef  # predictions.json: per task, gold and each method's predicted choice
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineResult(Record):
+    """One of the paper's baselines (``baselines``): which adapter answers which task, its test
+    accuracy, and what it cost."""
+    method: str
+    answers: dict[str, str]  # task -> adapter name
+    accuracy: dict[str, float]  # task -> test accuracy
+    average: float
+    flops: float  # training FLOPs (TrainResult.flops_estimate), summed over its adapters
+    wall_s: float  # training wall time, summed
+    peak_memory_bytes: int
+    adapter_parameters: int  # trainable parameters of all its adapters
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselinesRecord(Record):
+    """baselines.json."""
+    file: FileRef
+    results: dict[str, BaselineResult]
 
 
 # ---------------------------------------------------------------------------- flow results
@@ -431,16 +465,25 @@ class GroupingResult(Record):
 
 @dataclasses.dataclass(frozen=True)
 class AdaptersResult(Record):
-    """Stage 4: the group adapters, the single-adapter baseline and θ*, by name."""
-    adapters: dict[str, AdapterRecord]
+    """Stage 4: the group adapters (by name), the single-adapter baseline, θ*, and the adapters
+    of the other baselines (``baselines``), by name."""
+    groups: dict[str, AdapterRecord]
+    single: AdapterRecord
+    theta_star: AdapterRecord
+    baselines: dict[str, AdapterRecord] = dataclasses.field(default_factory=dict)
+
+    def all(self) -> dict[str, AdapterRecord]:
+        return {**self.groups, self.single.name: self.single,
+                self.theta_star.name: self.theta_star, **self.baselines}
 
 
 @dataclasses.dataclass(frozen=True)
 class EnsembleResult(Record):
-    """Stages 5–6: the boosting steps, the ensemble, its evaluation."""
+    """Stages 5–6: the boosting steps, the ensemble, its evaluation, and the baselines'."""
     boosting: list[BoostRecord]
     ensemble: EnsembleRecord
     evaluation: EvaluationRecord
+    baselines: BaselinesRecord | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -451,6 +494,7 @@ class PipelineResult(Record):
     groups: list[list[str]]
     report: FileRef
     manifest: FileRef
+    baselines: dict[str, BaselineResult] = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------- checks

@@ -14,16 +14,25 @@ from .records import FileRef, Metrics
 def accuracy_rows(metrics: Metrics) -> list[list]:
     rows = []
     for t, m in metrics.tasks.items():
-        rows.append([t, m.n_test, f"group-{m.group}", 100 * m.baseline_accuracy,
-                     100 * m.group_accuracy, 100 * m.ensemble_accuracy])
+        rows.append([t, m.n_test, f"group-{m.group}", 100 * m.majority,
+                     100 * m.baseline_accuracy, 100 * m.group_accuracy,
+                     100 * m.ensemble_accuracy])
     a = metrics.average
-    rows.append(["average", sum(m.n_test for m in metrics.tasks.values()), "",
+    rows.append(["average", sum(m.n_test for m in metrics.tasks.values()), "", 100 * a.majority,
                  100 * a.baseline_accuracy, 100 * a.group_accuracy, 100 * a.ensemble_accuracy])
     return rows
 
 
-ACCURACY_HEADERS = ["task", "test examples", "group", "baseline (one adapter) %",
-                    "group adapter %", "ensemble %"]
+ACCURACY_HEADERS = ["task", "test examples", "group", "majority class %",
+                    "baseline (one adapter) %", "group adapter %", "ensemble %"]
+
+
+def difference_line(metrics: Metrics) -> str:
+    """The ensemble − single adapter difference of the average accuracy with its CI."""
+    a = metrics.average
+    return (f"Ensemble − one adapter: {100 * a.difference:+.1f} points on average (95% CI "
+            f"{100 * a.difference_low:+.1f} to {100 * a.difference_high:+.1f}, paired bootstrap "
+            f"over the test examples)")
 
 
 def markdown_table(headers, rows) -> str:
@@ -59,16 +68,40 @@ class Report:
     markdown: str
 
 
+BASELINE_NAMES = {"single": "one adapter on all tasks", "per-task": "one adapter per task",
+                  "mtl-ft": "MTL-FT (shared adapter, then per task)",
+                  "random-groups": "random groups (same sizes), own group's adapter",
+                  "gradient-groups": "gradient-similarity groups, own group's adapter"}
+
+
+def baseline_rows(metrics: Metrics, baselines: dict) -> tuple[list[str], list[list]]:
+    """The baselines beside the ensemble: test accuracy per task and on average, training
+    compute (FLOPs, wall seconds), peak memory and adapter parameters."""
+    tasks = list(metrics.tasks)
+    headers = ["method", *tasks, "average", "train FLOPs", "train s", "peak GiB", "adapter params"]
+    rows = []
+    for method, r in baselines.items():
+        rows.append([BASELINE_NAMES.get(method, method), *[100 * r.accuracy[t] for t in tasks],
+                     100 * r.average, f"{r.flops:.3g}", f"{r.wall_s:.0f}",
+                     f"{r.peak_memory_bytes / 2**30:.2f}", r.adapter_parameters])
+    c = metrics.compute
+    rows.append(["ensemble (groups, boosting, weights)",
+                 *[100 * metrics.tasks[t].ensemble_accuracy for t in tasks],
+                 100 * metrics.average.ensemble_accuracy, f"{c.group_flops:.3g}",
+                 f"{c.ensemble_pipeline_s:.0f}", f"{c.peak_memory_bytes / 2**30:.2f}", ""])
+    return headers, rows
+
+
 def write_report(run_dir, name: str, metrics: Metrics, aff: Affinity, groups: dict,
-                 boosting: list, linearity) -> Report:
+                 boosting: list, linearity, baselines: dict | None = None) -> Report:
     """Write report.md and affinity.png into the run directory (a ``rundir.RunDir``);
     ``boosting`` are ``records.BoostRecord``s, ``linearity`` a ``records.LinearityRecord`` or
-    None."""
+    None, ``baselines`` the ``records.BaselineResult``s of the paper's baselines, if any."""
     png = run_dir.write_bytes(run_dir.affinity_png, heatmap_png(aff))
     c = metrics.compute.to_json()
     lines = [f"# EnsembleLoRA run `{name}`", "",
              "## Test accuracy", "", markdown_table(ACCURACY_HEADERS, accuracy_rows(metrics)), "",
-             "## Groups", ""]
+             difference_line(metrics) + ".", "", "## Groups", ""]
     for g in groups["groups"]:
         lines.append(f"- group-{g['id']}: {', '.join(g['tasks'])}")
     lines += ["", "## Task affinity", "", "![task affinity](affinity.png)", "",
@@ -83,6 +116,10 @@ def write_report(run_dir, name: str, metrics: Metrics, aff: Affinity, groups: di
               b.accepted] for b in boosting]))
     else:
         lines.append("No boosting steps.")
+    if baselines:
+        lines += ["", "## Baselines", "", markdown_table(*baseline_rows(metrics, baselines)),
+                  "", "Compute of the ensemble row: its group adapters' training FLOPs and the "
+                      "whole ensemble pipeline's wall time (stages 1–5)."]
     lines += ["", "## Compute", "", markdown_table(["part", "seconds"], [
         [k, f"{v:.1f}"] for k, v in c.items() if k.endswith("_s")]),
         "", f"Ensemble pipeline / single-adapter baseline compute: "

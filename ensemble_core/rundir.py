@@ -12,10 +12,14 @@ Every path of a run is made here, on any fsspec URL; nothing else joins run path
     groups.json                           stage 3: the groups (SDP, Appendix A.1)
     adapters/<name>/                      stage 4 (group-<k>, all-tasks, theta-star) and
                                           stage 5 (group-<k>-boost-<j>): PEFT adapters
-    scores/<name>.json                    stage 5: a member adapter's scores h_c(s)
+    scores/<name>.json, <name>.test.json  stages 5, 6: a member adapter's scores h_c(s)
     boosting.json, ensemble.json          stage 5: boosting steps; groups, members, weights
     metrics.json, report.md               stage 6: test accuracy, compute; the report
+    predictions.json, baselines.json      stage 6: test predictions; the paper's baselines
     .prefect/cache, .prefect/locks        Prefect's cache records and locks (tasks/)
+
+A benchmark (``ensemble-lora benchmark``) keeps one run directory per seed below its own,
+``seed-<s>/``, and writes ``benchmark.json``, ``benchmark.md`` and ``benchmark.png`` beside them.
 
 Adapters are read and written by PEFT, which needs local files: a remote run directory is an
 error at the first adapter (:meth:`RunDir.local`).
@@ -141,8 +145,9 @@ class RunDir:
     def adapter_weights(self, name: str) -> str:
         return self._path("adapters", name, "adapter_model.safetensors")
 
-    def scores(self, member: str) -> str:
-        return self._path("scores", f"{member}.json")
+    def scores(self, member: str, phase: str = "fit") -> str:
+        return self._path("scores", f"{member}.json" if phase == "fit" else
+                          f"{member}.{phase}.json")
 
     @property
     def boosting(self) -> str:
@@ -157,8 +162,32 @@ class RunDir:
         return self._path("metrics.json")
 
     @property
+    def predictions(self) -> str:
+        return self._path("predictions.json")
+
+    @property
+    def baselines(self) -> str:
+        return self._path("baselines.json")
+
+    @property
     def report(self) -> str:
         return self._path("report.md")
+
+    # -- a benchmark: one run directory per seed below this one ------------------------------
+    def seed_run(self, seed: int) -> str:
+        return self._path(f"seed-{int(seed)}")
+
+    @property
+    def benchmark_json(self) -> str:
+        return self._path("benchmark.json")
+
+    @property
+    def benchmark_md(self) -> str:
+        return self._path("benchmark.md")
+
+    @property
+    def benchmark_png(self) -> str:
+        return self._path("benchmark.png")
 
     @property
     def prefect(self) -> Path | None:

@@ -29,21 +29,23 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .records import (AdapterRecord, Averages, BoostRecord, Compute, EnsembleRecord,
+from .records import (AdapterRecord, AdaptersResult, Averages, BaselineResult, BaselinesRecord,
+                      BoostRecord, Compute, EnsembleRecord,
                       EvaluationRecord, FeaturesRecord, FileRef, GroupEnsemble, GroupsRecord,
                       LinearityPoint, LinearityRecord, Metrics, ProjectionInfo,
                       ScoresRecord, SplitFeatures, SubsetBatch, SubsetEstimate, SurrogateFit,
                       TaskEstimate, TaskMetrics)
 from .run import Run, dotted
-from .rundir import BASELINE, GRADIENT_SPLITS, THETA_STAR
+from .rundir import GRADIENT_SPLITS, THETA_STAR
 from .runtime import (DEVICE_LOCK, cache_path, code_version, feature_table, on_device,
                       projector, release_memory, theta_star_model)
 
 __all__ = ["Stage", "stage", "STAGES", "PLANNING", "estimation_examples", "gradient_features",
-           "linearity", "plan_subsets",
-           "subset_batches", "fit_subsets", "affinity_and_groups", "train_group",
-           "save_theta_star", "score_plans", "score_member", "boost_group", "fit_weights",
-           "evaluate", "compute_summary", "finish"]
+           "linearity", "plan_subsets", "subset_batches", "fit_subsets", "affinity_and_groups",
+           "train_group", "save_theta_star", "score_plans", "test_plans", "score_member",
+           "scores_of", "read_scores", "boost_group",
+           "fit_weights", "compute_summary", "evaluate", "baseline_plan", "evaluate_baselines",
+           "finish"]
 
 
 # -------------------------------------------------------------------------------------------
@@ -117,7 +119,7 @@ def stage(number: int, name: str, config: Sequence[str], uses: Sequence[str] = (
 # keys through the stages' arguments (the subsets, the plans, the steps taken).
 PLANNING = ("seed", "estimation.n_subsets", "estimation.subset_size",
             "estimation.min_pair_coverage", "estimation.subsets_per_task_run",
-            "estimation.linearity_check", "boosting.steps")
+            "estimation.linearity_check", "boosting.steps", "evaluation.baselines")
 
 MODEL = ("model", "adapter", "seed")
 PROJECTION = ("estimation.projection_dim", "estimation.projection_seed",
@@ -358,17 +360,21 @@ def _adapter_record(run: Run, name: str, tasks, train=None) -> AdapterRecord:
                          file_sha256(run.dir.adapter_weights(name)), train)
 
 
-@stage(4, "train", config=MODEL + ("training",), reads=lambda name, tasks: tasks)
+@stage(4, "train", config=MODEL + ("training",), reads=lambda name, tasks, start=None: tasks)
 @on_device
-def train_group(run: Run, name: str, tasks: Sequence[str], progress=None) -> AdapterRecord:
+def train_group(run: Run, name: str, tasks: Sequence[str], start: AdapterRecord | None = None,
+                progress=None) -> AdapterRecord:
     """Fine-tune one adapter on the union of the given tasks (a group, or all tasks: the
-    single-adapter baseline)."""
-    from .adapters import save_adapter
+    single-adapter baseline; the baselines' adapters), from θ* or, with ``start``, from that
+    adapter's weights (MTL-FT's second phase)."""
+    from .adapters import load_weights, save_adapter
     from .models import load_model
     from .training import train_adapter
 
     cfg = run.cfg
     lm = load_model(cfg, cache_path(cfg))  # a fresh θ*: training changes it
+    if start is not None:
+        load_weights(lm.model, run.dir.local(start.path))
     result = train_adapter(lm.model, lm.tokenizer, run.examples(tasks, "train"),
                            run.examples(tasks, "validation"), cfg.training, cfg.model.max_length,
                            cfg.model.choice_mode, progress=progress)
@@ -397,30 +403,43 @@ def save_theta_star(run: Run) -> AdapterRecord:
 
 def score_plans(tasks: Sequence[str], groups: Sequence[GroupEnsemble], boosting_steps: int
                 ) -> dict[str, dict[str, list[str]]]:
-    """Which member is scored on which split of which tasks — only what a later step reads:
-    a group adapter on its own train examples (boosting) and on every task's validation
-    (weights) and test (evaluation) examples; the baseline on test; θ* (a member of every
-    boosted group) on validation and test, and on train when boosting takes several steps."""
-    plans = {g.name: {"train": list(g.tasks), "validation": list(tasks), "test": list(tasks)}
-             for g in groups}
-    plans[BASELINE] = {"test": list(tasks)}
+    """Which member is scored on which split of which tasks before the weights — only what a
+    later step reads: a group adapter on its own train sample (boosting) and every task's
+    validation examples (weights); θ* (a member of every boosted group) on validation, and on
+    train when boosting takes several steps. The test split comes after the weights
+    (:func:`test_plans`)."""
+    plans = {g.name: {"train": list(g.tasks), "validation": list(tasks)} for g in groups}
     if boosting_steps > 0:
-        plans[THETA_STAR] = {"validation": list(tasks), "test": list(tasks)}
+        plans[THETA_STAR] = {"validation": list(tasks)}
         if boosting_steps > 1:
             plans[THETA_STAR]["train"] = list(tasks)
     return plans
 
 
 def boost_score_plan(tasks: Sequence[str], group: GroupEnsemble) -> dict[str, list[str]]:
-    """What a boosting adapter is scored on: its group's train examples (the next step) and
-    every task's validation and test examples."""
-    return {"train": list(group.tasks), "validation": list(tasks), "test": list(tasks)}
+    """What a boosting adapter is scored on before the weights: its group's train sample (the
+    next step) and every task's validation examples."""
+    return {"train": list(group.tasks), "validation": list(tasks)}
+
+
+def test_plans(ensemble: EnsembleRecord, single: str) -> dict[str, dict[str, list[str]]]:
+    """Which member is scored on which tasks' test split: the single adapter on every task;
+    each member of group g on the tasks whose ensemble gives g a nonzero weight, and on its own
+    tasks (the "group adapter" column) — no other test example is read."""
+    plans: dict[str, set] = {single: set(ensemble.weights)}
+    for k, g in enumerate(ensemble.groups):
+        tasks = {t for t, w in ensemble.weights.items() if w[k] > 0} | set(g.tasks)
+        for m in g.members:
+            plans.setdefault(m.name, set()).update(tasks)
+    order = list(ensemble.weights)
+    return {name: {"test": [t for t in order if t in ts]} for name, ts in plans.items()}
 
 
 @stage(5, "scores", config=("model", "estimation.batch_size", "seed", "estimation.max_examples"),
-       reads=lambda adapter, plan: [t for ts in plan.values() for t in ts])
+       reads=lambda adapter, plan, phase="fit": [t for ts in plan.values() for t in ts])
 @on_device
-def score_member(run: Run, adapter: AdapterRecord, plan: dict[str, list[str]]) -> ScoresRecord:
+def score_member(run: Run, adapter: AdapterRecord, plan: dict[str, list[str]],
+                 phase: str = "fit") -> ScoresRecord:
     """Scores h_c(s) of one member adapter on the splits and tasks of ``plan`` (split ->
     tasks): scores/<name>.json, ``{"scores": {task: {split: [[h_c of example 0], ...]}}}``.
     "train" means the examples stage 1 computed features of (``estimation_examples``), which
@@ -439,17 +458,28 @@ def score_member(run: Run, adapter: AdapterRecord, plan: dict[str, list[str]]) -
             scores = predict_scores(model, tok, examples, cfg.model.max_length,
                                     cfg.estimation.batch_size, cfg.model.choice_mode)
             out.setdefault(name, {})[split] = [s.astype(float).tolist() for s in scores]
-    ref = run.dir.write_json(run.dir.scores(adapter.name),
+    ref = run.dir.write_json(run.dir.scores(adapter.name, phase),
                              {"adapter": adapter.name, "adapter_sha256": adapter.sha256,
-                              "scores": out})
-    return ScoresRecord(adapter.name, ref, time.perf_counter() - t0)
+                              "phase": phase, "scores": out})
+    return ScoresRecord(adapter.name, ref, time.perf_counter() - t0, phase)
+
+
+def scores_of(scores: dict[str, ScoresRecord], names) -> dict[str, ScoresRecord]:
+    """The score records (any phase) of the given members, in a stable order."""
+    names = set(names)
+    return {k: r for k, r in sorted(scores.items()) if r.name in names}
 
 
 def read_scores(records: dict[str, ScoresRecord]) -> dict:
-    """member -> task -> split -> score vectors, from the members' score files."""
+    """member -> task -> split -> score vectors, from the members' score files (every phase
+    of a member merged)."""
     from .storage import read_json
 
-    return {k: read_json(r.file.path)["scores"] for k, r in records.items()}
+    out: dict = {}
+    for r in records.values():
+        for task, splits in read_json(r.file.path)["scores"].items():
+            out.setdefault(r.name, {}).setdefault(task, {}).update(splits)
+    return out
 
 
 def group_losses(run: Run, groups: Sequence[GroupEnsemble], features: dict[str, FeaturesRecord],
@@ -469,7 +499,7 @@ def group_losses(run: Run, groups: Sequence[GroupEnsemble], features: dict[str, 
        reads=lambda group, features, scores, step: group.tasks,
        key_args=lambda group, features, scores, step: {
            "group": group, "features": {t: features[t] for t in group.tasks},
-           "scores": {m.name: scores[m.name] for m in group.members}, "step": step})
+           "scores": scores_of(scores, [m.name for m in group.members]), "step": step})
 @on_device
 def boost_group(run: Run, group: GroupEnsemble, features: dict[str, FeaturesRecord],
                 scores: dict[str, ScoresRecord], step: int) -> BoostRecord:
@@ -487,7 +517,7 @@ def boost_group(run: Run, group: GroupEnsemble, features: dict[str, FeaturesReco
     d = cfg.estimation.surrogate_dim
     tables = [feature_table(features[t].train.path, features[t].train.sha256, d)
               for t in group.tasks]
-    member = read_scores({m.name: scores[m.name] for m in group.members})
+    member = read_scores(scores_of(scores, [m.name for m in group.members]))
     h_cur, _ = flatten([s for t in group.tasks for s in group_scores(member, group, t, "train")])
     info = features[group.tasks[0]].projection.at_dim(d)
     lm = load_model(cfg, cache_path(cfg))
@@ -534,8 +564,7 @@ def _base_fingerprint(run: Run, adapter: str) -> dict:
 
 
 def _members(groups, scores, *extra) -> dict:
-    names = [m.name for g in groups for m in g.members] + list(extra)
-    return {n: scores[n] for n in sorted(set(names))}
+    return scores_of(scores, [m.name for g in groups for m in g.members] + list(extra))
 
 
 @stage(5, "weights", config=("model", "boosting.eta"),
@@ -575,13 +604,12 @@ def fit_weights(run: Run, groups: Sequence[GroupEnsemble],
 # -------------------------------------------------------------------------------------------
 
 def compute_summary(features: dict[str, FeaturesRecord], estimation_s: float,
-                    adapters: dict[str, AdapterRecord], boosting: Sequence[BoostRecord]
-                    ) -> Compute:
+                    adapters: AdaptersResult, boosting: Sequence[BoostRecord]) -> Compute:
     """Wall seconds per part, from the records (so a resumed run reports the original work).
     The compute ratio is (stage 1 + stages 2–3 + group adapters + boosting) / baseline
     training (the paper's Table 4 compares the same)."""
-    groups = [a for k, a in adapters.items() if k not in (BASELINE, THETA_STAR)]
-    base = adapters[BASELINE].train
+    groups = list(adapters.groups.values())
+    base = adapters.single.train
     s1 = sum(f.seconds for f in features.values())
     groups_s = sum(a.train.wall_seconds for a in groups)
     boost_s = sum(b.seconds for b in boosting)
@@ -592,10 +620,10 @@ def compute_summary(features: dict[str, FeaturesRecord], estimation_s: float,
                    baseline_flops=base.flops_estimate,
                    group_flops=sum(a.train.flops_estimate for a in groups),
                    peak_memory_bytes=max(a.train.peak_memory_bytes
-                                         for a in [*groups, adapters[BASELINE]]))
+                                         for a in [*groups, adapters.single]))
 
 
-@stage(6, "evaluation", config=(),
+@stage(6, "evaluation", config=("seed",),
        reads=lambda ensemble, scores, baseline, compute: [t for g in ensemble.groups
                                                            for t in g.tasks],
        key_args=lambda ensemble, scores, baseline, compute: {
@@ -605,6 +633,7 @@ def evaluate(run: Run, ensemble: EnsembleRecord, scores: dict[str, ScoresRecord]
              baseline: str, compute: Compute) -> EvaluationRecord:
     """Test accuracy of the ensemble, of each task's own group ensemble and of the
     single-adapter baseline; metrics.json."""
+    from .benchmark import paired_bootstrap
     from .boosting import group_scores
     from .choices import flatten
     from .ensemble import combine_probabilities, probabilities
@@ -612,32 +641,106 @@ def evaluate(run: Run, ensemble: EnsembleRecord, scores: dict[str, ScoresRecord]
     member = read_scores(scores)
     groups = ensemble.groups
     group_of = {t: k for k, g in enumerate(groups) for t in g.tasks}
-    per_task = {}
+    per_task, predictions = {}, {}
     for t in run.task_names:
         test = run.task_data(t).splits["test"]
         gold = [e.label for e in test]
         w = ensemble.weights[t]
-        probs = [probabilities(group_scores(member, g, t, "test")) for g in groups]
-        combined = combine_probabilities(probs, w)
-
-        def acc(p):
+        used = [k for k in range(len(groups)) if w[k] > 0]  # test_plans scored these
+        probs = {k: probabilities(group_scores(member, groups[k], t, "test"))
+                 for k in sorted({*used, group_of[t]})}
+        combined = combine_probabilities([probs[k] for k in used], [w[k] for k in used])
+        chosen = {"single": probabilities(member[baseline][t]["test"]),
+                  "group": probs[group_of[t]], "ensemble": combined}
+        predictions[t] = {"gold": gold}
+        acc = {}
+        for method, p in chosen.items():
             z, layout = flatten(p, gold)
-            return float(np.mean(layout.correct(z)))
-
-        per_task[t] = TaskMetrics(len(test), group_of[t], list(w),
-                                  acc(probabilities(member[baseline][t]["test"])),
-                                  acc(probs[group_of[t]]), acc(combined))
+            predictions[t][method] = layout.argmax(z).tolist()
+            acc[method] = float(np.mean(layout.correct(z)))
+        counts = np.bincount(gold)
+        per_task[t] = TaskMetrics(len(test), group_of[t], list(w), acc["single"], acc["group"],
+                                  acc["ensemble"], float(counts.max() / counts.sum()))
+    correct = {m: [{t: (np.asarray(predictions[t][m]) == np.asarray(predictions[t]["gold"]))
+                    .astype(np.float64) for t in per_task}] for m in ("ensemble", "single")}
+    d, lo, hi = paired_bootstrap(correct["ensemble"], correct["single"], seed=run.cfg.seed)
     avg = Averages(**{k: float(np.mean([getattr(v, k) for v in per_task.values()]))
-                      for k in ("baseline_accuracy", "group_accuracy", "ensemble_accuracy")})
+                      for k in ("baseline_accuracy", "group_accuracy", "ensemble_accuracy",
+                                "majority")}, difference=d, difference_low=lo,
+                   difference_high=hi)
     metrics = Metrics(per_task, avg, compute, len(groups), [list(g.tasks) for g in groups])
     ref = run.dir.write_json(run.dir.metrics, metrics.to_json())
-    return EvaluationRecord(ref, metrics)
+    preds = run.dir.write_json(run.dir.predictions, predictions)
+    return EvaluationRecord(ref, metrics, preds)
+
+
+def baseline_plan(run: Run, groups: GroupsRecord, features: dict[str, FeaturesRecord]
+                  ) -> dict[str, dict[str, list[str]]]:
+    """The adapters of the baselines that ``evaluation.baselines`` asks for: method ->
+    adapter name -> the tasks it is trained on and answers (``baselines``). The random grouping
+    takes the SDP's group sizes (seeded by the run's seed), the gradient grouping as many
+    groups; MTL-FT's adapters start from the single adapter (stage 4 trains them after it)."""
+    from .baselines import gradient_grouping, random_grouping
+
+    cfg, tasks = run.cfg, run.task_names
+    plan: dict[str, dict[str, list[str]]] = {}
+    for method in cfg.evaluation.baselines:
+        if method == "per-task":
+            plan[method] = {f"task-{t}": [t] for t in tasks}
+        elif method == "mtl-ft":
+            plan[method] = {f"mtl-{t}": [t] for t in tasks}
+        elif method == "random-groups":
+            sizes = [len(g) for g in groups.group_tasks]
+            plan[method] = {f"random-{k}": g for k, g in enumerate(
+                random_grouping(tasks, sizes, cfg.seed))}
+        elif method == "gradient-groups":
+            d = cfg.estimation.surrogate_dim
+            tables = {t: feature_table(features[t].train.path, features[t].train.sha256, d)
+                      for t in tasks}
+            plan[method] = {f"gradient-{k}": g for k, g in enumerate(
+                gradient_grouping(tables, len(groups.group_tasks), cfg.clustering.solver))}
+    return plan
+
+
+@stage(6, "baselines", config=(), reads=lambda plan, adapters, scores: [
+    t for members in plan.values() for ts in members.values() for t in ts])
+def evaluate_baselines(run: Run, plan: dict[str, dict[str, list[str]]],
+                       adapters: AdaptersResult, scores: dict[str, ScoresRecord]
+                       ) -> BaselinesRecord:
+    """Test accuracy and compute of each baseline of ``plan`` (``baseline_plan``) and of the
+    single adapter; baselines.json (with each method's test predictions)."""
+    from .choices import flatten
+    from .ensemble import probabilities
+
+    member = read_scores(scores)
+    methods = {"single": {adapters.single.name: list(run.task_names)}, **plan}
+    results, predictions = {}, {}
+    for method, members in methods.items():
+        answers = {t: name for name, ts in members.items() for t in ts}
+        accuracy, predictions[method] = {}, {}
+        for t, name in answers.items():
+            gold = [e.label for e in run.task_data(t).splits["test"]]
+            z, layout = flatten(probabilities(member[name][t]["test"]), gold)
+            accuracy[t] = float(np.mean(layout.correct(z)))
+            predictions[method][t] = layout.argmax(z).tolist()
+        deployed = [adapters.all()[n].train for n in members]  # the adapters that answer
+        spent = deployed + ([adapters.single.train] if method == "mtl-ft" else [])  # + phase 1
+        results[method] = BaselineResult(
+            method, answers, accuracy, float(np.mean(list(accuracy.values()))),
+            flops=float(sum(r.flops_estimate for r in spent)),
+            wall_s=float(sum(r.wall_seconds for r in spent)),
+            peak_memory_bytes=max(r.peak_memory_bytes for r in spent),
+            adapter_parameters=int(sum(r.trainable_parameters for r in deployed)))
+    ref = run.dir.write_json(run.dir.baselines, {
+        "results": {k: v.to_json() for k, v in results.items()}, "predictions": predictions})
+    return BaselinesRecord(ref, results)
 
 
 def finish(run: Run, features: dict[str, FeaturesRecord], groups: GroupsRecord,
-           adapters: dict[str, AdapterRecord], boosting: Sequence[BoostRecord],
+           adapters: AdaptersResult, boosting: Sequence[BoostRecord],
            ensemble: EnsembleRecord, evaluation: EvaluationRecord,
-           linearity: LinearityRecord | None, config: dict):
+           linearity: LinearityRecord | None, config: dict,
+           baselines: BaselinesRecord | None = None):
     """The report (report.md, affinity.png) and the run's manifest.json: every output with
     its sha256, the resolved config and the code version. Returns (``report.Report``, the
     manifest's FileRef)."""
@@ -646,7 +749,8 @@ def finish(run: Run, features: dict[str, FeaturesRecord], groups: GroupsRecord,
 
     affinity = Affinity.from_json(run.dir.read_text(groups.affinity.path))
     report = write_report(run.dir, run.cfg.name, evaluation.metrics, affinity,
-                          run.dir.read_json(groups.groups.path), boosting, linearity)
+                          run.dir.read_json(groups.groups.path), boosting, linearity,
+                          None if baselines is None else baselines.results)
     files = {}
     for rec in features.values():
         for split in GRADIENT_SPLITS:
@@ -654,10 +758,11 @@ def finish(run: Run, features: dict[str, FeaturesRecord], groups: GroupsRecord,
             files[run.dir.relative(f.path)] = f.sha256
     files[run.dir.relative(groups.affinity.path)] = groups.affinity.sha256
     files[run.dir.relative(groups.groups.path)] = groups.groups.sha256
-    for a in [*adapters.values(), *(b.adapter for b in boosting)]:
+    for a in [*adapters.all().values(), *(b.adapter for b in boosting)]:
         files[run.dir.relative(run.dir.adapter_weights(a.name))] = a.sha256
-    files[run.dir.relative(ensemble.file.path)] = ensemble.file.sha256
-    files[run.dir.relative(evaluation.file.path)] = evaluation.file.sha256
+    for ref in [ensemble.file, evaluation.file, evaluation.predictions,
+                *([baselines.file] if baselines is not None else [])]:
+        files[run.dir.relative(ref.path)] = ref.sha256
     files[run.dir.relative(report.file.path)] = report.file.sha256
     manifest = run.dir.write_json(run.dir.manifest, {
         "name": run.cfg.name, "config_sha256": run.cfg.fingerprint(), "config": config,

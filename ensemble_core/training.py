@@ -4,8 +4,10 @@ adapter per group"; docs/design.md, "Stage 4"), and evaluating an adapter.
 Training minimizes the multiple-choice log loss of ``scoring.choice_loss``: for example s with
 choices c, ``-log softmax_c(h_c(s))[gold]``, where h_c(s) is the verbalizer logit (``token``
 mode) or the summed log-probability of the continuation (``sequence`` mode). One batch holds
-examples of one task (so one choice mode); the batches of all tasks are interleaved in a seeded
-random order, so every optimizer step mixes the tasks of the group over an epoch.
+examples of one task (so one choice mode) of similar length (each run of a few shuffled batches
+is sorted by length before it is cut: little padding); the batches of all tasks are
+interleaved in a seeded random order, so the optimizer steps mix the tasks of the group over an
+epoch. The learning rate warms up and decays (:func:`lr_schedule`).
 
 Everything random (batch order, LoRA dropout) is seeded from ``TrainingConfig.seed``; on CPU a
 fixed seed gives bit-identical adapter weights across runs. The caller's global torch RNG
@@ -14,6 +16,7 @@ state is left as it was (``torch.random.fork_rng``). Saving and loading adapters
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import sys
 import time
@@ -123,13 +126,49 @@ def _restore(model, snap: dict[str, torch.Tensor]) -> None:
         params[n].copy_(v)
 
 
-def _epoch_batches(rng: np.random.Generator, examples: Sequence[Example], batch_size: int
-                   ) -> list[tuple[str, list[int]]]:
+def total_steps(examples: Sequence[Example], tcfg) -> int:
+    """Optimizer steps of a whole training run: every epoch cuts each task's examples into
+    batches of ``batch_size`` (see :func:`_epoch_batches`), a step every ``grad_accumulation``
+    batches; ``max_steps`` caps it."""
+    batches = sum(math.ceil(len(idx) / tcfg.batch_size)
+                  for idx in examples_by_task(examples).values())
+    steps = math.ceil(batches / tcfg.grad_accumulation) * tcfg.epochs
+    return min(steps, tcfg.max_steps) if tcfg.max_steps is not None else steps
+
+
+def lr_schedule(tcfg, total: int):
+    """The factor of ``learning_rate`` at optimizer step k (0-based, torch's LambdaLR): linear
+    warm-up over the first ``warmup_ratio`` of the steps, then linear or cosine decay to 0 at
+    step ``total`` (or constant)."""
+    warmup = int(round(tcfg.warmup_ratio * total))
+
+    def factor(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / warmup
+        if tcfg.schedule == "constant":
+            return 1.0
+        left = max(total - warmup, 1)
+        done = min(max(k - warmup, 0) / left, 1.0)
+        return 1.0 - done if tcfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+    return factor
+
+
+BUCKET_BATCHES = 8  # batches whose examples are sorted by length together (less padding)
+
+
+def _epoch_batches(rng: np.random.Generator, examples: Sequence[Example], batch_size: int,
+                   length=None) -> list[tuple[str, list[int]]]:
     """Shuffle each task's examples, cut them into batches of one task, interleave the batches
-    of all tasks in a random order."""
+    of all tasks in a random order. With ``length`` (example index -> tokens), each run of
+    ``BUCKET_BATCHES`` batches of the shuffled order is sorted by length before it is cut, so a
+    batch pads little while every epoch still sees a new random grouping and order."""
     batches = []
     for t, idx in examples_by_task(examples).items():
         perm = [idx[i] for i in rng.permutation(len(idx))]
+        if length is not None:
+            span = batch_size * BUCKET_BATCHES
+            perm = [i for j in range(0, len(perm), span)
+                    for i in sorted(perm[j:j + span], key=lambda i: (length(i), i))]
         batches += [(t, perm[j:j + batch_size]) for j in range(0, len(perm), batch_size)]
     order = rng.permutation(len(batches))
     return [batches[i] for i in order]
@@ -139,14 +178,17 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example],
                   val_examples: Sequence[Example], tcfg, max_length: int,
                   choice_mode: str = "auto",
                   progress: Progress | None = None, *,
-                  eval_batch_size: int | None = None, validate_initial: bool = True,
-                  max_grad_norm: float | None = None) -> TrainResult:
+                  eval_batch_size: int | None = None, validate_initial: bool = True
+                  ) -> TrainResult:
     """Fine-tune the trainable (LoRA / QLoRA) weights of a PeftModel on examples of several
     tasks; return a TrainResult. The model is modified in place and ends holding the weights of
     the best epoch (lowest validation loss; the last epoch when there are no validation
     examples), in the train/eval mode it had before.
 
-    ``tcfg`` is a ``config.TrainingConfig``: AdamW with ``learning_rate`` and ``weight_decay``;
+    ``tcfg`` is a ``config.TrainingConfig``: AdamW with ``weight_decay`` and a learning rate that
+    warms up linearly to ``learning_rate`` over the first ``warmup_ratio`` of the optimizer steps
+    and then decays to 0 at the last one (``schedule``: linear or cosine; or stays constant),
+    gradients clipped to ``max_grad_norm``;
     ``epochs`` passes over the data in batches of ``batch_size`` examples (one task per batch),
     an optimizer step every ``grad_accumulation`` batches (the last, shorter group of an epoch
     is averaged over its own size); ``max_steps`` caps the number of optimizer steps (training
@@ -166,6 +208,8 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example],
     device = model_device(model)
     scorer = ChoiceScorer(tokenizer, max_length, choice_mode)
     train_modes = _task_modes(scorer, train_examples)
+    sizes = [scorer.padded_length(ex, train_modes[ex.task]) for ex in train_examples]
+    length = sizes.__getitem__
     eval_bs = eval_batch_size or max(tcfg.batch_size, 16)
     n_trainable = int(sum(p.numel() for p in params))
     n_forward = _forward_param_count(model)
@@ -195,10 +239,12 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example],
                                 "val_loss": vloss, "val": val})
             opt = torch.optim.AdamW(params, lr=tcfg.learning_rate,
                                     weight_decay=tcfg.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(
+                tcfg, total_steps(train_examples, tcfg)))
             for epoch in range(1, tcfg.epochs + 1):
                 t_epoch = time.perf_counter()
                 model.train()
-                batches = _epoch_batches(rng, train_examples, tcfg.batch_size)
+                batches = _epoch_batches(rng, train_examples, tcfg.batch_size, length)
                 acc = tcfg.grad_accumulation
                 loss_sum, loss_n, epoch_steps = 0.0, 0, 0
                 for g in range(0, len(batches), acc):
@@ -214,9 +260,10 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example],
                         loss_n += len(exs)
                         tokens += int(batch.attention_mask.sum())
                         seen += len(exs)
-                    if max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                    if tcfg.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
                     opt.step()
+                    sched.step()
                     n_steps += 1
                     epoch_steps += 1
                     if tcfg.max_steps is not None and n_steps >= tcfg.max_steps:
@@ -252,7 +299,7 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example],
         n_params_forward=n_forward, examples_seen=seen, best_val_loss=best_loss,
         device=str(device),
         config=dict(_config_dict(tcfg), max_length=max_length, choice_mode=choice_mode,
-                    task_modes=train_modes, max_grad_norm=max_grad_norm))
+                    task_modes=train_modes))
 
 
 def _config_dict(tcfg) -> dict:

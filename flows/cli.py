@@ -139,7 +139,7 @@ def _cmd_affinity(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from ensemble_core.report import ACCURACY_HEADERS, accuracy_rows
+    from ensemble_core.report import ACCURACY_HEADERS, accuracy_rows, baseline_rows, difference_line
 
     from .pipeline import ensemble_lora
 
@@ -147,6 +147,10 @@ def _cmd_run(args) -> int:
     res = ensemble_lora(args.config, overrides=args.set)
     print("\nTest accuracy (%):")
     print(_table(ACCURACY_HEADERS, accuracy_rows(res.metrics)))
+    print(difference_line(res.metrics))
+    if res.baselines:
+        print("\nBaselines, test accuracy (%) and training compute:")
+        print(_table(*baseline_rows(res.metrics, res.baselines)))
     c = res.metrics.compute
     print("\nGroups: " + "; ".join(f"group-{k}: {', '.join(g)}"
                                    for k, g in enumerate(res.groups)))
@@ -237,11 +241,28 @@ def _cmd_check(args) -> int:
     return 0
 
 
+def _cmd_benchmark(args) -> int:
+    from .benchmark import benchmark_flow
+
+    preflight(_config(args), stage2=True)
+    seeds = list(range(args.seeds)) if args.seed_list is None else \
+        [int(x) for x in args.seed_list.split(",")]
+    from ensemble_core.storage import read_bytes
+
+    res = benchmark_flow(args.config, overrides=args.set, seeds=seeds)
+    print()
+    print(read_bytes(res["markdown"]).decode("utf-8"))
+    print(f"Benchmark: {res['markdown']}, {res['chart']}")
+    return 0
+
+
 COMMANDS = {
     "gradients": (_cmd_gradients, "stage 1: projected gradient features (Parquet)"),
     "affinity": (_cmd_affinity, "stage 2: subset regressions, task affinity, SDP groups"),
     "run": (_cmd_run, "the whole pipeline: features, groups, adapters, boosting, evaluation"),
     "check-estimates": (_cmd_check, "Table 3: real fine-tuning on r subsets vs the estimates"),
+    "benchmark": (_cmd_benchmark, "the pipeline and baselines over seeds, with confidence "
+                                  "intervals"),
 }
 
 
@@ -258,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["check-estimates"].add_argument(
         "--d", default=None, help="projection dimensions to check, e.g. 200,400,800 (default: "
         "every estimation.projection_dim)")
+    sub.choices["benchmark"].add_argument("--seeds", type=int, default=3,
+                                          help="seeds 0..N-1 (default 3)")
+    sub.choices["benchmark"].add_argument("--seed-list", default=None,
+                                          help="explicit seeds, e.g. 0,1,2")
     sp = sub.add_parser("predict", help="predict with a trained ensemble: jsonl in, jsonl out")
     sp.add_argument("run_dir", help="a finished run directory (with ensemble.json)")
     sp.add_argument("--task", required=True, help="task name as in the run's config")

@@ -9,16 +9,16 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from ensemble_core import stages
 from ensemble_core.boosting import choose_group, with_boosting_member
-from ensemble_core.records import (AdapterRecord, AdaptersResult, BoostRecord, EnsembleRecord,
-                                   EnsembleResult, EvaluationRecord, FeaturesRecord,
-                                   FeaturesResult, GroupEnsemble, GroupingResult, Member,
-                                   PipelineResult, ScoresRecord)
+from ensemble_core.records import (AdapterRecord, AdaptersResult, BaselinesRecord, BoostRecord,
+                                   EnsembleRecord, EnsembleResult, EvaluationRecord,
+                                   FeaturesRecord, FeaturesResult, GroupEnsemble, GroupingResult,
+                                   Member, PipelineResult, ScoresRecord)
 from ensemble_core.report import ACCURACY_HEADERS, accuracy_rows
 from ensemble_core.rundir import BASELINE, THETA_STAR
 from ensemble_core.runtime import release_models
 from tasks.common import for_run
-from tasks.stages import (boost_group, evaluate, fit_weights, save_theta_star, score_member,
-                          train_adapter)
+from tasks.stages import (boost_group, evaluate, evaluate_baselines, fit_weights,
+                          save_theta_star, score_member, train_adapter)
 
 from .affinity import run_affinity
 from .common import config_dict, open_run, resolve_config
@@ -26,31 +26,44 @@ from .gradient_features import gradient_features
 
 
 @flow(name="group_adapters")
-def group_adapters(config, groups: list[list[str]]) -> AdaptersResult:
-    """Stage 4: one adapter per group (fan-out), the all-task baseline, and θ*."""
+def group_adapters(config, groups: list[list[str]],
+                   baselines: dict[str, dict[str, list[str]]] | None = None) -> AdaptersResult:
+    """Stage 4: one adapter per group (fan-out), the single adapter on all tasks, θ*, and the
+    adapters of the paper's other baselines (``stages.baseline_plan``; MTL-FT's after the single
+    adapter, from its weights)."""
     run = open_run(config)
     train = for_run(train_adapter, run)
+    baselines = baselines or {}
     futures = {f"group-{k}": train.submit(run, f"group-{k}", g) for k, g in enumerate(groups)}
-    futures[BASELINE] = train.submit(run, BASELINE, run.task_names)
-    futures[THETA_STAR] = for_run(save_theta_star, run).submit(run)
-    return AdaptersResult({k: AdapterRecord.from_json(f.result()) for k, f in futures.items()})
+    single = train.submit(run, BASELINE, run.task_names)
+    theta = for_run(save_theta_star, run).submit(run)
+    others = {name: train.submit(run, name, tasks) for method, members in baselines.items()
+              if method != "mtl-ft" for name, tasks in members.items()}
+    single = AdapterRecord.from_json(single.result())
+    others.update({name: train.submit(run, name, tasks, single)
+                   for name, tasks in baselines.get("mtl-ft", {}).items()})
+    return AdaptersResult({k: AdapterRecord.from_json(f.result()) for k, f in futures.items()},
+                          single, AdapterRecord.from_json(theta.result()),
+                          {k: AdapterRecord.from_json(f.result()) for k, f in others.items()})
 
 
 @flow(name="boosting_and_weights")
-def boosting_and_weights(config, adapters: dict[str, AdapterRecord],
-                         features: dict[str, FeaturesRecord],
-                         estimation_s: float = 0.0) -> EnsembleResult:
+def boosting_and_weights(config, adapters: AdaptersResult,
+                         features: dict[str, FeaturesRecord], estimation_s: float = 0.0,
+                         baselines: dict[str, dict[str, list[str]]] | None = None
+                         ) -> EnsembleResult:
     """Stages 5–6: b boosting steps on the group with the highest training loss, then the
-    per-task ensemble weights, then the evaluation against the single-adapter baseline."""
+    per-task ensemble weights, then the evaluation against the single-adapter baseline (and
+    the other baselines of ``baselines``, each adapter scored on its own tasks' test split)."""
     run = open_run(config)
     log = get_run_logger()
-    adapters = {k: AdapterRecord.from_json(a) for k, a in adapters.items()}
+    adapters = AdaptersResult.from_json(adapters)
     features = {k: FeaturesRecord.from_json(f) for k, f in features.items()}
     steps_wanted = run.cfg.boosting.steps
-    groups = [GroupEnsemble(k, a.tasks, [Member(k, 1.0)]) for k, a in adapters.items()
-              if k not in (BASELINE, THETA_STAR)]
+    groups = [GroupEnsemble(k, a.tasks, [Member(k, 1.0)]) for k, a in adapters.groups.items()]
     score = for_run(score_member, run)
-    futures = {k: score.submit(run, adapters[k], plan)
+    known = adapters.all()
+    futures = {k: score.submit(run, known[k], plan)
                for k, plan in stages.score_plans(run.task_names, groups, steps_wanted).items()}
     scores = {k: ScoresRecord.from_json(f.result()) for k, f in futures.items()}
     boosting: list[BoostRecord] = []
@@ -73,30 +86,45 @@ def boosting_and_weights(config, adapters: dict[str, AdapterRecord],
             score(run, rec.adapter, stages.boost_score_plan(run.task_names, chosen)))
     stages.write_boosting(run, boosting)
     ensemble = EnsembleRecord.from_json(for_run(fit_weights, run)(run, groups, scores))
+    # the test split, after the weights: only the members the evaluation reads (test_plans),
+    # and each baseline adapter on its own tasks
+    known.update({b.adapter.name: b.adapter for b in boosting})
+    plans = stages.test_plans(ensemble, BASELINE)
+    for members in (baselines or {}).values():
+        plans.update({name: {"test": tasks} for name, tasks in members.items()})
+    futures = {f"{k}:test": score.submit(run, known[k], plan, "test") for k, plan in plans.items()}
+    scores.update({k: ScoresRecord.from_json(f.result()) for k, f in futures.items()})
     compute = stages.compute_summary(features, estimation_s, adapters, boosting)
     evaluation = EvaluationRecord.from_json(
         for_run(evaluate, run)(run, ensemble, scores, BASELINE, compute))
+    baseline_results = None
+    if baselines:
+        baseline_results = BaselinesRecord.from_json(
+            for_run(evaluate_baselines, run)(run, baselines, adapters, scores))
     release_models()  # the scoring base model with its members
-    return EnsembleResult(boosting, ensemble, evaluation)
+    return EnsembleResult(boosting, ensemble, evaluation, baseline_results)
 
 
 @flow(name="ensemble_lora", log_prints=True)
 def ensemble_lora(config, overrides: list[str] | None = None) -> PipelineResult:
     """Gradient features (1) → subset regressions, affinity, groups (2–3) → group adapters
-    (4) → boosting and ensemble weights (5) → evaluation against one adapter on all tasks (6)."""
+    (4) → boosting and ensemble weights (5) → evaluation against one adapter on all tasks and
+    the configured baselines (6)."""
     cfg = resolve_config(config, overrides)
     run = open_run(cfg)
     log = get_run_logger()
     s1 = FeaturesResult.from_json(_stage(cfg, "gradient-features", gradient_features))
     s23 = GroupingResult.from_json(_stage(cfg, "affinity", run_affinity, features=s1.features))
+    baselines = stages.baseline_plan(run, s23.groups, s1.features)
     s4 = AdaptersResult.from_json(_stage(cfg, "group-adapters", group_adapters,
-                                         groups=s23.groups.group_tasks))
+                                         groups=s23.groups.group_tasks, baselines=baselines))
     s56 = EnsembleResult.from_json(_stage(cfg, "boosting-and-weights", boosting_and_weights,
-                                          adapters=s4.adapters, features=s1.features,
-                                          estimation_s=s23.seconds))
+                                          adapters=s4, features=s1.features,
+                                          estimation_s=s23.seconds, baselines=baselines))
     metrics = s56.evaluation.metrics
-    report, manifest = stages.finish(run, s1.features, s23.groups, s4.adapters, s56.boosting,
-                                     s56.ensemble, s56.evaluation, s1.linearity, config_dict(cfg))
+    report, manifest = stages.finish(run, s1.features, s23.groups, s4, s56.boosting,
+                                     s56.ensemble, s56.evaluation, s1.linearity, config_dict(cfg),
+                                     s56.baselines)
     try:
         create_markdown_artifact(_inline_heatmap(run, report), key=_key(cfg.name, "report"),
                                  description="EnsembleLoRA report")
@@ -106,7 +134,8 @@ def ensemble_lora(config, overrides: list[str] | None = None) -> PipelineResult:
         log.warning("could not create artifacts: %s", e)
     log.info("average test accuracy: baseline %.1f%%, ensemble %.1f%%",
              100 * metrics.average.baseline_accuracy, 100 * metrics.average.ensemble_accuracy)
-    return PipelineResult(run.dir.url, metrics, s23.groups.group_tasks, report.file, manifest)
+    return PipelineResult(run.dir.url, metrics, s23.groups.group_tasks, report.file, manifest,
+                          {} if s56.baselines is None else s56.baselines.results)
 
 
 # Stage deployments (prefect.yaml): name -> (flow/deployment, the kind of work pool it runs

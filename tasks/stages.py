@@ -10,8 +10,8 @@ from __future__ import annotations
 from prefect import task
 
 from ensemble_core import stages
-from ensemble_core.records import (AdapterRecord, Compute, EnsembleRecord, FeaturesRecord,
-                                   GroupEnsemble, ScoresRecord, SubsetEstimate)
+from ensemble_core.records import (AdapterRecord, AdaptersResult, Compute, EnsembleRecord,
+                                   FeaturesRecord, GroupEnsemble, ScoresRecord, SubsetEstimate)
 from ensemble_core.run import Run
 
 from .common import ProgressReporter, gpu_slot, keyed, retry_unless_input_error
@@ -69,11 +69,13 @@ def affinity_and_groups(run: Run, results: list[SubsetEstimate], tasks: list[str
 
 @task(name="train_adapter", tags=["gpu"], cache_policy=keyed(stages.train_group),
       task_run_name="train[{name}]", **JSON, **RETRY)
-def train_adapter(run: Run, name: str, tasks: list[str]) -> dict:
-    """Fine-tune one adapter on the union of its tasks (a group, or all tasks: the baseline)."""
+def train_adapter(run: Run, name: str, tasks: list[str], start: AdapterRecord | None = None
+                  ) -> dict:
+    """Fine-tune one adapter on the union of its tasks (a group, all tasks: the single-adapter
+    baseline, or a baseline's), from θ* or from ``start``'s weights."""
     progress = ProgressReporter(f"train[{name}]", artifact_key=f"train-{name.lower()}")
     with gpu_slot():
-        rec = stages.train_group(run, name, tasks, progress=progress)
+        rec = stages.train_group(run, name, tasks, start=start, progress=progress)
     progress.finish()
     return rec.to_json()
 
@@ -88,11 +90,11 @@ def save_theta_star(run: Run) -> dict:
 # -- stage 5: boosting and weights ----------------------------------------------------------
 
 @task(name="score_member", tags=["gpu"], cache_policy=keyed(stages.score_member),
-      task_run_name="scores[{adapter.name}]", **JSON)
-def score_member(run: Run, adapter: AdapterRecord, plan: dict) -> dict:
+      task_run_name="scores-{phase}[{adapter.name}]", **JSON)
+def score_member(run: Run, adapter: AdapterRecord, plan: dict, phase: str = "fit") -> dict:
     """Scores h_c(s) of one member adapter on the splits and tasks of ``plan``."""
     with gpu_slot():
-        return stages.score_member(run, adapter, plan).to_json()
+        return stages.score_member(run, adapter, plan, phase).to_json()
 
 
 @task(name="boost_group", tags=["gpu"], cache_policy=keyed(stages.boost_group),
@@ -112,6 +114,14 @@ def fit_weights(run: Run, groups: list[GroupEnsemble], scores: dict[str, ScoresR
 
 
 # -- stage 6: evaluation --------------------------------------------------------------------
+
+@task(name="evaluate_baselines", tags=["cpu"], cache_policy=keyed(stages.evaluate_baselines),
+      task_run_name="baselines", **JSON)
+def evaluate_baselines(run: Run, plan: dict, adapters: AdaptersResult,
+                       scores: dict[str, ScoresRecord]) -> dict:
+    """Test accuracy and compute of the paper's baselines; baselines.json."""
+    return stages.evaluate_baselines(run, plan, adapters, scores).to_json()
+
 
 @task(name="evaluate", tags=["cpu"], cache_policy=keyed(stages.evaluate),
       task_run_name="evaluation", **JSON)

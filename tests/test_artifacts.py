@@ -94,7 +94,8 @@ def test_run_names_identify_their_work(finished_run):
     states = task_states(run_id)
     expected = ([f"gradients[{t}]" for t in TASKS] + ["linearity[rte]", "subsets[0]",
                 "affinity-and-groups", "train[group-0]", "train[group-1]", "train[all-tasks]",
-                "theta-star", "scores[group-0]", "scores[all-tasks]", "weights", "evaluation"])
+                "theta-star", "scores-fit[group-0]", "scores-test[group-0]", "scores-test[all-tasks]",
+                "weights", "evaluation"])
     for name in expected:
         assert states.get(name) == "Completed", (name, sorted(states))
     assert any(n.startswith("boost[group-") for n in states)

@@ -12,8 +12,10 @@ def test_shipped_configs_parse():
     tiny = load_config(str(REPO / "configs" / "tiny.yaml"))
     assert tiny.model.name == "tiny-llama" and len(tiny.tasks) >= 3
     assert Path(tiny.data_root).is_absolute()  # resolved relative to the config file
-    real = load_config(str(REPO / "configs" / "superglue-smollm2.yaml"))
-    assert real.model.name == "smollm2-135m" and len(real.tasks) >= 6
+    for name in ("demo.yaml", "paper-protocol.yaml"):
+        real = load_config(str(REPO / "configs" / name))
+        assert real.model.name == "smollm2-135m" and len(real.tasks) >= 6
+    assert real.training.epochs == 10 and real.adapter.r == 4  # the paper's protocol
 
 
 @pytest.mark.parametrize("patch, match", [
@@ -23,6 +25,13 @@ def test_shipped_configs_parse():
     ({"training": {"epochs": "many"}}, "'training.epochs'"),
     ({"estimation": {"projection_dim": -4}}, "'estimation.projection_dim'"),
     ({"estimation": {"projection_cache_gb": -1}}, "'estimation.projection_cache_gb'"),
+    ({"estimation": {"projection_dim": [200, 400], "fit_dim": 300}},
+     r"estimation.fit_dim = 300 is not one of the computed projection dimensions"),
+    ({"estimation": {"max_examples": {"test": 10}}}, "'estimation.max_examples'"),
+    ({"boosting": {"mode": "exact"}}, "exact boosting .* is not implemented yet"),
+    ({"evaluation": {"baselines": ["per-task", "per-task"]}}, "lists a method twice"),
+    ({"evaluation": {"baselines": ["bagging"]}}, "'evaluation.baselines.0'"),
+    ({"training": {"schedule": "step"}}, "'training.schedule'"),
     ({"tasks": []}, "'tasks'"),
     ({"clustering": {"n_groups": 9}}, "n_groups = 9 is larger than the number of tasks"),
 ])

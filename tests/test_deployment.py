@@ -85,7 +85,7 @@ def test_deployments_schedule_and_pools(service):
     with _client(env) as client:
         dep = client.read_deployment_by_name("ensemble_lora/ensemble-lora")
         assert dep.work_pool_name == "gpu"
-        assert dep.parameters == {"config": "configs/superglue-smollm2.yaml", "overrides": []}
+        assert dep.parameters == {"config": "configs/demo.yaml", "overrides": []}
         [sched] = dep.schedules
         assert sched.active and sched.schedule.cron == "0 3 * * 1"
         assert sched.schedule.timezone == "UTC"

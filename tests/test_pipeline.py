@@ -20,7 +20,8 @@ pytestmark = pytest.mark.integration  # Prefect server, subprocesses (make test-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_root, cache_dir):
     out = tmp_path_factory.mktemp("pipeline") / "run"
-    overrides = [f"output_dir={out}", f"data_root={data_root}", f"cache_dir={cache_dir}"]
+    overrides = [f"output_dir={out}", f"data_root={data_root}", f"cache_dir={cache_dir}",
+                 "evaluation.baselines=[per-task, mtl-ft, random-groups, gradient-groups]"]
     with prefect_test_harness(server_startup_timeout=120):
         first = ensemble_lora(str(REPO / "configs" / "tiny.yaml"), overrides, return_state=True)
         states1 = task_states(first.state_details.flow_run_id)
@@ -32,7 +33,8 @@ def runs(tmp_path_factory, data_root, cache_dir):
 def test_outputs_and_manifest(runs):
     out, res, states1, _, _ = runs
     for name in ["manifest.json", "metrics.json", "ensemble.json", "groups.json",
-                 "affinity.json", "report.md", "affinity.png", "boosting.json"]:
+                 "affinity.json", "report.md", "affinity.png", "boosting.json", "predictions.json",
+                 "baselines.json"]:
         assert (out / name).is_file(), name
     manifest = json.loads((out / "manifest.json").read_text())
     for rel, sha in manifest["files"].items():
@@ -51,6 +53,41 @@ def test_second_run_entirely_cached(runs):
     assert set(states2) == set(states1)
     assert all(s == "Cached" for s in states2.values()), states2
     assert res2.metrics == res1.metrics
+
+
+def test_baselines_beside_the_ensemble(runs):
+    out, res, _, _, _ = runs
+    tasks = ["rte", "cb", "copa", "wic"]
+    base = json.loads((out / "baselines.json").read_text())
+    assert set(base["results"]) == {"single", "per-task", "mtl-ft", "random-groups",
+                                    "gradient-groups"}
+    assert set(res.baselines) == set(base["results"])
+    groups = json.loads((out / "groups.json").read_text())["groups"]
+    sizes = sorted(len(g["tasks"]) for g in groups)
+    for method, r in base["results"].items():
+        assert sorted(r["accuracy"]) == sorted(tasks), method
+        assert all(0 <= a <= 1 for a in r["accuracy"].values())
+        assert r["flops"] > 0 and r["wall_s"] > 0 and r["adapter_parameters"] > 0
+        n_adapters = len(set(r["answers"].values()))
+        assert n_adapters == {"single": 1, "per-task": 4, "mtl-ft": 4}.get(method, len(sizes))
+    answers = list(base["results"]["random-groups"]["answers"].values())
+    assert sorted(answers.count(a) for a in set(answers)) == sizes  # the SDP's group sizes
+    # MTL-FT's phase 2 starts where the shared adapter ended: its initial validation loss on
+    # its task is the shared adapter's (best epoch) validation loss on that task
+    shared = json.loads((out / "adapters" / "all-tasks" / "training.json").read_text())
+    best = next(h for h in shared["history"] if h["epoch"] == shared["best_epoch"])
+    for t in tasks:
+        mtl = json.loads((out / "adapters" / f"mtl-{t}" / "training.json").read_text())
+        assert mtl["history"][0]["val"][t]["loss"] == pytest.approx(best["val"][t]["loss"],
+                                                                     rel=1e-5), t
+    assert base["results"]["mtl-ft"]["flops"] > base["results"]["single"]["flops"]
+    preds = json.loads((out / "predictions.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    for t in tasks:
+        gold = preds[t]["gold"]
+        acc = sum(p == g for p, g in zip(preds[t]["ensemble"], gold)) / len(gold)
+        assert acc == pytest.approx(metrics["tasks"][t]["ensemble_accuracy"])
+    assert "## Baselines" in (out / "report.md").read_text()
 
 
 def test_boosting_lowered_the_chosen_groups_training_loss(runs):
@@ -72,10 +109,10 @@ def test_ensemble_model_reproduces_the_pipeline_evaluation(runs, data_root):
     for task in ["rte", "copa"]:
         td = load_task(TaskConfig(**cfg_tasks[task]), data_root)
         preds = model.predict(task, td.splits["test"])
-        acc = np.mean([p["label"] == e.label for p, e in zip(preds, td.splits["test"])])
+        acc = np.mean([p["choice"] == e.label for p, e in zip(preds, td.splits["test"])])
         assert acc == pytest.approx(metrics["tasks"][task]["ensemble_accuracy"], abs=1e-9)
         for p in preds:
-            assert abs(sum(p["probabilities"]) - 1) < 1e-5
+            assert abs(sum(p["probabilities"].values()) - 1) < 1e-5
 
 
 def test_run_directory_of_another_config_is_refused(runs, data_root):

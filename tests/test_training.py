@@ -53,7 +53,9 @@ def test_training_lowers_training_loss(setup):
     train = _split(data, ("rte", "cb"), "train")
     val = _split(data, ("rte", "cb"), "validation")
     before = evaluate(lm.model, lm.tokenizer, train, MAX_LEN)
-    tcfg = _tcfg(cfg, learning_rate=3e-2, epochs=4, batch_size=4)
+    # a constant rate: the test is about the loop, not the schedule (test_baselines has it)
+    tcfg = _tcfg(cfg, learning_rate=3e-2, epochs=4, batch_size=4, schedule="constant",
+                 warmup_ratio=0.0)
     res = train_adapter(lm.model, lm.tokenizer, train, val, tcfg, MAX_LEN)
     after = evaluate(lm.model, lm.tokenizer, train, MAX_LEN)
     assert after["average"]["loss"] < before["average"]["loss"] - 0.05, (before, after)
@@ -225,3 +227,22 @@ def test_qlora_trains_and_round_trips(data_root, cache_dir, tmp_path):
                            MAX_LEN)
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)
+
+
+def test_epoch_batches_are_one_task_each_and_bucketed_by_length():
+    from ensemble_core.data import Example
+    from ensemble_core.training import BUCKET_BATCHES, _epoch_batches
+
+    rng = np.random.default_rng(0)
+    exs = [Example(t, "train", str(i), "p", (" a", " b"), 0) for t in "xyz" for i in range(200)]
+    lengths = rng.integers(5, 300, len(exs))
+    one = _epoch_batches(np.random.default_rng(1), exs, 8, lengths.__getitem__)
+    again = _epoch_batches(np.random.default_rng(1), exs, 8, lengths.__getitem__)
+    assert one == again  # seeded
+    assert sorted(i for _, b in one for i in b) == list(range(len(exs)))  # each once
+    assert all(len({exs[i].task for i in b}) == 1 and exs[b[0]].task == t for t, b in one)
+    plain = _epoch_batches(np.random.default_rng(1), exs, 8)
+    pad = lambda batches: sum(len(b) * max(lengths[b]) - lengths[b].sum()  # noqa: E731
+                              for _, b in batches)
+    assert pad(one) < 0.2 * pad(plain)  # sorted within runs of BUCKET_BATCHES batches
+    assert BUCKET_BATCHES >= 2
