@@ -58,7 +58,7 @@ def benchmark_flow(config, overrides: list[str] | None = None,
     text = bench.benchmark_markdown(summary, majority, NAMES, ci, seeds, cost or None)
     md = parent.write_bytes(parent.benchmark_md, text.encode())
     png = parent.write_bytes(parent.benchmark_png, bench.benchmark_png(summary, majority, NAMES))
-    out = {"seeds": seeds, "summary": summary, "majority": majority,
+    out = {"seeds": seeds, "methods": order, "summary": summary, "majority": majority,
            "ensemble_minus_single": {"difference": ci[0], "low": ci[1], "high": ci[2]},
            "compute": cost, "runs": [parent.seed_run(s) for s in seeds],
            "markdown": md.path, "chart": png.path}
