@@ -166,3 +166,57 @@ def test_only_the_named_third_party_messages_are_filtered(caplog):
         log.warning("another bitsandbytes warning")
     assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
     assert json.dumps({"ok": True})
+
+
+@pytest.mark.integration  # a Prefect server, the whole pipeline
+def test_pipeline_on_a_headerless_file_with_a_threshold_label(tmp_path, data_root, cache_dir,
+                                                             capsys):
+    """End to end on the tiny model: a headerless TSV whose label is a similarity score cut at
+    2.5, beside a builtin task; predictions come back in the task's own labels."""
+    import random
+
+    import yaml
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.cli import main
+
+    rng = random.Random(0)
+    lines = []
+    for i in range(40):
+        score = rng.uniform(0, 5)
+        lines.append(f"sentence {i} about a cat\tsentence {i} about a "
+                     f"{'cat' if score >= 2.5 else 'car'}\t{score:.2f}")
+    f = tmp_path / "sts.tsv"
+    f.write_text("\n".join(lines) + "\n")
+    config = {
+        "name": "byo", "data_root": str(data_root), "output_dir": str(tmp_path / "run"),
+        "cache_dir": str(cache_dir), "model": {"name": "tiny-llama", "max_length": 96},
+        "adapter": {"r": 4, "alpha": 8, "init": "false"},
+        "tasks": [
+            {"name": "sts", "files": {"train": str(f)}, "header": False,
+             "columns": ["a", "b", "score"], "template": "{a} / {b}\nSame?",
+             "label_field": "score", "choices": [" no", " yes"], "label_thresholds": [2.5],
+             "carve": {"validation": {"from": "train", "n": 8}, "test": {"from": "train",
+                                                                        "n": 8}}},
+            {"name": "rte", "builtin": "superglue/rte",
+             "max_examples": {"train": 8, "validation": 6, "test": 8}},
+            {"name": "cb", "builtin": "superglue/cb",
+             "max_examples": {"train": 8, "validation": 6, "test": 8}}],
+        "estimation": {"projection_dim": 16, "batch_size": 8, "n_subsets": 3,
+                       "subset_size": 2},
+        "clustering": {"n_groups": 2}, "training": {"epochs": 1, "batch_size": 8}}
+    cfg = tmp_path / "byo.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    with prefect_test_harness(server_startup_timeout=120):
+        assert main(["run", str(cfg)]) == 0
+    assert "| sts " in capsys.readouterr().out
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps({"a": "a cat sleeps", "b": "a cat naps"}) + "\n")
+    out = tmp_path / "preds.jsonl"
+    assert main(["predict", str(tmp_path / "run"), "--task", "sts", "--input", str(records),
+                 "--output", str(out), "--set", f"cache_dir={cache_dir}"]) == 0
+    [pred] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert pred["label"] in ("< 2.5", ">= 2.5") and set(pred["probabilities"]) == {
+        "< 2.5", ">= 2.5"}
+    manifest = json.loads((tmp_path / "run" / "gradients" / "sts" / "manifest.json").read_text())
+    assert manifest["data"]["config"]["label_thresholds"] == [2.5]
