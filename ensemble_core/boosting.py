@@ -144,10 +144,16 @@ def boost_step(group: GroupEnsemble, step: int, model, score_train, save,
                          "rows")
     loss_before = gold.log_loss(h_current)
     x = fit_residuals(tables, gold.residuals(h_current), l2=l2)
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"group {group.name}: the boosting fit is not finite (estimation.l2 = "
+                         f"{l2}); the features or the members' scores hold NaN or inf")
     theta0, delta = restore(model, x, eta, projector)
     adapter = save(model)
     h_k = np.asarray(score_train(model), np.float64)
     loss_after = gold.log_loss(h_current + (h_k - h0))
+    if not np.isfinite(loss_after):
+        raise ValueError(f"group {group.name}: the boosted ensemble's training loss is "
+                         f"{loss_after} (boosting.eta = {eta} too large?)")
     G = np.concatenate([t.grad for t in tables]).astype(np.float64)
     return BoostRecord(
         adapter=adapter, group=group.name, step=step, eta=eta, train_loss_before=loss_before,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,74 @@ from .data import TaskConfig
 
 class ConfigError(ValueError):
     pass
+
+
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_task_name(name: str) -> None:
+    """A task name is a directory name in the run directory: letters, digits, '_', '.', '-',
+    starting with a letter or digit, at most 64 characters."""
+    if not isinstance(name, str) or not TASK_NAME.match(name) or ".." in name:
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+        raise ValueError(f"task name {shown} is not allowed: use letters, digits, '_', '.' and "
+                         f"'-' (starting with a letter or digit, no '..', at most 64 "
+                         f"characters)")
+
+
+MAX_YAML_NODES = 100_000  # a config has hundreds; an alias bomb expands to billions
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """How many nodes ``node`` stands for once every alias is expanded (aliases are shared
+    nodes in the composed graph, so this is counted once per node, not once per use)."""
+    key = id(node)
+    if key not in memo:
+        memo[key] = 0
+        children = node.value if isinstance(node.value, list) else []
+        total = 1
+        for c in children:
+            for n in (c if isinstance(c, tuple) else (c,)):
+                total += _expanded_size(n, memo)
+                if total > MAX_YAML_NODES:
+                    break
+        memo[key] = total
+    return memo[key]
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a mapping with a key twice is an error (YAML would keep the last)
+    and a document that expands to more than MAX_YAML_NODES nodes is refused before it is
+    built (a file of a few hundred bytes can name 10**9 strings through nested aliases)."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise ConfigError(f"the YAML expands to more than {MAX_YAML_NODES} values through "
+                              "aliases (*name): not a config (an alias bomb?)")
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (list, dict)):
+                continue
+            if key in keys:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} appears "
+                                  "twice in one mapping")
+            keys.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, source: str):
+    """A YAML document read strictly (:class:`_StrictLoader`); errors name ``source``."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as e:
+        raise ConfigError(f"config file {source}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {source}: nested too deeply") from None
 
 
 class _Strict(BaseModel):
@@ -216,11 +285,14 @@ class RunConfig(_Strict):
     def _unique_tasks(cls, tasks):
         if not tasks:
             raise ValueError("at least one task is required")
-        seen = set()
+        seen: dict[str, str] = {}
         for t in tasks:
-            if t.name in seen:
-                raise ValueError(f"duplicate task name {t.name!r}")
-            seen.add(t.name)
+            check_task_name(t.name)
+            key = t.name.lower()  # one directory per task, also on case-insensitive storage
+            if key in seen:
+                raise ValueError(f"duplicate task name {t.name!r}" + (
+                    f" (the same as {seen[key]!r} but for case)" if seen[key] != t.name else ""))
+            seen[key] = t.name
         return tasks
 
     @model_validator(mode="after")
@@ -302,12 +374,21 @@ def parse_config(data: dict, source: str = "<dict>", overrides: list[str] | None
     return cfg
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_config(path: str, overrides: list[str] | None = None) -> RunConfig:
     try:
         with fsspec.open(path, "r", encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            text = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES} characters")
+    try:
+        data = load_yaml(text, path)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     base = str(Path(path).parent) if "://" not in path else None

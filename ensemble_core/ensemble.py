@@ -396,12 +396,18 @@ class EnsembleModel:
     # -- loading --------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, run_dir, cache_dir=None, *, device: str | None = None,
-                        check_fingerprint: bool = True) -> "EnsembleModel":
+                        check_fingerprint: bool = True,
+                        trust_remote_code: bool = False) -> "EnsembleModel":
         """Read ``run_dir/ensemble.json``, load the base model once (``models.load_base``) and
         every adapter under a distinct name. Local run directories only (PEFT loads adapters
-        from local files); every adapter path must lie inside the run directory."""
+        from local files); every adapter path must lie inside the run directory.
+
+        The run's files are data, not authority: whether a model's own code may run
+        (``trust_remote_code``) is the caller's to say (default: no), whatever ensemble.json
+        says, and the base model's fingerprint recorded there is checked before the model is
+        loaded (a missing fingerprint is an error unless ``check_fingerprint=False``)."""
         from .config import ModelConfig
-        from .models import load_base
+        from .models import _weights_digest, load_base, materialize_base
 
         rd = RunDir(str(run_dir))
         spec = read_ensemble_json(rd.ensemble)
@@ -409,6 +415,7 @@ class EnsembleModel:
             mcfg = ModelConfig.model_validate(spec["base_model"])
         except Exception as e:
             raise EnsembleError(f"{rd.ensemble}: base_model: {e}") from None
+        mcfg.trust_remote_code = bool(trust_remote_code)
         if device is not None:
             mcfg.device = device
         paths = []
@@ -424,16 +431,31 @@ class EnsembleModel:
                                         f"{mem['adapter']!r} not found at {p}")
                 if mem["adapter"] not in paths:
                     paths.append(mem["adapter"])
-        base, tok, record = load_base(mcfg, cache_dir)
         expected = spec.get("base_fingerprint")
-        if check_fingerprint and expected:
-            diff = [k for k in ("name", "weights_sha256")
-                    if expected.get(k) is not None and record.get(k) != expected[k]]
-            if diff:
+        if check_fingerprint and not expected:
+            raise EnsembleError(f"{rd.ensemble}: no base_fingerprint: the base model cannot be "
+                                "checked (load with check_fingerprint=False to accept that)")
+
+        def differs(record) -> list[str]:
+            return [k for k in ("name", "weights_sha256")
+                    if expected.get(k) is not None and record.get(k) is not None
+                    and record.get(k) != expected[k]]
+
+        if check_fingerprint:  # before any of the model's files is loaded
+            src, _ = materialize_base(mcfg, cache_dir)
+            early = {"name": mcfg.name, "weights_sha256": _weights_digest(src)}
+            if differs(early):
                 raise EnsembleError(
-                    f"{rd.ensemble}: the base model loaded from {mcfg.name!r} differs "
-                    f"from the one the ensemble was trained on: "
-                    + ", ".join(f"{k} {record.get(k)!r} vs {expected[k]!r}" for k in diff))
+                    f"{rd.ensemble}: the base model {mcfg.name!r} differs from the one the "
+                    f"ensemble was trained on: " + ", ".join(
+                        f"{k} {early.get(k)!r} vs {expected[k]!r}" for k in differs(early)))
+        base, tok, record = load_base(mcfg, cache_dir)
+        if check_fingerprint and differs(record):
+            diff = differs(record)
+            raise EnsembleError(
+                f"{rd.ensemble}: the base model loaded from {mcfg.name!r} differs "
+                f"from the one the ensemble was trained on: "
+                + ", ".join(f"{k} {record.get(k)!r} vs {expected[k]!r}" for k in diff))
         fp = record if check_fingerprint else None
         taken: set[str] = set()
         names = {p: _adapter_name(p, taken) for p in paths}

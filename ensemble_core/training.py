@@ -35,7 +35,12 @@ from .scoring import (ChoiceScorer, choice_loss, examples_by_task, model_device,
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "train_adapter", "evaluate", "summarize"]
+__all__ = ["TrainResult", "TrainingError", "train_adapter", "evaluate", "summarize"]
+
+
+class TrainingError(ValueError):
+    """Training that cannot give a usable adapter (a non-finite loss or weights); the message
+    says where and which setting to change."""
 
 
 
@@ -256,6 +261,11 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example],
                         loss = choice_loss(model, batch, exs)
                         (loss / len(group)).backward()
                         lv = float(loss.detach())
+                        if not math.isfinite(lv):
+                            raise TrainingError(
+                                f"training diverged: the loss is {lv} in epoch {epoch} (step "
+                                f"{n_steps + 1}, task {task!r}); lower training.learning_rate "
+                                f"(now {tcfg.learning_rate}) or keep training.max_grad_norm")
                         loss_sum += lv * len(exs)
                         loss_n += len(exs)
                         tokens += int(batch.attention_mask.sum())
@@ -264,6 +274,11 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example],
                         torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
                     opt.step()
                     sched.step()
+                    if not all(bool(torch.isfinite(p).all()) for p in params):
+                        raise TrainingError(
+                            f"training diverged: adapter weights are not finite after step "
+                            f"{n_steps + 1} (epoch {epoch}); lower training.learning_rate "
+                            f"(now {tcfg.learning_rate})")
                     n_steps += 1
                     epoch_steps += 1
                     if tcfg.max_steps is not None and n_steps >= tcfg.max_steps:

@@ -328,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # usage errors (argparse printed them) and --help
         return e.code if isinstance(e.code, int) else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Prefect's temporary server gets 20 s to start by default: too little on a busy 2-core
+    # machine (the CLI then failed with "Timed out while attempting to connect")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+                          os.environ.get("ENSEMBLE_LORA_SERVER_STARTUP_S", "180"))
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:  # the per-model "Loading weights" bars drown the pipeline's own progress
         from transformers.utils import logging as hf_logging

@@ -73,3 +73,36 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
         load_config(str(bad))
+
+
+def test_yaml_duplicate_keys_and_alias_bombs_are_refused(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("name: a\ntraining: {epochs: 2}\ntraining: {epochs: 3}\ntasks: []\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: line 3: key 'training' appears twice"):
+        load_config(str(p))
+    bomb = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):  # 10**9 strings from a file of a few hundred bytes
+        prev = chr(ord("a") + i - 1)
+        bomb.append(f"{chr(ord('a') + i)}: &{chr(ord('a') + i)} [" + ", ".join([f"*{prev}"] * 10)
+                    + "]")
+    p = tmp_path / "bomb.yaml"
+    p.write_text("\n".join(bomb) + "\n")
+    assert p.stat().st_size < 1024
+    with pytest.raises(ConfigError, match="expands to more than 100000 values"):
+        load_config(str(p))
+
+
+@pytest.mark.parametrize("name", ["../../ESCAPED", "..", "rte/", "./rte", "a" * 300, "x\0y",
+                                  "", "my task"])
+def test_task_names_are_safe_path_components(name, tmp_path):
+    cfg = tiny_config("/data", tmp_path)
+    cfg["tasks"][0] = dict(cfg["tasks"][0], name=name)
+    with pytest.raises(ConfigError, match="task name .* is not allowed|at least 1 character"):
+        parse_config(cfg)
+
+
+def test_task_names_unique_regardless_of_case(tmp_path):
+    cfg = tiny_config("/data", tmp_path)
+    cfg["tasks"][1] = dict(cfg["tasks"][1], name="RTE")
+    with pytest.raises(ConfigError, match=r"duplicate task name 'RTE' \(the same as 'rte'"):
+        parse_config(cfg)

@@ -238,3 +238,40 @@ def test_ensemble_json_is_validated(run, tmp_path):
         (tmp_path / "ensemble.json").write_text(json.dumps(spec))
         with pytest.raises(EnsembleError, match="relative to the run directory|leaves the run"):
             EnsembleModel.from_pretrained(tmp_path)
+
+
+def test_base_fingerprint_is_checked_and_remote_code_is_the_callers(run, tmp_path, monkeypatch):
+    """ensemble.json is data, not authority: it cannot turn on trust_remote_code, a missing
+    base_fingerprint is an error unless the caller waives the check, and a different base
+    model is refused before it is loaded."""
+    import shutil
+    from ensemble_core import models
+
+    run_dir = run["run_dir"]
+    shutil.copytree(run_dir / "adapters", tmp_path / "adapters")
+    spec = json.loads((run_dir / "ensemble.json").read_text())
+    seen = []
+    real = models.load_base
+
+    def spy(mcfg, cache_dir=None):
+        seen.append(mcfg.trust_remote_code)
+        return real(mcfg, cache_dir)
+
+    monkeypatch.setattr(models, "load_base", spy)
+    forged = dict(spec, base_model=dict(spec["base_model"], trust_remote_code=True))
+    (tmp_path / "ensemble.json").write_text(json.dumps(forged))
+    EnsembleModel.from_pretrained(tmp_path)
+    assert seen == [False]
+
+    (tmp_path / "ensemble.json").write_text(json.dumps(
+        {k: v for k, v in spec.items() if k != "base_fingerprint"}))
+    with pytest.raises(EnsembleError, match="no base_fingerprint"):
+        EnsembleModel.from_pretrained(tmp_path)
+    EnsembleModel.from_pretrained(tmp_path, check_fingerprint=False)
+
+    other = dict(spec["base_fingerprint"], weights_sha256="0" * 64)
+    (tmp_path / "ensemble.json").write_text(json.dumps(dict(spec, base_fingerprint=other)))
+    n = len(seen)
+    with pytest.raises(EnsembleError, match="differs from the one the ensemble was trained on"):
+        EnsembleModel.from_pretrained(tmp_path)
+    assert len(seen) == n  # refused before the base model was loaded

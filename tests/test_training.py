@@ -13,7 +13,7 @@ from ensemble_core.adapters import (AdapterMismatchError, load_adapter, read_tra
                                     save_adapter)
 from ensemble_core.models import adapter_vector, load_base, load_model, set_adapter_vector
 from ensemble_core.scoring import ChoiceScorer, choice_outputs, predict_scores
-from ensemble_core.training import TrainResult, evaluate, train_adapter
+from ensemble_core.training import TrainingError, TrainResult, evaluate, train_adapter
 
 from conftest import tiny_config
 
@@ -75,6 +75,19 @@ def test_training_lowers_training_loss(setup):
     assert res.peak_memory_bytes > 0 and res.wall_seconds > 0
     back = TrainResult.from_json(json.loads(json.dumps(res.to_json())))
     assert back.to_json() == res.to_json()
+
+
+def test_divergence_is_an_error_naming_the_setting(setup):
+    """A learning rate that sends the weights to inf stops training with a message naming
+    training.learning_rate, instead of saving a NaN adapter that later stages would average."""
+    cfg, lm, data, theta0 = setup
+    _reset(lm, theta0)
+    train = _split(data, ("rte",), "train")
+    tcfg = _tcfg(cfg, learning_rate=1e30, epochs=1, batch_size=4, schedule="constant",
+                 warmup_ratio=0.0, max_grad_norm=None)
+    with pytest.raises(TrainingError, match=r"training diverged.*training.learning_rate"):
+        train_adapter(lm.model, lm.tokenizer, train, [], tcfg, MAX_LEN)
+    _reset(lm, theta0)
 
 
 def test_evaluate_and_scores(setup):
