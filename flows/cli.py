@@ -332,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     # machine (the CLI then failed with "Timed out while attempting to connect")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
                           os.environ.get("ENSEMBLE_LORA_SERVER_STARTUP_S", "180"))
+    # the temporary server's telemetry write races the first flow run for its SQLite file
+    # ("database is locked" traceback on the console, seen 2026-12-02); the Makefile already
+    # turns it off, and a user who set it keeps their value
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:  # the per-model "Loading weights" bars drown the pipeline's own progress
         from transformers.utils import logging as hf_logging
