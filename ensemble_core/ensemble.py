@@ -436,26 +436,18 @@ class EnsembleModel:
             raise EnsembleError(f"{rd.ensemble}: no base_fingerprint: the base model cannot be "
                                 "checked (load with check_fingerprint=False to accept that)")
 
-        def differs(record) -> list[str]:
-            return [k for k in ("name", "weights_sha256")
-                    if expected.get(k) is not None and record.get(k) is not None
-                    and record.get(k) != expected[k]]
-
-        if check_fingerprint:  # before any of the model's files is loaded
+        if check_fingerprint:  # before any of the model's files is loaded: the same name and
+            # digest load_base records (models.load_base), from the materialized files
             src, _ = materialize_base(mcfg, cache_dir)
-            early = {"name": mcfg.name, "weights_sha256": _weights_digest(src)}
-            if differs(early):
+            found = {"name": mcfg.name, "weights_sha256": _weights_digest(src)}
+            diff = [k for k in found if expected.get(k) is not None and found[k] is not None
+                    and found[k] != expected[k]]
+            if diff:
                 raise EnsembleError(
                     f"{rd.ensemble}: the base model {mcfg.name!r} differs from the one the "
-                    f"ensemble was trained on: " + ", ".join(
-                        f"{k} {early.get(k)!r} vs {expected[k]!r}" for k in differs(early)))
+                    f"ensemble was trained on: "
+                    + ", ".join(f"{k} {found[k]!r} vs {expected[k]!r}" for k in diff))
         base, tok, record = load_base(mcfg, cache_dir)
-        if check_fingerprint and differs(record):
-            diff = differs(record)
-            raise EnsembleError(
-                f"{rd.ensemble}: the base model loaded from {mcfg.name!r} differs "
-                f"from the one the ensemble was trained on: "
-                + ", ".join(f"{k} {record.get(k)!r} vs {expected[k]!r}" for k in diff))
         fp = record if check_fingerprint else None
         taken: set[str] = set()
         names = {p: _adapter_name(p, taken) for p in paths}

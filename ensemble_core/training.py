@@ -274,7 +274,7 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example],
                         torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
                     opt.step()
                     sched.step()
-                    if not all(bool(torch.isfinite(p).all()) for p in params):
+                    if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
                         raise TrainingError(
                             f"training diverged: adapter weights are not finite after step "
                             f"{n_steps + 1} (epoch {epoch}); lower training.learning_rate "
