@@ -31,6 +31,7 @@ import argparse
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -134,7 +135,8 @@ def main() -> None:
              for t in args.tasks.split(",")]
     _register_cpu_attention_flops()
     cfg = parse_config({
-        "data_root": args.data_root, "output_dir": "/tmp/bench",
+        # output_dir is required by the config and unused here
+        "data_root": args.data_root, "output_dir": str(Path(tempfile.gettempdir()) / "bench"),
         "model": {"name": args.model, "max_length": args.max_length,
                   "quantization": args.quantization},
         "adapter": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
