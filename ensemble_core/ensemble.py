@@ -45,7 +45,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .adapters import load_adapter
+from .adapters import ADAPTER_WEIGHTS, load_adapter
 from .boosting import combine_scores
 from .choices import flatten
 from .data import DataError, Example
@@ -208,6 +208,10 @@ def validate_ensemble_spec(spec: Mapping) -> None:
             if not isinstance(mem, Mapping) or not isinstance(mem.get("adapter"), str):
                 raise EnsembleError(f"ensemble spec: groups[{g}].members[{j}].adapter must be a "
                                     "path")
+            sha = mem.get("sha256")
+            if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
+                raise EnsembleError(f"ensemble spec: groups[{g}].members[{j}].sha256 must be "
+                                    "the 64 hex digits of the adapter weights' sha256")
             if not isinstance(mem.get("scale", 1.0), (int, float)):
                 raise EnsembleError(f"ensemble spec: groups[{g}].members[{j}].scale must be a "
                                     "number")
@@ -429,6 +433,17 @@ class EnsembleModel:
                 if not (p / "adapter_config.json").is_file():
                     raise EnsembleError(f"groups[{g}] ({grp.get('name', g)}): adapter "
                                         f"{mem['adapter']!r} not found at {p}")
+                if mem.get("sha256") is not None:  # the weights the ensemble was fitted with
+                    from .storage import file_sha256
+
+                    w = p / ADAPTER_WEIGHTS
+                    found = file_sha256(str(w)) if w.is_file() else None
+                    if found != mem["sha256"]:
+                        raise EnsembleError(
+                            f"{rd.ensemble}: groups[{g}] ({grp.get('name', g)}): adapter "
+                            f"{mem['adapter']!r}: {w} "
+                            + ("is missing" if found is None else "has changed since the "
+                               "ensemble was fitted (sha256 differs)"))
                 if mem["adapter"] not in paths:
                     paths.append(mem["adapter"])
         expected = spec.get("base_fingerprint")

@@ -67,6 +67,39 @@ class Record:
         """The content identity of the record (cache keys). Default: all of it."""
         return self.to_json()
 
+    def files(self) -> list["FileRef"]:
+        """Every file the record names, nested records included (each with the sha256 it was
+        written with)."""
+        out: list[FileRef] = []
+        _collect_files(self, out)
+        return out
+
+    def unverified(self) -> list[str]:
+        """The files the record names that are missing or changed since they were written
+        (a cached record is served only when this is empty: tasks/common.py)."""
+        return [f.path for f in dict.fromkeys(self.files()) if not f.verified()]
+
+    def verified(self) -> bool:
+        return not self.unverified()
+
+
+def _collect_files(obj, out: list) -> None:
+    if isinstance(obj, FileRef):
+        out.append(FileRef(obj.path, obj.sha256))
+    elif isinstance(obj, Record):
+        own = type(obj).files
+        if own is not Record.files:  # a record that says itself which files it names
+            out.extend(obj.files())
+            return
+        for f in dataclasses.fields(obj):
+            _collect_files(getattr(obj, f.name), out)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _collect_files(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _collect_files(v, out)
+
 
 # ---------------------------------------------------------------------------------- files
 
@@ -141,10 +174,7 @@ class FeaturesRecord(Record):
         return getattr(self, name)
 
     def files(self) -> list[FileRef]:
-        return [self.manifest, self.train, self.validation]
-
-    def verified(self) -> bool:
-        return all(f.verified() for f in self.files())
+        return [FileRef(f.path, f.sha256) for f in (self.manifest, self.train, self.validation)]
 
     def key(self):
         return {"task": self.task, "train": self.train.sha256,
@@ -292,6 +322,12 @@ class AdapterRecord(Record):
 
     def key(self):
         return {"name": self.name, "sha256": self.sha256}
+
+    def files(self) -> list[FileRef]:
+        """The adapter's weights (what ``sha256`` is the digest of)."""
+        from .storage import join
+
+        return [FileRef(join(self.path, "adapter_model.safetensors"), self.sha256)]
 
 
 # ---------------------------------------------------------------------------------- stage 5

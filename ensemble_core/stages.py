@@ -577,6 +577,7 @@ def fit_weights(run: Run, groups: Sequence[GroupEnsemble],
     ensemble.json."""
     from .boosting import group_scores
     from .ensemble import fit_ensemble_weights, probabilities, task_entry, write_ensemble_json
+    from .storage import file_sha256
 
     member = read_scores(scores)
     group_of = {t: k for k, g in enumerate(groups) for t in g.tasks}
@@ -589,7 +590,10 @@ def fit_weights(run: Run, groups: Sequence[GroupEnsemble],
         entries[t] = task_entry(run.cfg.task(t), group_of[t], w)
     spec_groups = [{"name": g.name, "tasks": list(g.tasks),
                     "members": [{"adapter": run.dir.relative(run.dir.adapter(m.name)),
-                                 "scale": m.scale} for m in g.members]} for g in groups]
+                                 "scale": m.scale,
+                                 # what EnsembleModel checks before loading it
+                                 "sha256": file_sha256(run.dir.adapter_weights(m.name))}
+                                for m in g.members]} for g in groups]
     cfg = run.cfg
     sha = write_ensemble_json(run.dir.ensemble, base_model=cfg.model, tasks=entries,
                               groups=spec_groups, max_length=cfg.model.max_length,
@@ -764,6 +768,15 @@ def finish(run: Run, features: dict[str, FeaturesRecord], groups: GroupsRecord,
                 *([baselines.file] if baselines is not None else [])]:
         files[run.dir.relative(ref.path)] = ref.sha256
     files[run.dir.relative(report.file.path)] = report.file.sha256
+    # the manifest vouches for the files as they are: a file changed since its record was
+    # made (another run writing this directory) is an error, not a wrong manifest
+    changed = [rel for rel, sha in files.items()
+               if not FileRef(run.dir.resolve(rel), sha).verified()]
+    if changed:
+        raise RuntimeError(
+            f"{len(changed)} output(s) of run directory {run.dir.url} changed while this run "
+            f"finished ({', '.join(changed[:3])}{' …' if len(changed) > 3 else ''}); another "
+            "run wrote this directory: run again (the changed stages are recomputed)")
     manifest = run.dir.write_json(run.dir.manifest, {
         "name": run.cfg.name, "config_sha256": run.cfg.fingerprint(), "config": config,
         "code_version": code_version(), "files": files})

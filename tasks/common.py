@@ -20,7 +20,7 @@ from prefect import get_run_logger
 from prefect.cache_policies import CachePolicy
 from prefect.transactions import IsolationLevel
 
-from .locking import RunLockManager, checked_key_fn
+from .locking import LockWaitInterrupted, LockWaitTimeout, RunLockManager, checked_key_fn
 
 
 def stage_key(stage_fn, parameters: dict) -> str:
@@ -32,11 +32,15 @@ def stage_key(stage_fn, parameters: dict) -> str:
     return f"{spec.name}-{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
 
 
-def keyed(stage_fn) -> CachePolicy:
-    """The cache policy of a task wrapping ``stage_fn`` (configured per run by
-    :func:`for_run`)."""
-    return CachePolicy.from_cache_key_fn(lambda context, parameters: stage_key(stage_fn,
-                                                                             parameters))
+def keyed(stage_fn, record) -> CachePolicy:
+    """The cache policy of a task wrapping ``stage_fn`` and returning ``record`` (its JSON),
+    configured per run by :func:`for_run`: a cached result is served only while every file
+    the record names is there with its recorded sha256."""
+    def key_fn(context, parameters):
+        return stage_key(stage_fn, parameters)
+
+    key_fn.record = record
+    return CachePolicy.from_cache_key_fn(key_fn)
 
 
 def for_run(task_obj, run):
@@ -51,8 +55,10 @@ def for_run(task_obj, run):
         # locks of a killed run are broken, not waited on forever (tasks/locking.py)
         lock_manager=RunLockManager(lock_files_directory=base / "locks"),
         isolation_level=IsolationLevel.SERIALIZABLE)
-    # a record whose result payload is gone is recomputed, not a task failure
-    policy.cache_key_fn = checked_key_fn(policy.cache_key_fn, base / "cache", _logger())
+    # a record whose result payload is gone, or whose files are gone or changed, is
+    # recomputed, not served or a task failure
+    policy.cache_key_fn = checked_key_fn(policy.cache_key_fn, base / "cache", _logger(),
+                                         getattr(policy.cache_key_fn, "record", None))
     return task_obj.with_options(cache_policy=policy)
 
 
@@ -64,7 +70,8 @@ def retry_unless_input_error(task, task_run, state) -> bool:
         exc = state.result(raise_on_failure=False)
     except Exception:
         return True
-    return not isinstance(exc, ValueError)
+    # nor is a task whose cache lock stayed held past its bound, or that was stopped
+    return not isinstance(exc, (ValueError, LockWaitTimeout, LockWaitInterrupted))
 
 
 class ProgressReporter:

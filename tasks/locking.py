@@ -18,20 +18,31 @@ it), so a concurrent reader can find an empty, unparseable lock file.
   its two steps), then as stale.
 
 A lock held by a live process on another host cannot be checked from here and is waited for,
-as with Prefect's own manager.
+as with Prefect's own manager, but not forever: a wait longer than ``ENSEMBLE_LORA_LOCK_WAIT_S``
+(default 4 hours) fails the task with :class:`LockWaitTimeout`, naming the holder's host and
+process and the lock file. A wait also ends when the process is stopping (Ctrl-C, SIGTERM: see
+``_stopping``), so a run waiting on a lock can be interrupted instead of hanging in the join of
+its worker threads.
 
 :func:`checked_key_fn` guards the other half of a cache record: Prefect keeps the record's
 metadata under the run directory (``key_storage``) but its payload in Prefect's result storage
 (``PREFECT_LOCAL_STORAGE_PATH``, by default ``~/.prefect/storage``). A record whose payload is
 gone or unreadable — another ``PREFECT_HOME``, a cleaned storage directory, a write cut short —
 would make Prefect fail the task ("Path ... does not exist") instead of recomputing it, and
-leave the key's lock held; such a record is removed before the cache is consulted.
+leave the key's lock held; such a record is removed before the cache is consulted. A payload
+that is there but outside this process's result storage (a resume under another
+``PREFECT_HOME``) is copied into it, since Prefect refuses to read it where it is. And a record
+is data about files: one that names a file which is missing or differs from the sha256 it was
+written with is removed too, so the stage is computed again instead of being served stale
+(docs/design.md, "Caching").
 """
 from __future__ import annotations
 
 import json
 import os
 import socket
+import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -43,8 +54,54 @@ from ensemble_core.storage import process_alive, process_start_time
 
 UNREADABLE_GRACE_S = 30.0  # an unparseable lock file younger than this is being written
 BREAK_GUARD_STALE_S = 30.0  # a .break guard older than this was left by a killed breaker
+LOCK_WAIT_ENV = "ENSEMBLE_LORA_LOCK_WAIT_S"
+DEFAULT_LOCK_WAIT_S = 4 * 3600.0
 
 _HOST = socket.gethostname()
+
+
+class LockWaitTimeout(TimeoutError):
+    """A cache lock stayed held for longer than the bound (``ENSEMBLE_LORA_LOCK_WAIT_S``)."""
+
+
+class LockWaitInterrupted(RuntimeError):
+    """The process is stopping (its main thread ended) while a task waited for a lock."""
+
+
+def lock_wait_bound() -> float:
+    raw = os.environ.get(LOCK_WAIT_ENV)
+    if raw is None:
+        return DEFAULT_LOCK_WAIT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{LOCK_WAIT_ENV}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"{LOCK_WAIT_ENV}={raw!r} must be a positive number of seconds")
+    return value
+
+
+def _stopping() -> bool:
+    """The process is stopping, so a lock wait in a worker thread must end: the main thread
+    has ended (the interpreter is shutting down and joins the worker threads), or it is
+    leaving a ``with`` block because of Ctrl-C or a termination signal (KeyboardInterrupt,
+    SystemExit, Prefect's TerminationSignal for SIGTERM: a BaseException that is not an
+    Exception) — the task runner's exit, which joins the worker threads, one of which may be
+    waiting here. The main thread's stack is read with ``sys._current_frames``."""
+    main = threading.main_thread()
+    if not main.is_alive():
+        return True
+    if threading.current_thread() is main:
+        return False
+    frame = sys._current_frames().get(main.ident)
+    while frame is not None:
+        if frame.f_code.co_name == "__exit__":
+            exc_type = frame.f_locals.get("exc_type")
+            if isinstance(exc_type, type) and issubclass(exc_type, BaseException) \
+                    and not issubclass(exc_type, Exception):
+                return True
+        frame = frame.f_back
+    return False
 
 
 class RunLockManager(FileSystemLockManager):
@@ -114,6 +171,51 @@ class RunLockManager(FileSystemLockManager):
         finally:
             os.close(fd)
             guard.unlink(missing_ok=True)
+
+    # -- waiting -----------------------------------------------------------------------------
+
+    def _describe(self, key: str) -> str:
+        info = self._get_lock_info(key, use_cache=False) or {}
+        path = info.get("path") or self._lock_path_for_key(key)
+        who = (f"process {info.get('pid')} on host {info.get('host')}" if info.get("host")
+               else "an unknown holder")
+        return f"cache key {key} is locked by {who} (lock file {path})"
+
+    def _waited_too_long(self, key: str, bound: float) -> LockWaitTimeout:
+        return LockWaitTimeout(
+            f"{self._describe(key)} and stayed locked for over {bound:.0f} s; if that run is "
+            f"gone, remove the lock file (the bound is {LOCK_WAIT_ENV})")
+
+    def wait_for_lock(self, key: str, timeout: Optional[float] = None) -> bool:
+        """Wait while ``key`` is locked: False after ``timeout`` seconds; with no timeout, a
+        :class:`LockWaitTimeout` after the bound, and :class:`LockWaitInterrupted` as soon as
+        the process is stopping."""
+        bound = lock_wait_bound() if timeout is None else timeout
+        t0 = time.monotonic()
+        while self.is_locked(key, use_cache=False):
+            if _stopping():
+                raise LockWaitInterrupted(f"stopped while waiting: {self._describe(key)}")
+            if time.monotonic() - t0 >= bound:
+                if timeout is not None:
+                    return False
+                raise self._waited_too_long(key, bound)
+            time.sleep(0.1)
+        return True
+
+    async def await_for_lock(self, key: str, timeout: Optional[float] = None) -> bool:
+        import anyio
+
+        bound = lock_wait_bound() if timeout is None else timeout
+        t0 = time.monotonic()
+        while self.is_locked(key, use_cache=False):
+            if _stopping():
+                raise LockWaitInterrupted(f"stopped while waiting: {self._describe(key)}")
+            if time.monotonic() - t0 >= bound:
+                if timeout is not None:
+                    return False
+                raise self._waited_too_long(key, bound)
+            await anyio.sleep(0.1)
+        return True
 
     # -- acquiring ---------------------------------------------------------------------------
 
@@ -189,23 +291,65 @@ class RunLockManager(FileSystemLockManager):
             await anyio.sleep(0.05)
 
 
-def checked_key_fn(key_fn, key_dir: Path, log=None):
-    """``key_fn`` (a Prefect cache key function), removing an orphaned cache record under
-    ``key_dir`` before returning its key (see the module docstring)."""
+def checked_key_fn(key_fn, key_dir: Path, log=None, record=None):
+    """``key_fn`` (a Prefect cache key function), checking the cache record under ``key_dir``
+    before returning its key: an orphaned record is removed, a record whose payload lies in
+    another ``PREFECT_HOME``'s storage is moved into this one's, and — when the task returns a
+    ``record`` (an ``ensemble_core.records`` class) — a record naming a file that is missing
+    or changed is removed, so the task is computed again (see the module docstring)."""
     import functools
 
     @functools.wraps(key_fn)
     def wrapper(context, parameters):
         key = key_fn(context, parameters)
         if key:
-            drop_orphaned_record(Path(key_dir) / key, log)
+            drop_orphaned_record(Path(key_dir) / key, log, record)
         return key
     return wrapper
 
 
-def drop_orphaned_record(meta_path: Path, log=None) -> bool:
+def _local_storage() -> Path | None:
+    """Where this process's Prefect keeps result payloads on local disk (None: elsewhere)."""
+    try:
+        from prefect.settings import get_current_settings
+
+        settings = get_current_settings().results
+        if settings.default_storage_block:
+            return None
+        return Path(settings.local_storage_path).expanduser().resolve()
+    except Exception:
+        return None
+
+
+def _adopt_payload(meta_path: Path, meta: dict, payload: Path, data: bytes, log=None) -> None:
+    """A record written under another ``PREFECT_HOME`` points at a payload outside this
+    process's result storage, which Prefect refuses to read ("outside of the base path"):
+    copy the payload into this storage and point the record at the copy (both written through
+    a temporary file renamed into place)."""
+    base = _local_storage()
+    if base is None:
+        return
+    try:
+        payload.resolve().relative_to(base)
+        return  # already ours
+    except ValueError:
+        pass
+    target = base / meta_path.name
+    base.mkdir(parents=True, exist_ok=True)
+    for path, content in ((target, data),
+                          (meta_path, json.dumps(dict(meta, storage_key=str(target))).encode())):
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
+    if log is not None:
+        log.info("cache record %s: its result was in %s; copied into %s", meta_path.name,
+                 payload.parent, base)
+
+
+def drop_orphaned_record(meta_path: Path, log=None, record=None) -> bool:
     """Remove the cache record metadata at ``meta_path`` when the payload it points to is
-    missing or (for JSON results) unreadable. Returns True when it was removed.
+    missing or (for JSON results) unreadable, or when it is a ``record`` naming files that are
+    missing or changed. Returns True when it was removed.
 
     Prefect writes a record's payload, then its metadata, each in place: unreadable metadata
     younger than ``UNREADABLE_GRACE_S`` is being written and is left alone; a payload that is
@@ -230,16 +374,34 @@ def drop_orphaned_record(meta_path: Path, log=None) -> bool:
     else:
         if elsewhere:
             return False  # stored by a saved block or at a URL: Prefect's business
+        why = None
         try:
             data = payload.read_bytes()
             if serializer == "json":
-                json.loads(data)
-            return False
+                value = json.loads(data)
+                if record is not None:
+                    why = _changed_files(record, value)
         except FileNotFoundError:
             why = "its result payload is missing"
         except (ValueError, OSError) as e:
             why = f"its result payload is unreadable ({type(e).__name__})"
+        if why is None:
+            _adopt_payload(meta_path, meta, payload, data, log)
+            return False
     meta_path.unlink(missing_ok=True)
     if log is not None:
         log.warning("cache record %s dropped: %s; the task is computed again", meta_path.name, why)
     return True
+
+
+def _changed_files(record, value) -> str | None:
+    """Why the cached ``record`` (its JSON ``value``) cannot be served, or None."""
+    try:
+        rec = record.from_json(value)
+    except ValueError:
+        return f"its result is not a valid {record.__name__}"
+    gone = rec.unverified()
+    if not gone:
+        return None
+    more = f" and {len(gone) - 3} more" if len(gone) > 3 else ""
+    return f"files it names are missing or changed: {', '.join(gone[:3])}{more}"

@@ -10,8 +10,10 @@ from __future__ import annotations
 from prefect import task
 
 from ensemble_core import stages
-from ensemble_core.records import (AdapterRecord, AdaptersResult, Compute, EnsembleRecord,
-                                   FeaturesRecord, GroupEnsemble, ScoresRecord, SubsetEstimate)
+from ensemble_core.records import (AdapterRecord, AdaptersResult, BaselinesRecord, BoostRecord,
+                                   Compute, EnsembleRecord, EvaluationRecord, FeaturesRecord,
+                                   GroupEnsemble, GroupsRecord, LinearityRecord, ScoresRecord,
+                                   SubsetBatch, SubsetEstimate)
 from ensemble_core.run import Run
 
 from .common import ProgressReporter, gpu_slot, keyed, retry_unless_input_error
@@ -22,7 +24,7 @@ RETRY = dict(retries=1, retry_condition_fn=retry_unless_input_error)
 
 # -- stage 1: gradient features -------------------------------------------------------------
 
-@task(name="compute_gradients", tags=["gpu"], cache_policy=keyed(stages.gradient_features),
+@task(name="compute_gradients", tags=["gpu"], cache_policy=keyed(stages.gradient_features, FeaturesRecord),
       retry_delay_seconds=5, task_run_name="gradients[{task}]", **JSON, **RETRY)
 def compute_gradients(run: Run, task: str) -> dict:
     """Outputs and projected gradients of one task's train and validation examples at θ*."""
@@ -38,7 +40,7 @@ def compute_gradients(run: Run, task: str) -> dict:
     return rec.to_json()
 
 
-@task(name="linearity_check", tags=["gpu"], cache_policy=keyed(stages.linearity),
+@task(name="linearity_check", tags=["gpu"], cache_policy=keyed(stages.linearity, LinearityRecord),
       task_run_name="linearity[{task}]", **JSON)
 def linearity_check(run: Run, task: str) -> dict:
     """First-order check: true outputs vs h0 + g̃ᵀx at relative distances 0.05%–0.25%."""
@@ -48,7 +50,7 @@ def linearity_check(run: Run, task: str) -> dict:
 
 # -- stage 2: subset regressions ------------------------------------------------------------
 
-@task(name="fit_subsets", tags=["cpu"], cache_policy=keyed(stages.fit_subsets),
+@task(name="fit_subsets", tags=["cpu"], cache_policy=keyed(stages.fit_subsets, SubsetBatch),
       task_run_name="subsets[{batch}]", **JSON, **RETRY)
 def fit_subsets(run: Run, features: dict[str, FeaturesRecord], batch: int, subsets: list,
                 tasks: list[str]) -> dict:
@@ -58,7 +60,7 @@ def fit_subsets(run: Run, features: dict[str, FeaturesRecord], batch: int, subse
 
 # -- stage 3: affinity and groups -----------------------------------------------------------
 
-@task(name="affinity_and_groups", tags=["cpu"], cache_policy=keyed(stages.affinity_and_groups),
+@task(name="affinity_and_groups", tags=["cpu"], cache_policy=keyed(stages.affinity_and_groups, GroupsRecord),
       task_run_name="affinity-and-groups", **JSON)
 def affinity_and_groups(run: Run, results: list[SubsetEstimate], tasks: list[str]) -> dict:
     """Task affinity (eq. 1) and the SDP grouping (Appendix A.1)."""
@@ -67,7 +69,7 @@ def affinity_and_groups(run: Run, results: list[SubsetEstimate], tasks: list[str
 
 # -- stage 4: group adapters ----------------------------------------------------------------
 
-@task(name="train_adapter", tags=["gpu"], cache_policy=keyed(stages.train_group),
+@task(name="train_adapter", tags=["gpu"], cache_policy=keyed(stages.train_group, AdapterRecord),
       task_run_name="train[{name}]", **JSON, **RETRY)
 def train_adapter(run: Run, name: str, tasks: list[str], start: AdapterRecord | None = None
                   ) -> dict:
@@ -80,7 +82,7 @@ def train_adapter(run: Run, name: str, tasks: list[str], start: AdapterRecord | 
     return rec.to_json()
 
 
-@task(name="save_theta_star", tags=["gpu"], cache_policy=keyed(stages.save_theta_star),
+@task(name="save_theta_star", tags=["gpu"], cache_policy=keyed(stages.save_theta_star, AdapterRecord),
       task_run_name="theta-star", **JSON)
 def save_theta_star(run: Run) -> dict:
     with gpu_slot():
@@ -89,7 +91,7 @@ def save_theta_star(run: Run) -> dict:
 
 # -- stage 5: boosting and weights ----------------------------------------------------------
 
-@task(name="score_member", tags=["gpu"], cache_policy=keyed(stages.score_member),
+@task(name="score_member", tags=["gpu"], cache_policy=keyed(stages.score_member, ScoresRecord),
       task_run_name="scores-{phase}[{adapter.name}]", **JSON)
 def score_member(run: Run, adapter: AdapterRecord, plan: dict, phase: str = "fit") -> dict:
     """Scores h_c(s) of one member adapter on the splits and tasks of ``plan``."""
@@ -97,7 +99,7 @@ def score_member(run: Run, adapter: AdapterRecord, plan: dict, phase: str = "fit
         return stages.score_member(run, adapter, plan, phase).to_json()
 
 
-@task(name="boost_group", tags=["gpu"], cache_policy=keyed(stages.boost_group),
+@task(name="boost_group", tags=["gpu"], cache_policy=keyed(stages.boost_group, BoostRecord),
       task_run_name="boost[{group.name}-{step}]", **JSON)
 def boost_group(run: Run, group: GroupEnsemble, features: dict[str, FeaturesRecord],
                 scores: dict[str, ScoresRecord], step: int) -> dict:
@@ -106,7 +108,7 @@ def boost_group(run: Run, group: GroupEnsemble, features: dict[str, FeaturesReco
         return stages.boost_group(run, group, features, scores, step).to_json()
 
 
-@task(name="fit_weights", tags=["cpu"], cache_policy=keyed(stages.fit_weights),
+@task(name="fit_weights", tags=["cpu"], cache_policy=keyed(stages.fit_weights, EnsembleRecord),
       task_run_name="weights", **JSON)
 def fit_weights(run: Run, groups: list[GroupEnsemble], scores: dict[str, ScoresRecord]) -> dict:
     """Ensemble weights per task over the group ensembles (validation); ensemble.json."""
@@ -115,7 +117,7 @@ def fit_weights(run: Run, groups: list[GroupEnsemble], scores: dict[str, ScoresR
 
 # -- stage 6: evaluation --------------------------------------------------------------------
 
-@task(name="evaluate_baselines", tags=["cpu"], cache_policy=keyed(stages.evaluate_baselines),
+@task(name="evaluate_baselines", tags=["cpu"], cache_policy=keyed(stages.evaluate_baselines, BaselinesRecord),
       task_run_name="baselines", **JSON)
 def evaluate_baselines(run: Run, plan: dict, adapters: AdaptersResult,
                        scores: dict[str, ScoresRecord]) -> dict:
@@ -123,7 +125,7 @@ def evaluate_baselines(run: Run, plan: dict, adapters: AdaptersResult,
     return stages.evaluate_baselines(run, plan, adapters, scores).to_json()
 
 
-@task(name="evaluate", tags=["cpu"], cache_policy=keyed(stages.evaluate),
+@task(name="evaluate", tags=["cpu"], cache_policy=keyed(stages.evaluate, EvaluationRecord),
       task_run_name="evaluation", **JSON)
 def evaluate(run: Run, ensemble: EnsembleRecord, scores: dict[str, ScoresRecord], baseline: str,
              compute: Compute) -> dict:

@@ -173,8 +173,8 @@ def comparable(run_dir: Path) -> dict[str, object]:
     return out
 
 
-def assert_same_outputs(run_dir: Path, reference: dict) -> None:
-    got = comparable(run_dir)
+def assert_same_outputs(got: dict, reference: dict) -> None:
+    """``got``: :func:`comparable` of a run directory."""
     assert sorted(got) == sorted(reference), "different sets of output files"
     differ = [k for k in reference if got[k] != reference[k]]
     assert not differ, f"outputs differ from the uninterrupted run: {differ}"
@@ -294,7 +294,36 @@ def _scenario(env, base_args, root: Path, dirs: dict, out: dict) -> dict:
         r.wait()
     for k in victims:
         out[k]["states"] = states_of(dirs[k])
+        out[k]["outputs"] = comparable(dirs[k])
+    out["shared-outputs"] = comparable(dirs["shared"])
+    out["shared-leftovers"] = leftovers(dirs["shared"])
     out["changed-states"] = states_of(dirs["reference"], "affinity")
+    out["changed-subsets"] = [json.loads(Path(f).read_text()) for f in
+                              sorted(glob.glob(str(dirs["reference"] / "estimation" /
+                                                   "subsets-*.json")))]
+
+    # phase 3 (issue 17): on the reference directory, config B (another epoch count), then
+    # the reference's config A again; on the resumed training directory, outputs deleted or
+    # changed behind the cache's back, resumed under another PREFECT_HOME
+    other = ["--set", "training.epochs=2"]
+    config_b = Run(env, base_args, dirs["reference"], root / "reference" / "config-b.log",
+                   *other)
+    d = dirs["training"]
+    (d / "adapters" / "group-0" / "adapter_model.safetensors").unlink()
+    with open(d / "scores" / "group-1.json", "ab") as f:
+        f.write(b" ")
+    (d / "groups.json").unlink()
+    home = dict(env, PREFECT_HOME=str(root / "another-prefect-home"))
+    tampered = Run(home, base_args, d, root / "training" / "tampered.log")
+    config_b.wait()
+    out["config-b-outputs"] = comparable(dirs["reference"])
+    again = Run(env, base_args, dirs["reference"], root / "reference" / "config-a-again.log")
+    tampered.wait()
+    again.wait()
+    out["tampered-states"] = states_of(d)
+    out["tampered-outputs"] = comparable(d)
+    out["again-states"] = states_of(dirs["reference"])
+    out["again-outputs"] = comparable(dirs["reference"])
     out["code-changed"] = _code_version() != version
     return out
 
@@ -322,7 +351,7 @@ def test_killed_during_stage_1_resumes(ops):
     for t in TASKS:
         assert states[f"gradients[{t}]"] == ("Cached" if t in done else "Completed"), (t, states)
     assert states["linearity[rte]"] == "Completed"
-    assert_same_outputs(run_dir, ops["reference"])
+    assert_same_outputs(s["outputs"], ops["reference"])
     assert_leftovers_ignored(s["planted"])
 
 
@@ -339,7 +368,7 @@ def test_killed_during_group_training_resumes(ops):
     for name in TRAINED:
         key = "theta-star" if name == "theta-star" else f"train[{name}]"
         assert states[key] == ("Cached" if name in done else "Completed"), (name, states)
-    assert_same_outputs(run_dir, ops["reference"])
+    assert_same_outputs(s["outputs"], ops["reference"])
     assert_leftovers_ignored(s["planted"])
 
 
@@ -352,8 +381,8 @@ def test_two_runs_on_one_output_location(ops):
     from prefect.client.schemas.sorting import FlowRunSort
 
     run_dir = ops["dirs"]["shared"]
-    assert_same_outputs(run_dir, ops["reference"])
-    assert not leftovers(run_dir), leftovers(run_dir)
+    assert_same_outputs(ops["shared-outputs"], ops["reference"])
+    assert not ops["shared-leftovers"], ops["shared-leftovers"]
     with get_client(sync_client=True) as client:
         flow_runs = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=["ensemble_lora"])),
@@ -375,8 +404,7 @@ def test_changing_one_dataset_recomputes_only_what_depends_on_it(ops):
         assert states[f"gradients[{t}]"] == "Cached", (t, states)
     assert states["linearity[rte]"] == "Cached"
     n_with, n_without = 0, 0
-    for f in sorted(glob.glob(str(run_dir / "estimation" / "subsets-*.json"))):
-        batch = json.loads(Path(f).read_text())
+    for batch in ops["changed-subsets"]:
         tasks = {t for r in batch["results"] for t in r["tasks"]}
         state = states[f"subsets[{batch['batch']}]"]
         if "cb" in tasks:
@@ -387,6 +415,67 @@ def test_changing_one_dataset_recomputes_only_what_depends_on_it(ops):
             assert state == "Cached", (tasks, states)
     assert n_with == 3 and n_without == 3  # the six pairs of four tasks
     assert states["affinity-and-groups"] == "Completed"
+
+
+def test_a_second_config_then_the_first_again_gives_the_first_results(ops):
+    """Issue 17, item 1: config A, then B (2 epochs) on one run directory, then A again. A's
+    cache records of stages 4-6 name files that B overwrote: they are not served; the
+    stages are computed again and A's outputs come back byte for byte (stage 1, which B
+    shares, stays cached)."""
+    weights = [k for k in ops["reference"] if k.endswith("adapter_model.safetensors")
+               and "theta-star" not in k]
+    assert all(ops["config-b-outputs"].get(k) != ops["reference"][k] for k in weights)  # B's
+    assert_same_outputs(ops["again-outputs"], ops["reference"])
+    states = ops["again-states"]
+    for t in TASKS:
+        assert states[f"gradients[{t}]"] == "Cached", (t, states)
+    for name in ("group-0", "group-1", "all-tasks"):
+        assert states[f"train[{name}]"] == "Completed", (name, states)
+    assert states["theta-star"] == "Cached"  # the same for both configs
+
+
+def test_outputs_changed_behind_the_cache_are_recomputed_under_another_prefect_home(ops):
+    """Issue 17, items 4 and 5: an adapter's weights deleted, a scores file changed and
+    groups.json deleted, then the run resumed with another PREFECT_HOME: exit 0, exactly the
+    stages whose files went missing or changed are computed again, and the outputs equal the
+    uninterrupted run's."""
+    assert_same_outputs(ops["tampered-outputs"], ops["reference"])
+    states = ops["tampered-states"]
+    assert states["train[group-0]"] == "Completed"
+    assert states["affinity-and-groups"] == "Completed"
+    assert states["scores-fit[group-1]"] == "Completed"
+    for name in ("train[group-1]", "train[all-tasks]", "theta-star", "scores-fit[group-0]",
+                 *(f"gradients[{t}]" for t in TASKS)):
+        assert states[name] == "Cached", (name, states)
+
+
+def test_adapter_directories_keep_the_default_permissions(ops):
+    """Issue 17, item 10: adapters are built in a temporary directory renamed into place;
+    they get the permissions a plain mkdir gives, not mkdtemp's owner-only 0700."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for d in glob.glob(str(ops["dirs"]["reference"] / "adapters" / "*")):
+        assert os.stat(d).st_mode & 0o777 == 0o777 & ~umask, d
+
+
+def test_ensemble_model_refuses_a_changed_adapter(ops, tmp_path, cache_dir):
+    """Issue 17, item 4: ensemble.json records each member's weights digest; a changed
+    adapter is an error naming it, not other probabilities."""
+    import shutil
+
+    from ensemble_core.ensemble import EnsembleError, EnsembleModel
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(ops["dirs"]["reference"], run_dir, ignore=shutil.ignore_patterns(".prefect"))
+    spec = json.loads((run_dir / "ensemble.json").read_text())
+    member = spec["groups"][0]["members"][0]
+    assert len(member["sha256"]) == 64
+    weights = run_dir / member["adapter"] / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(EnsembleError, match="changed since the ensemble was fitted"):
+        EnsembleModel.from_pretrained(run_dir, cache_dir, check_fingerprint=False)
 
 
 # ------------------------------------------------------------------ the pieces, without runs
@@ -438,10 +527,13 @@ def test_cache_record_without_its_payload_is_dropped(tmp_path):
     meta.parent.mkdir()
     meta.write_text(json.dumps({"storage_key": str(payload), "storage_block_id": None,
                                 "serializer": {"type": "json"}}))
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
     key_fn = checked_key_fn(lambda context, parameters: "k1", tmp_path / "cache")
-    assert key_fn(None, {}) == "k1" and meta.exists()  # intact: kept
-    payload.write_text('{"task": ')  # cut short
-    assert key_fn(None, {}) == "k1" and not meta.exists()
-    meta.write_text(json.dumps({"storage_key": str(tmp_path / "gone"),
-                                "storage_block_id": None}))
-    assert key_fn(None, {}) == "k1" and not meta.exists()  # payload missing
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(payload.parent)}):
+        assert key_fn(None, {}) == "k1" and meta.exists()  # intact: kept
+        payload.write_text('{"task": ')  # cut short
+        assert key_fn(None, {}) == "k1" and not meta.exists()
+        meta.write_text(json.dumps({"storage_key": str(tmp_path / "gone"),
+                                    "storage_block_id": None}))
+        assert key_fn(None, {}) == "k1" and not meta.exists()  # payload missing
