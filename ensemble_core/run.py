@@ -109,8 +109,16 @@ class Run:
     def open(cls, cfg: RunConfig) -> "Run":
         """The run, with its directory claimed (``RunDir.claim``)."""
         run = cls(cfg)
-        run.dir.claim(run.identity)
+        run.dir.claim(run.identity, run.held_config)
         return run
+
+    @property
+    def held_config(self) -> dict:
+        """The resolved config a process holds the run directory with (``RunDir.claim``):
+        all of it but ``runner`` (where the work runs does not change what it computes)."""
+        data = self.cfg.model_dump(mode="json")
+        data.pop("runner", None)
+        return data
 
     @property
     def identity(self) -> dict:

@@ -26,13 +26,20 @@ error at the first adapter (:meth:`RunDir.local`).
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
+import hashlib
+import json
+import os
 import posixpath
 import re
+import socket
+import time
 from pathlib import Path
 
 from .records import FileRef
-from .storage import (atomic_write_bytes, dumps_json, exists, join, read_bytes, read_json,
-                      remove_stale_temporaries)
+from .storage import (atomic_write_bytes, dumps_json, exists, join, process_alive,
+                      process_start_time, read_bytes, read_json, remove_stale_temporaries)
 
 GRADIENT_SPLITS = ("train", "validation")
 THETA_STAR = "theta-star"
@@ -214,23 +221,173 @@ class RunDir:
         return exists(url)
 
     # -- claiming ----------------------------------------------------------------------------
-    def claim(self, identity: dict) -> dict:
+    def claim(self, identity: dict, config: dict | None = None) -> dict:
         """Mark the directory as this run's (``run.json``) or check that it is; leftovers of
         writes that a killed process did not finish are removed.
 
         A run directory belongs to one run identity: its name, base model, adapter and seed —
         nothing computed under another identity can be reused. Data, estimation, clustering,
-        training and boosting settings may change between runs in one directory: the stages
-        whose inputs changed are recomputed, the rest is served from the cache."""
-        if exists(self.run_json):
-            have = read_json(self.run_json)
-            diff = [k for k in identity if have.get(k) != identity[k]]
-            if diff:
+        training and boosting settings may change from one run to the next in one directory:
+        the stages whose inputs changed are recomputed (overwriting their files), the rest is
+        served from the cache after its files are checked (tasks/common.py).
+
+        While a process works on the directory it holds it with its resolved ``config``
+        (``.prefect/holders/``, removed when the process exits): a process with another
+        config is refused while one is running, with the keys that differ — two configs
+        writing one directory at once would overwrite each other's files. Processes with the
+        same config share it (the cache's locks keep them from computing one thing twice).
+        The check and the first ``run.json`` are made under a short exclusive guard, so two
+        processes starting together cannot both claim a fresh directory. (Remote run
+        directories have neither guard nor holders: one writer at a time is up to you.)"""
+        with self._claim_guard():
+            if exists(self.run_json):
+                have = read_json(self.run_json)
+                diff = [k for k in identity if have.get(k) != identity[k]]
+                if diff:
+                    raise RunDirError(
+                        f"run directory {self.url} belongs to another run (different "
+                        f"{', '.join(diff)}); choose another output_dir, e.g. --set "
+                        f"output_dir=runs/{identity.get('name', 'run')}-2")
+                if config is not None:
+                    self._hold(config)
+                remove_stale_temporaries(self.url)
+                return have
+            if config is not None:
+                self._hold(config)
+            self.write_json(self.run_json, identity)
+            return identity
+
+    # the directory's guard and holders (local run directories)
+    def _holders_dir(self) -> Path | None:
+        base = self.prefect
+        return None if base is None else base / "holders"
+
+    @contextlib.contextmanager
+    def _claim_guard(self, wait_s: float = 60.0):
+        if not self.is_local:
+            yield
+            return
+        base = self.prefect
+        base.mkdir(parents=True, exist_ok=True)
+        guard = base / "claim.lock"
+        me = json.dumps(_me()).encode()
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if _guard_stale(guard):
+                    guard.unlink(missing_ok=True)
+                    continue
+                if time.monotonic() > deadline:
+                    raise RunDirError(f"{guard} has been held for over {wait_s:.0f} s; if no "
+                                      "run is starting on this directory, remove it") from None
+                time.sleep(0.05)
+                continue
+            with os.fdopen(fd, "wb") as f:
+                f.write(me)
+            break
+        try:
+            yield
+        finally:
+            guard.unlink(missing_ok=True)
+
+    def _hold(self, config: dict) -> None:
+        d = self._holders_dir()
+        if d is None:
+            return
+        d.mkdir(parents=True, exist_ok=True)
+        digest = _config_digest(config)
+        me = _me()
+        mine = d / f"{me['host']}-{me['pid']}.json"
+        for f in sorted(d.glob("*.json")):
+            if f == mine:
+                continue
+            try:
+                h = json.loads(f.read_bytes())
+                host, pid = h["host"], int(h["pid"])
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, KeyError, TypeError):
+                if time.time() - f.stat().st_mtime > 60:  # a holder file cut short
+                    f.unlink(missing_ok=True)
+                continue
+            if host == _HOST and not process_alive(pid, h.get("started")):
+                f.unlink(missing_ok=True)  # its process is gone
+                continue
+            if h.get("config_sha256") != digest:
+                keys = config_difference(h.get("config") or {}, config)
+                shown = "; ".join(keys[:6]) + (f"; and {len(keys) - 6} more" if len(keys) > 6
+                                                 else "")
                 raise RunDirError(
-                    f"run directory {self.url} belongs to another run (different "
-                    f"{', '.join(diff)}); choose another output_dir, e.g. --set "
-                    f"output_dir=runs/{identity.get('name', 'run')}-2")
-            remove_stale_temporaries(self.url)
-            return have
-        self.write_json(self.run_json, identity)
-        return identity
+                    f"run directory {self.url} is in use by another run with a different "
+                    f"config (pid {pid} on host {host}): {shown or 'the configs differ'}. "
+                    "Wait for it to finish, or use another output_dir (two configs writing one "
+                    "directory at once would overwrite each other's files)"
+                    + (f"; if that process is gone, remove {f}" if host != _HOST else ""))
+        atomic_write_bytes(str(mine), dumps_json(dict(me, config_sha256=digest,
+                                                      config=config)))
+        _release_at_exit(mine)
+
+
+_HOST = socket.gethostname()
+_HELD: set[Path] = set()
+
+
+def _me() -> dict:
+    return {"host": _HOST, "pid": os.getpid(), "started": process_start_time(os.getpid())}
+
+
+def _guard_stale(guard: Path) -> bool:
+    """A claim guard whose process is gone, or that is unreadable and over 10 s old."""
+    try:
+        h = json.loads(guard.read_bytes())
+        if h.get("host") == _HOST:
+            return not process_alive(int(h["pid"]), h.get("started"))
+        return time.time() - guard.stat().st_mtime > 600
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, KeyError, TypeError):
+        try:
+            return time.time() - guard.stat().st_mtime > 10
+        except FileNotFoundError:
+            return False
+
+
+def _release_at_exit(path: Path) -> None:
+    if not _HELD:
+        atexit.register(_release_all)
+    _HELD.add(path)
+
+
+def _release_all() -> None:
+    for p in list(_HELD):
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+def _config_digest(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def config_difference(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted keys at which two JSON configs differ, each with both values."""
+    out = []
+    for k in sorted(set(a) | set(b), key=str):
+        key = f"{prefix}{k}"
+        va, vb = a.get(k, "<unset>"), b.get(k, "<unset>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.extend(config_difference(va, vb, key + "."))
+        elif isinstance(va, list) and isinstance(vb, list) and len(va) == len(vb):
+            out.extend(config_difference(dict(enumerate(va)), dict(enumerate(vb)), key + "."))
+        elif va != vb:
+            out.append(f"{key}: {_short(va)} vs {_short(vb)}")
+    return out
+
+
+def _short(v) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
