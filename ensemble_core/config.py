@@ -298,6 +298,14 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _cross_checks(self):
         n = len(self.tasks)
+        try:
+            self.output_dir.format(name=self.name)
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
+            raise ValueError(f"output_dir {self.output_dir!r}: {{name}} is its only "
+                             f"placeholder ({type(e).__name__}: {e})") from None
+        if isinstance(self.clustering.n_groups, int) and self.clustering.n_groups < 1:
+            raise ValueError(f"clustering.n_groups = {self.clustering.n_groups}: the number of "
+                             "groups must be at least 1 (or auto)")
         if isinstance(self.clustering.n_groups, int) and self.clustering.n_groups > n:
             raise ValueError(f"clustering.n_groups = {self.clustering.n_groups} is larger than "
                              f"the number of tasks ({n})")

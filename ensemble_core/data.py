@@ -25,7 +25,9 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import posixpath
+import re
 import string
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -153,16 +155,67 @@ def _detect_format(url: str, fmt: str) -> str:
     return _EXTENSIONS[ext]
 
 
-def _read_bytes(url: str) -> bytes:
+MAX_FORMAT_NUMBER = 1000  # a template's {field:999999999} would build a huge string
+MAX_DATA_BYTES_ENV = "ENSEMBLE_LORA_MAX_DATA_BYTES"
+DEFAULT_MAX_DATA_BYTES = 1 << 30  # 1 GiB read, and 1 GiB after decompression
+
+
+def max_data_bytes() -> int:
+    raw = os.environ.get(MAX_DATA_BYTES_ENV)
+    if raw is None:
+        return DEFAULT_MAX_DATA_BYTES
     try:
-        with fsspec.open(url, "rb") as f:
-            raw = f.read()
+        value = int(float(raw))
+    except ValueError:
+        raise DataError(f"{MAX_DATA_BYTES_ENV}={raw!r} is not a number of bytes") from None
+    if value <= 0:
+        raise DataError(f"{MAX_DATA_BYTES_ENV}={raw!r} must be a positive number of bytes")
+    return value
+
+
+def _read_bytes(url: str) -> bytes:
+    """A data file's bytes (gunzipped for ``.gz``): a regular file only (not a device, FIFO or
+    directory), at most ``ENSEMBLE_LORA_MAX_DATA_BYTES`` read and as many after
+    decompression, so a bad path or a gzip bomb fails at once naming the file."""
+    limit = max_data_bytes()
+    too_big = (f"is larger than {limit} bytes (the limit for a data file; set "
+               f"{MAX_DATA_BYTES_ENV} to raise it)")
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except (ValueError, ImportError) as e:
+        raise DataError(f"cannot open {url}: {e}") from None
+    try:
+        info = fs.info(path)
     except FileNotFoundError as e:
         raise DataError(f"file not found: {url}") from e
     except OSError as e:
         raise DataError(f"cannot read {url}: {e}") from e
+    kind = info.get("type")
+    if kind not in ("file", None):
+        raise DataError(f"{url}: not a regular file ({kind}); a data file must be one")
+    size = info.get("size")
+    if isinstance(size, int) and size > limit:
+        raise DataError(f"{url} {too_big}")
+    try:
+        with fs.open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except FileNotFoundError as e:
+        raise DataError(f"file not found: {url}") from e
+    except OSError as e:
+        raise DataError(f"cannot read {url}: {e}") from e
+    if len(raw) > limit:
+        raise DataError(f"{url} {too_big}")
     if url.split("?", 1)[0].lower().endswith(".gz"):
-        raw = gzip.decompress(raw)
+        import zlib
+
+        try:
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as g:
+                raw = g.read(limit + 1)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{url}: not a valid gzip file ({e})") from None
+        if len(raw) > limit:
+            raise DataError(f"{url} decompresses to more than {limit} bytes (the limit for "
+                            f"a data file; set {MAX_DATA_BYTES_ENV} to raise it)")
     return raw
 
 
@@ -490,14 +543,21 @@ def choice_labels(cfg: TaskConfig) -> list:
     return list(range(n))
 
 
+def _brief(value, limit: int = 60) -> str:
+    """A value as an error message shows it: its repr, cut to ``limit`` characters (an error
+    names the file, line and field; it does not copy the file's contents)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 15]}... ({len(text)} chars)"
+
+
 def _threshold_label(cfg: TaskConfig, raw, where: str) -> int:
     try:
         x = float(raw)
     except (TypeError, ValueError):
-        raise DataError(f"{where}: field {cfg.label_field!r} has label value {raw!r}, which "
+        raise DataError(f"{where}: field {cfg.label_field!r} has label value {_brief(raw)}, which "
                         f"is not a number (label_thresholds {cfg.label_thresholds})") from None
     if x != x:
-        raise DataError(f"{where}: field {cfg.label_field!r} has label value {raw!r} (NaN)")
+        raise DataError(f"{where}: field {cfg.label_field!r} has label value {_brief(raw)} (NaN)")
     return bisect.bisect_right(cfg.label_thresholds, x)
 
 
@@ -584,9 +644,20 @@ def _check_config(cfg: TaskConfig) -> None:
                             f"choices, but choices has {len(cfg.choices)}")
     for tmpl in (cfg.template, cfg.choice_template):
         try:
-            list(string.Formatter().parse(tmpl))
+            parts = list(string.Formatter().parse(tmpl))
         except ValueError as e:
             raise DataError(f"task {name!r}: bad template {tmpl!r}: {e}") from e
+        for _, fld, spec, _ in parts:
+            if fld is None:
+                continue
+            if not fld or fld.isdigit() or "." in fld or "[" in fld:
+                # no {x.attr}, {x[0]}, {0}: a record's fields by name only
+                raise DataError(f"task {name!r}: template field {{{fld}}}: a template names "
+                                "record fields only (no positional fields, attributes or "
+                                "indexing)")
+            if spec and any(int(n) > MAX_FORMAT_NUMBER for n in re.findall(r"\d+", spec)):
+                raise DataError(f"task {name!r}: template field {{{fld}:{spec}}}: a format "
+                                f"width or precision above {MAX_FORMAT_NUMBER}")
 
 
 def _resolve_url(path: str, data_root: str) -> str:
@@ -640,7 +711,7 @@ def _examples(cfg: TaskConfig, split: str, file: _File) -> list[Example]:
             what = ("maps nowhere (label_map keys: "
                     f"{sorted(map(str, cfg.label_map))})" if cfg.label_map is not None
                     else f"not one of the label values {allowed}")
-            raise DataError(f"{where}: field {cfg.label_field!r} has label value {raw!r}, "
+            raise DataError(f"{where}: field {cfg.label_field!r} has label value {_brief(raw)}, "
                             f"{what}")
         if cfg.id_field is None:
             example_id = str(rec.number)
