@@ -14,6 +14,8 @@ import os
 import re
 import sys
 
+from .server import temporary_server
+
 
 def _table(headers: list[str], rows: list[list]) -> str:
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
@@ -29,7 +31,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def preflight(cfg, stage2: bool = False) -> None:
+def preflight(cfg, stage2: bool = False, adapters: bool = False) -> None:
     """Fail fast, naming the culprit, on what would otherwise fail inside a task: every task's
     data (files, format, fields, labels, splits), the model source, the stage-2 subset plan, and
     whether the output location can be written. Writes nothing but the (empty) run directory.
@@ -40,6 +42,14 @@ def preflight(cfg, stage2: bool = False) -> None:
 
     if stage2:
         plan_subsets(cfg)
+    if adapters:  # stages 4-6 write adapters with PEFT, which needs local files
+        from ensemble_core.config import ConfigError
+        from ensemble_core.rundir import RunDir
+
+        if not RunDir(cfg.run_dir).is_local:
+            raise ConfigError(f"output_dir {cfg.run_dir}: the adapters of stages 4-6 are "
+                              "written with PEFT, which needs a local directory (stages 1-3, "
+                              "the gradients and affinity commands, work on any fsspec URL)")
     if cfg.runner.work_pools:
         return
     run = Run(cfg)
@@ -114,7 +124,8 @@ def _cmd_gradients(args) -> int:
     from .gradient_features import gradient_features
 
     preflight(_config(args))
-    res = gradient_features(args.config, overrides=args.set)
+    with temporary_server():
+        res = gradient_features(args.config, overrides=args.set)
     rows = [[name, f.train.examples, f.validation.examples, f.train.rows + f.validation.rows,
              f.train.path] for name, f in res.features.items()]
     print(_table(["task", "train", "validation", "rows", "features"], rows))
@@ -131,7 +142,8 @@ def _cmd_affinity(args) -> int:
     from .affinity import run_affinity
 
     preflight(_config(args), stage2=True)
-    res = run_affinity(args.config, overrides=args.set)
+    with temporary_server():
+        res = run_affinity(args.config, overrides=args.set)
     print(f"{len(res.results)} subsets fitted; affinity: {res.groups.affinity.path}")
     print(_table(["group", "tasks"], [[f"group-{k}", ", ".join(g)]
                                       for k, g in enumerate(res.groups.group_tasks)]))
@@ -143,8 +155,9 @@ def _cmd_run(args) -> int:
 
     from .pipeline import ensemble_lora
 
-    preflight(_config(args), stage2=True)
-    res = ensemble_lora(args.config, overrides=args.set)
+    preflight(_config(args), stage2=True, adapters=True)
+    with temporary_server():
+        res = ensemble_lora(args.config, overrides=args.set)
     print("\nTest accuracy (%):")
     print(_table(ACCURACY_HEADERS, accuracy_rows(res.metrics)))
     print(difference_line(res.metrics))
@@ -225,7 +238,8 @@ def _cmd_check(args) -> int:
     from .affinity import check_estimates_flow
 
     dims = [int(x) for x in args.d.split(",")] if args.d else None
-    res = check_estimates_flow(args.config, overrides=args.set, r=args.r, dims=dims)
+    with temporary_server():
+        res = check_estimates_flow(args.config, overrides=args.set, r=args.r, dims=dims)
     print(_table(["d", "subset", "task", "est. loss", "true loss", "est. acc", "true acc",
                   "rel. err"],
                  [[x.d, "+".join(x.subset), x.task, x.estimated_loss, x.true_loss,
@@ -244,12 +258,13 @@ def _cmd_check(args) -> int:
 def _cmd_benchmark(args) -> int:
     from .benchmark import benchmark_flow
 
-    preflight(_config(args), stage2=True)
+    preflight(_config(args), stage2=True, adapters=True)
     seeds = list(range(args.seeds)) if args.seed_list is None else \
         [int(x) for x in args.seed_list.split(",")]
     from ensemble_core.storage import read_bytes
 
-    res = benchmark_flow(args.config, overrides=args.set, seeds=seeds)
+    with temporary_server():
+        res = benchmark_flow(args.config, overrides=args.set, seeds=seeds)
     print()
     print(read_bytes(res["markdown"]).decode("utf-8"))
     print(f"Benchmark: {res['markdown']}, {res['chart']}")
@@ -328,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # usage errors (argparse printed them) and --help
         return e.code if isinstance(e.code, int) else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Prefect's temporary server gets 20 s to start by default: too little on a busy 2-core
-    # machine (the CLI then failed with "Timed out while attempting to connect")
+    # the commands start their own temporary server, which ends with the command even when
+    # it is killed (flows/server.py); should Prefect start one itself, it gets as long to
+    # start up (its 20 s default is too little on a busy 2-core machine)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
                           os.environ.get("ENSEMBLE_LORA_SERVER_STARTUP_S", "180"))
     # the temporary server's telemetry write races the first flow run for its SQLite file
