@@ -12,10 +12,9 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from .storage import jsonable, temporary_name, temporary_prefix
+from .storage import jsonable, temporary_dir, temporary_name, temporary_prefix
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ def save_adapter(model, out_dir, result=None, *,
         raise ValueError(f"save_adapter: the model has no adapter named {name!r} "
                          f"(adapters: {sorted(getattr(model, 'peft_config', {}))})")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(f".{out_dir.name}"), dir=out_dir.parent))
+    tmp = temporary_dir(temporary_prefix(f".{out_dir.name}"), out_dir.parent)
     try:
         model.save_pretrained(str(tmp), selected_adapters=[name])
         if name != "default":  # PEFT writes a non-default adapter into a subdirectory

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import quiet
+from .storage import temporary_dir
 
 log = logging.getLogger(__name__)
 quiet.install()  # third-party messages nobody can act on (ensemble_core/quiet.py)
@@ -55,7 +56,7 @@ def _atomic_dir(final: Path, build) -> Path:
     if (final / ".complete").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    tmp = temporary_dir(final.name + ".tmp-", final.parent)
     try:
         build(tmp)
         (tmp / ".complete").write_text("ok\n")

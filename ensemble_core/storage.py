@@ -44,6 +44,20 @@ def temporary_prefix(name: str) -> str:
     return f"{name}.tmp-{_HOST}-{os.getpid()}-"
 
 
+def temporary_dir(prefix: str, parent) -> "Path":
+    """A new empty directory under ``parent`` to be renamed into place when complete, with the
+    permissions a plain ``mkdir`` gives (``tempfile.mkdtemp`` makes it owner-only, which the
+    rename would keep: adapters other users of a shared run directory could not read)."""
+    import tempfile
+    from pathlib import Path
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
 def temporary_name(path: str) -> str:
     """A sibling temporary name for ``path`` that names this host and process."""
     return temporary_prefix(path) + uuid.uuid4().hex[:12]
