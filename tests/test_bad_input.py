@@ -5,6 +5,7 @@ it is cut from the left to ``model.max_length``."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -181,6 +182,65 @@ def _d_gt_p(s):
     s["cfg"]["estimation"]["projection_dim"] = 5000
 
 
+# issue 17: bounded input, errors that name the key or file
+def _device_file(s):
+    s["cfg"]["tasks"][0]["files"]["train"] = "/dev/zero"
+    s["cfg"]["tasks"][0]["format"] = "jsonl"
+
+
+def _fifo(s):
+    import os
+
+    fifo = s["tmp"] / "data" / "pipe.jsonl"
+    os.mkfifo(fifo)  # reading it would block forever
+    s["cfg"]["tasks"][0]["files"]["train"] = str(fifo)
+
+
+def _gzip_bomb(s, monkeypatch=None):
+    import gzip
+
+    bomb = s["tmp"] / "data" / "bomb.jsonl.gz"
+    bomb.write_bytes(gzip.compress(b"\n" * (40 << 20)))  # 40 KB that inflate to 40 MB
+    s["cfg"]["tasks"][0]["files"]["train"] = str(bomb)
+    s["env"] = {"ENSEMBLE_LORA_MAX_DATA_BYTES": str(8 << 20)}
+
+
+def _bad_gzip(s):
+    bad = s["tmp"] / "data" / "bad.jsonl.gz"
+    bad.write_bytes(b'{"text": "plain text with a .gz name", "label": 1}\n')
+    s["cfg"]["tasks"][0]["files"]["train"] = str(bad)
+
+
+def _unknown_protocol(s):
+    s["cfg"]["tasks"][0]["files"]["train"] = "nosuchfs://bucket/train.jsonl"
+
+
+def _output_placeholder(s):
+    s["cfg"]["output_dir"] = str(s["tmp"] / "runs" / "{nope}")
+
+
+def _zero_groups(s):
+    s["cfg"]["clustering"]["n_groups"] = 0
+    return "run", []
+
+
+def _remote_output_for_run(s):
+    s["cfg"]["output_dir"] = "memory://bucket/run"
+    return "run", []
+
+
+def _template_attribute(s):
+    s["cfg"]["tasks"][0]["template"] = "{text.__class__}\nAnswer:"
+
+
+def _template_width(s):
+    s["cfg"]["tasks"][0]["template"] = "{text:>999999999}\nAnswer:"
+
+
+def _huge_label(s):
+    _jsonl(s["train"], _records(3) + [{"text": "x", "label": "secret " * 10000}])
+
+
 CASES = [
     ("missing-file", _missing_file, ["reviews", "file not found", "nope.jsonl"]),
     ("malformed-jsonl-line", _malformed_line, ["reviews", "train.jsonl line 7", "malformed JSON"]),
@@ -209,16 +269,33 @@ CASES = [
     ("unknown-split", _unknown_split, ["rte", "unknown split", "dev"]),
     ("projection-dim-larger-than-p", _d_gt_p, ["estimation.projection_dim = 5000",
                                                "number of adapter parameters p = "]),
+    ("data-file-is-a-device", _device_file, ["reviews", "/dev/zero", "not a regular file"]),
+    ("data-file-is-a-fifo", _fifo, ["reviews", "pipe.jsonl", "not a regular file"]),
+    ("gzip-bomb", _gzip_bomb, ["reviews", "bomb.jsonl.gz", "decompresses to more than 8388608",
+                               "ENSEMBLE_LORA_MAX_DATA_BYTES"]),
+    ("not-gzip", _bad_gzip, ["reviews", "bad.jsonl.gz", "not a valid gzip file"]),
+    ("unknown-fsspec-protocol", _unknown_protocol, ["reviews", "nosuchfs://bucket/train.jsonl",
+                                                    "nosuchfs"]),
+    ("output-dir-placeholder", _output_placeholder, ["output_dir", "{nope}", "{name}"]),
+    ("zero-groups", _zero_groups, ["clustering.n_groups = 0", "at least 1"]),
+    ("remote-output-dir-for-run", _remote_output_for_run, ["memory://bucket/run",
+                                                           "needs a local directory"]),
+    ("template-attribute", _template_attribute, ["reviews", "{text.__class__}",
+                                                 "record fields only"]),
+    ("template-huge-width", _template_width, ["reviews", "format width or precision"]),
+    ("huge-label-not-echoed", _huge_label, ["reviews", "line 4", "label value", "chars)"]),
 ]
 
 
 @pytest.mark.parametrize("mutate, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_fails_clearly_and_leaves_nothing_complete(setup, capsys, mutate, expected,
-                                                             request):
+                                                             request, monkeypatch):
     if mutate is _d_gt_p:  # the one case that fails inside a task of a running flow
         request.getfixturevalue("prefect_server")
     extra = mutate(setup) or ("gradients", [])
     command, args = extra
+    for k, v in setup.get("env", {}).items():
+        monkeypatch.setenv(k, v)
     if "raw_yaml" in setup:
         path = setup["tmp"] / "config.yaml"
         path.write_text(setup["raw_yaml"])
@@ -238,6 +315,8 @@ def test_bad_input_fails_clearly_and_leaves_nothing_complete(setup, capsys, muta
     for piece in expected:
         assert piece in line, f"{piece!r} not in {line!r}"
     assert "encountered an exception" not in line  # Prefect's wrapper is not the reason
+    if mutate is _huge_label:  # the message names the value, it does not copy it
+        assert len(line) < 600, len(line)
     if mutate is _d_gt_p:
         p = int(re.search(r"parameters p = (\d+)", line).group(1))
         assert 8 < p < 5000
@@ -284,3 +363,244 @@ def test_extremely_long_text_is_truncated_not_an_error(setup, capsys, prefect_se
     text = tok.decode(ids)
     assert text.endswith("Question: Is this review positive?\nAnswer:")  # the end is kept
     assert len(text) < 1000
+
+
+# ------------------------------------------------------------- trust boundaries (issue 17)
+# The run directory's guard and holders, the cache locks' bound, cached records checked
+# against their files: each reproduces a failure of the code before issue 17's fixes.
+
+_HOLD = """
+import json, sys, time
+sys.path.insert(0, {repo!r})
+from ensemble_core.rundir import RunDir
+rd = RunDir({url!r})
+try:
+    rd.claim({identity!r}, json.loads({config!r}))
+    print("claimed", flush=True)
+except Exception as e:
+    print("refused", type(e).__name__, e, flush=True)
+    sys.exit(3)
+time.sleep(float({hold!r}))
+"""
+
+
+def _claimer(url, identity, config, hold=0.0):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = _HOLD.format(repo=str(REPO), url=str(url), identity=identity,
+                        config=json.dumps(config), hold=hold)
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+def test_a_second_config_is_refused_while_the_first_holds_the_directory(tmp_path):
+    """Item 1: while a process works on a run directory with config A, a process with config
+    B is refused, naming the keys that differ; one with config A shares it; once A's process
+    is gone (even killed), B may run."""
+    from ensemble_core.rundir import RunDir, RunDirError
+
+    ident = {"name": "x", "model": {"name": "tiny-llama"}, "adapter": {"r": 4}, "seed": 0}
+    a = {"training": {"epochs": 1, "learning_rate": 0.001}, "clustering": {"n_groups": 2}}
+    b = {"training": {"epochs": 2, "learning_rate": 0.001}, "clustering": {"n_groups": 2}}
+    holder = _claimer(tmp_path / "run", ident, a, hold=120)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        with pytest.raises(RunDirError, match=r"in use by another run with a different config"
+                                              r" \(pid \d+ on host .*\): training\.epochs: 1 "
+                                              r"vs 2"):
+            RunDir(str(tmp_path / "run")).claim(ident, b)
+        same = _claimer(tmp_path / "run", ident, a)
+        assert same.stdout.readline().strip() == "claimed" and same.wait(30) == 0
+    finally:
+        holder.kill()  # SIGKILL: its holder file stays behind, naming a dead process
+        holder.wait()
+    assert RunDir(str(tmp_path / "run")).claim(ident, b) == ident
+    assert [p.name for p in (tmp_path / "run" / ".prefect" / "holders").iterdir()] \
+        == [f"{socket_host()}-{os.getpid()}.json"]
+
+
+def socket_host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def test_two_processes_cannot_both_claim_a_fresh_directory(tmp_path):
+    """Item 10: two processes with different seeds started together on one fresh run
+    directory: exactly one claims it, every time (19 of 20 trials claimed both before)."""
+    for trial in range(6):
+        url = tmp_path / f"run-{trial}"
+        procs = [_claimer(url, {"name": "x", "seed": seed}, {"seed": seed}, hold=2)
+                 for seed in (0, 1)]
+        outcomes = sorted(p.stdout.readline().split(" ")[0].strip() for p in procs)
+        for p in procs:
+            p.wait(60)
+        assert outcomes == ["claimed", "refused"], (trial, outcomes)
+
+
+def test_a_lock_of_another_host_is_waited_on_with_a_bound_naming_the_host(tmp_path,
+                                                                          monkeypatch):
+    """Item 5: a cache lock held by a process on another host (which cannot be checked from
+    here) is waited on for ENSEMBLE_LORA_LOCK_WAIT_S, then the task fails naming the host,
+    the process and the lock file (before: waited on forever)."""
+    import time
+
+    from tasks.locking import LockWaitTimeout, RunLockManager
+
+    (tmp_path / "k.lock").write_text(json.dumps(
+        {"holder": "h", "expiration": None, "host": "far-away-host", "pid": 4242}))
+    monkeypatch.setenv("ENSEMBLE_LORA_LOCK_WAIT_S", "0.5")
+    locks = RunLockManager(lock_files_directory=tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(LockWaitTimeout, match=r"locked by process 4242 on host far-away-host "
+                                              r"\(lock file .*k\.lock\).*over 0 s"):
+        locks.acquire_lock("k", holder="me")
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(LockWaitTimeout, match="far-away-host"):
+        locks.wait_for_lock("k")  # how Prefect waits before reading a record
+
+
+_WAITER = """
+import json, sys, threading
+from concurrent.futures import ThreadPoolExecutor
+sys.path.insert(0, {repo!r})
+from tasks.locking import RunLockManager
+from pathlib import Path
+locks = RunLockManager(lock_files_directory=Path({dir!r}))
+with ThreadPoolExecutor(1) as pool:  # as Prefect runs a task: in a worker thread
+    fut = pool.submit(locks.acquire_lock, "k", "me")
+    print("waiting", flush=True)
+    fut.result()
+"""
+
+
+def test_ctrl_c_stops_a_run_waiting_on_a_lock(tmp_path):
+    """Item 5: Ctrl-C (SIGINT) while a task waits on a lock of another host ends the process
+    within seconds (before: the interpreter joined the waiting worker thread forever)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    (tmp_path / "k.lock").write_text(json.dumps(
+        {"holder": "h", "expiration": None, "host": "far-away-host", "pid": 4242}))
+    proc = subprocess.Popen([sys.executable, "-c", _WAITER.format(repo=str(REPO),
+                                                                  dir=str(tmp_path))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "waiting"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            pytest.fail("the process did not stop on SIGINT while waiting on a lock")
+    assert proc.returncode != 0
+
+
+def test_a_cached_record_naming_a_changed_file_is_dropped(tmp_path):
+    """Item 4: a record is served only while the files it names are there with their sha256
+    (an adapter's weights here); otherwise it is dropped and the task computed again."""
+    import hashlib
+
+    from ensemble_core.records import AdapterRecord
+    from tasks.locking import checked_key_fn
+
+    adapter = tmp_path / "adapters" / "group-0"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    rec = AdapterRecord("group-0", ["rte"], str(adapter),
+                        hashlib.sha256(b"weights").hexdigest())
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    (storage / "train-k").write_text(json.dumps(rec.to_json()))
+    meta = tmp_path / "cache" / "train-k"
+    meta.parent.mkdir()
+    meta_text = json.dumps({"storage_key": str(storage / "train-k"), "storage_block_id": None,
+                            "serializer": {"type": "json"}})
+    meta.write_text(meta_text)
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(storage)}):
+        key_fn = checked_key_fn(lambda c, p: "train-k", tmp_path / "cache", record=AdapterRecord)
+        assert key_fn(None, {}) == "train-k" and meta.exists()  # intact: served
+        (adapter / "adapter_model.safetensors").write_bytes(b"w3ights")
+        assert key_fn(None, {}) == "train-k" and not meta.exists()  # changed: dropped
+        meta.write_text(meta_text)
+        (adapter / "adapter_model.safetensors").unlink()
+        assert key_fn(None, {}) == "train-k" and not meta.exists()  # gone: dropped
+
+
+def test_a_record_of_another_prefect_home_is_adopted(tmp_path):
+    """Item 5: a cache record whose payload lies in another PREFECT_HOME's storage (which
+    Prefect refuses to read: "outside of the base path") is copied into this one's, and the
+    record points at the copy."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from tasks.locking import checked_key_fn
+
+    old = tmp_path / "old-home" / "storage"
+    old.mkdir(parents=True)
+    (old / "k1").write_text('{"task": "rte"}')
+    meta = tmp_path / "cache" / "k1"
+    meta.parent.mkdir()
+    meta.write_text(json.dumps({"storage_key": str(old / "k1"), "storage_block_id": None,
+                                "serializer": {"type": "json"}}))
+    new = tmp_path / "new-home" / "storage"
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(new)}):
+        assert checked_key_fn(lambda c, p: "k1", tmp_path / "cache")(None, {}) == "k1"
+    assert json.loads(meta.read_text())["storage_key"] == str(new.resolve() / "k1")
+    assert (new / "k1").read_text() == '{"task": "rte"}'
+
+
+def test_a_killed_command_leaves_no_prefect_server_behind(tmp_path, data_root, cache_dir):
+    """Item 8: the command line's temporary Prefect server ends with the command, even when
+    the command is SIGKILLed (before: an orphaned uvicorn kept running)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), ENSEMBLE_LORA_CACHE=str(cache_dir))
+    log = open(tmp_path / "run.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "configs/tiny.yaml",
+                             "--set", f"data_root={data_root}",
+                             "--set", f"output_dir={tmp_path / 'run'}"],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    children: list[str] = []
+    try:
+        t0 = time.monotonic()
+        while not (tmp_path / "run" / "gradients").exists():  # the flow is under way
+            assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            assert time.monotonic() - t0 < 240, "the run did not start"
+            time.sleep(0.1)
+        children = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+        assert children, "no server process"
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+    t0 = time.monotonic()
+    while any(_alive(int(c)) for c in children) and time.monotonic() - t0 < 20:
+        time.sleep(0.2)
+    left = [c for c in children if _alive(int(c))]
+    for c in left:
+        os.kill(int(c), signal.SIGKILL)
+    assert not left, f"processes left behind by the killed command: {left}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
