@@ -604,3 +604,31 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
     except FileNotFoundError:
         return False
+
+
+def test_server_start_up_timeout_is_settable_and_named(monkeypatch):
+    """Item 8: the temporary server's start-up wait is ENSEMBLE_LORA_SERVER_STARTUP_S (default
+    180 s, for a loaded 2-core machine); running out of it is an error that names the setting,
+    and no server process is left behind."""
+    import time
+
+    from flows import server
+
+    assert server.startup_timeout() == 180.0
+    monkeypatch.setenv("ENSEMBLE_LORA_SERVER_STARTUP_S", "0.2")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    started = []
+    real_popen = server.subprocess.Popen
+    monkeypatch.setattr(server.subprocess, "Popen",
+                        lambda *a, **k: started.append(real_popen(*a, **k)) or started[-1])
+    with temporary_settings({PREFECT_API_URL: None}):
+        with pytest.raises(server.ServerError, match="ENSEMBLE_LORA_SERVER_STARTUP_S"):
+            with server.temporary_server():
+                pass
+    time.sleep(0.5)
+    assert started and all(p.poll() is not None for p in started)
+    monkeypatch.setenv("ENSEMBLE_LORA_SERVER_STARTUP_S", "soon")
+    with pytest.raises(ValueError, match="ENSEMBLE_LORA_SERVER_STARTUP_S='soon'"):
+        server.startup_timeout()
