@@ -343,7 +343,7 @@ def test_reference_run_computes_every_task(ops):
 
 
 def test_killed_during_stage_1_resumes(ops):
-    run_dir, s = ops["dirs"]["stage-1"], ops["stage-1"]
+    s = ops["stage-1"]
     done, manifests = s["done"], s["manifests"]
     assert done and done <= manifests < set(TASKS), (done, manifests)
     assert s["locks"]  # the unfinished tasks held their cache locks when the process died
@@ -356,7 +356,7 @@ def test_killed_during_stage_1_resumes(ops):
 
 
 def test_killed_during_group_training_resumes(ops):
-    run_dir, s = ops["dirs"]["training"], ops["training"]
+    s = ops["training"]
     done = s["done"]
     assert done and done < set(TRAINED), done
     assert not s["metrics"]
@@ -398,7 +398,7 @@ def test_two_runs_on_one_output_location(ops):
 
 
 def test_changing_one_dataset_recomputes_only_what_depends_on_it(ops):
-    run_dir, states = ops["dirs"]["reference"], ops["changed-states"]
+    states = ops["changed-states"]
     assert states["gradients[cb]"] == "Completed"
     for t in ("rte", "copa", "wic"):
         assert states[f"gradients[{t}]"] == "Cached", (t, states)
