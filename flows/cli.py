@@ -234,6 +234,15 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from ensemble_core.serving import serve
+
+    settings = _predict_settings(args.set)
+    serve(args.run_dir, host=args.host, port=args.port,
+          batch_size=settings.pop("batch_size", args.batch_size), **settings)
+    return 0
+
+
 def _cmd_check(args) -> int:
     from .affinity import check_estimates_flow
 
@@ -306,6 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=16)
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="loading settings: device=cpu, cache_dir=DIR, batch_size=N")
+    sp = sub.add_parser("serve", help="serve a trained ensemble over HTTP: POST /predict, "
+                                      "GET /health")
+    sp.add_argument("run_dir", help="a finished run directory (with ensemble.json)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                                                        "127.0.0.1: this machine only)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="loading settings: device=cpu, cache_dir=DIR, batch_size=N")
     return p
 
 
@@ -360,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         pass
     try:
-        handler = _cmd_predict if args.command == "predict" else COMMANDS[args.command][0]
+        handler = {"predict": _cmd_predict, "serve": _cmd_serve}.get(args.command) \
+            or COMMANDS[args.command][0]
         return handler(args)
     except KeyboardInterrupt:
         print("ensemble-lora: interrupted", file=sys.stderr)

@@ -1,0 +1,265 @@
+"""The saved ensemble as an HTTP endpoint (``ensemble-lora serve RUN_DIR``; issue 14, item 5).
+
+One process loads the run's ensemble once (``EnsembleModel.from_pretrained``: the base model
+once, every member adapter under its own name) and answers
+
+* ``POST /predict`` ``{"task": ..., "records": [{...}, ...]}``: per record the label in the
+  task's own values, the choice index, its continuation and the probabilities
+  (``EnsembleModel.predict``), with the version that answered;
+* ``GET /health``: the loaded version, its tasks, when it was loaded, and how many requests
+  and model batches were served.
+
+Requests arriving together are batched: a request's records are checked and formatted at once
+(an unknown task is a 404, a record missing a template field a 422, each with the reason, and
+the request fails alone), then the records of all waiting requests of one task go through the
+model as one batch on the single model thread, and each request gets its own predictions back.
+
+The version is the sha256 of ``ensemble.json`` (its first 16 hex digits). A watcher thread
+checks the file every ``reload_s`` seconds; when it changed (a newer run finished in the same
+directory), the new ensemble is loaded beside the old one, which keeps answering until the
+swap. A version that fails to load is reported by ``/health`` and the old one stays.
+
+FastAPI and uvicorn come with Prefect but are not needed by the rest of the library: they are
+imported here only.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from .rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+MAX_RECORDS = 1024  # records in one request
+MAX_BATCH = 64  # records of one task that go through the model together
+BATCH_WAIT_S = 0.005  # how long a batch waits for more requests once one has arrived
+
+
+def ensemble_version(run_dir) -> str:
+    """The version of a run directory's ensemble: the sha256 of ``ensemble.json`` (16 hex)."""
+    from .storage import read_bytes
+
+    return hashlib.sha256(read_bytes(RunDir(str(run_dir)).ensemble)).hexdigest()[:16]
+
+
+@dataclass
+class Loaded:
+    model: Any  # EnsembleModel
+    version: str
+    loaded_at: str
+
+
+@dataclass
+class _Pending:
+    task: str
+    examples: list
+    future: asyncio.Future
+    loaded: Loaded
+
+
+@dataclass
+class ServingStats:
+    requests: int = 0
+    records: int = 0
+    batches: int = 0
+    reloads: int = 0
+    errors: dict = field(default_factory=dict)
+
+
+class EnsembleService:
+    """The loaded ensemble, its reloading and the batching of requests (no HTTP here)."""
+
+    def __init__(self, run_dir, cache_dir=None, *, device: str | None = None,
+                 batch_size: int = 16, reload_s: float = 2.0, max_batch: int = MAX_BATCH,
+                 batch_wait_s: float = BATCH_WAIT_S, check_fingerprint: bool = True,
+                 trust_remote_code: bool = False):
+        self.run_dir = str(run_dir)
+        self.load_args = dict(cache_dir=cache_dir, device=device,
+                              check_fingerprint=check_fingerprint,
+                              trust_remote_code=trust_remote_code)
+        self.batch_size, self.reload_s = int(batch_size), float(reload_s)
+        self.max_batch, self.batch_wait_s = int(max_batch), float(batch_wait_s)
+        self.stats = ServingStats()
+        self.reload_error: str | None = None
+        self._failed_version: str | None = None
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="ensemble-model")
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.current = self._load(ensemble_version(self.run_dir))
+        self._queue: asyncio.Queue | None = None
+        self._worker: asyncio.Task | None = None
+        self._watcher: threading.Thread | None = None
+
+    # -- loading and reloading ---------------------------------------------------------------
+    def _load(self, version: str) -> Loaded:
+        from .ensemble import EnsembleModel
+
+        model = EnsembleModel.from_pretrained(self.run_dir, **self.load_args)
+        return Loaded(model, version, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def check_for_new_version(self) -> bool:
+        """Load the run directory's ensemble if its version changed; True when swapped."""
+        try:
+            version = ensemble_version(self.run_dir)
+        except Exception as e:  # mid-rename or removed: try again next time
+            log.debug("ensemble.json not readable now: %s", e)
+            return False
+        if version == self.current.version or version == self._failed_version:
+            return False
+        try:
+            fresh = self._load(version)
+        except Exception as e:
+            self._failed_version = version
+            self.reload_error = f"version {version} could not be loaded: {e}"
+            log.warning("serve: %s; still serving %s", self.reload_error, self.current.version)
+            return False
+        old = self.current
+        with self._lock:
+            self.current = fresh
+            self.stats.reloads += 1
+            self.reload_error, self._failed_version = None, None
+        log.info("serve: now serving version %s (was %s)", version, old.version)
+        return True
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.reload_s):
+            self.check_for_new_version()
+
+    # -- requests ----------------------------------------------------------------------------
+    def prepare(self, task: str, records: list) -> tuple[Loaded, list]:
+        """The version that will answer and the records as examples; raises EnsembleError
+        (unknown task) or DataError (a record that does not fit the task's template)."""
+        loaded = self.current
+        return loaded, loaded.model.examples(task, records)
+
+    async def predict(self, task: str, records: list) -> tuple[str, list[dict]]:
+        loaded, examples = self.prepare(task, records)
+        self.stats.requests += 1
+        self.stats.records += len(examples)
+        if not examples:
+            return loaded.version, []
+        fut = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(task, examples, fut, loaded))
+        return loaded.version, await fut
+
+    async def _batches(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._queue.get()
+            waiting = [first]
+            deadline = loop.time() + self.batch_wait_s
+            while sum(len(p.examples) for p in waiting) < self.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    waiting.append(await asyncio.wait_for(self._queue.get(), timeout))
+                except asyncio.TimeoutError:
+                    break
+            groups: dict[tuple[str, str], list[_Pending]] = {}
+            for p in waiting:  # one model batch per (version, task)
+                groups.setdefault((p.loaded.version, p.task), []).append(p)
+            for (_, task), pend in groups.items():
+                examples = [ex for p in pend for ex in p.examples]
+                self.stats.batches += 1
+                try:
+                    preds = await loop.run_in_executor(
+                        self._model_thread, pend[0].loaded.model.predict, task, examples,
+                        self.batch_size)
+                except Exception as e:  # not the request's fault: it was checked in prepare
+                    log.exception("serve: prediction failed for task %s", task)
+                    for p in pend:
+                        if not p.future.done():
+                            p.future.set_exception(e)
+                    continue
+                at = 0
+                for p in pend:
+                    if not p.future.done():
+                        p.future.set_result(preds[at:at + len(p.examples)])
+                    at += len(p.examples)
+
+    def health(self) -> dict:
+        cur = self.current
+        return {"status": "ok", "version": cur.version, "run_dir": self.run_dir,
+                "tasks": cur.model.tasks, "loaded_at": cur.loaded_at,
+                "reload_error": self.reload_error,
+                "served": {"requests": self.stats.requests, "records": self.stats.records,
+                           "batches": self.stats.batches, "reloads": self.stats.reloads}}
+
+    # -- life cycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._worker = asyncio.create_task(self._batches())
+        if self.reload_s > 0:
+            self._watcher = threading.Thread(target=self._watch, daemon=True,
+                                             name="ensemble-watch")
+            self._watcher.start()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.cancel()
+        self._model_thread.shutdown(wait=False, cancel_futures=True)
+
+
+class PredictRequest(BaseModel):
+    """The body of ``POST /predict``."""
+    task: str = Field(min_length=1, max_length=200)
+    records: list[dict[str, Any]] = Field(max_length=MAX_RECORDS)
+
+
+def create_app(service: EnsembleService):
+    """The FastAPI application of ``service``."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import Body, FastAPI, HTTPException
+
+    from .data import DataError
+    from .ensemble import EnsembleError
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(title="EnsembleLoRA", lifespan=lifespan,
+                  description="Predictions of a trained EnsembleLoRA ensemble")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return service.health()
+
+    @app.post("/predict")
+    async def predict(req: PredictRequest = Body(...)) -> dict:
+        try:
+            version, preds = await service.predict(req.task, req.records)
+        except EnsembleError as e:  # an unknown task
+            raise HTTPException(status_code=404, detail=str(e)) from None
+        except DataError as e:  # a record that does not fit the task
+            raise HTTPException(status_code=422, detail=str(e)) from None
+        return {"task": req.task, "version": version, "predictions": preds}
+
+    return app
+
+
+def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, **service_args) -> None:
+    """Load the ensemble of ``run_dir`` and serve it until interrupted (``uvicorn``)."""
+    import uvicorn
+
+    service = EnsembleService(run_dir, **service_args)
+    log.info("serving %s version %s on http://%s:%d", run_dir, service.current.version, host,
+             port)
+    uvicorn.run(create_app(service), host=host, port=port, log_level="info")
+

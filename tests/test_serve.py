@@ -1,0 +1,192 @@
+"""The HTTP endpoint (``ensemble-lora serve``, ensemble_core/serving.py; issue 14, item 5),
+through a real uvicorn server on a local port and a real HTTP client (httpx): the predictions of
+``EnsembleModel.predict``, 32 concurrent requests batched, bad requests answered 4xx with the
+reason while the next good request is unaffected, and a new ensemble.json picked up without a
+restart."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from ensemble_core.adapters import save_adapter
+from ensemble_core.config import parse_config
+from ensemble_core.data import load_task, read_records
+from ensemble_core.ensemble import EnsembleModel, task_entry, write_ensemble_json
+from ensemble_core.models import adapter_vector, load_model, set_adapter_vector
+from ensemble_core.serving import EnsembleService, create_app, ensemble_version
+from ensemble_core.training import train_adapter
+
+from conftest import tiny_config
+
+pytestmark = pytest.mark.integration  # a real HTTP server on a local port
+
+MAX_LEN = 128
+
+
+def _write_ensemble(run_dir, cfg, fingerprint, weights):
+    groups = [{"name": "group-0", "tasks": ["rte", "cb"],
+               "members": [{"adapter": "adapters/group-0", "scale": 1.0}]},
+              {"name": "group-1", "tasks": ["copa"],
+               "members": [{"adapter": "adapters/group-1", "scale": 1.0}]}]
+    tasks = {t: task_entry(cfg.task(t), g, w) for t, (g, w) in weights.items()}
+    write_ensemble_json(run_dir / "ensemble.json", base_model=cfg.model, tasks=tasks,
+                        groups=groups, max_length=MAX_LEN, choice_mode="auto", eta=0.1,
+                        base_fingerprint=fingerprint)
+
+
+@pytest.fixture(scope="module")
+def run(data_root, cache_dir, tmp_path_factory):
+    """Two tiny adapters (two groups) saved in a run directory with their ensemble.json."""
+    run_dir = tmp_path_factory.mktemp("serve-run")
+    cfg = parse_config(tiny_config(data_root, run_dir, cache_dir=str(cache_dir)))
+    lm = load_model(cfg, cache_dir)
+    data = {t: load_task(cfg.task(t), data_root) for t in ("rte", "cb", "copa")}
+    theta0 = adapter_vector(lm.model)
+    for name, tasks, seed in (("group-0", ("rte", "cb"), 0), ("group-1", ("copa",), 1)):
+        set_adapter_vector(lm.model, theta0)
+        train = [ex for t in tasks for ex in data[t].splits["train"]]
+        tcfg = cfg.training.model_copy(update={"learning_rate": 2e-2, "max_steps": 2,
+                                               "batch_size": 4, "seed": seed})
+        res = train_adapter(lm.model, lm.tokenizer, train, [], tcfg, MAX_LEN)
+        save_adapter(lm.model, run_dir / "adapters" / name, res,
+                     base_fingerprint=lm.fingerprint["base"])
+    weights = {"rte": (0, [0.7, 0.3]), "cb": (0, [1.0, 0.0]), "copa": (1, [0.25, 0.75])}
+    _write_ensemble(run_dir, cfg, lm.fingerprint["base"], weights)
+    records = {t: [r for r in read_records(f"{data_root}/{f}")][:8] for t, f in
+               (("rte", "superglue/RTE/val.jsonl"), ("copa", "superglue/COPA/val.jsonl"))}
+    return dict(cfg=cfg, run_dir=run_dir, cache_dir=cache_dir, records=records,
+                fingerprint=lm.fingerprint["base"], weights=weights)
+
+
+class _Server:
+    """uvicorn serving the app in a thread, on a free local port."""
+
+    def __init__(self, service):
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(create_app(service), host="127.0.0.1", port=self.port,
+                                log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() - t0 < 60, "server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def served(run):
+    service = EnsembleService(run["run_dir"], run["cache_dir"], batch_size=4, reload_s=0.2,
+                              batch_wait_s=0.05)
+    with _Server(service) as srv:
+        yield dict(run, url=srv.url, service=service,
+                   reference=EnsembleModel.from_pretrained(run["run_dir"], run["cache_dir"]))
+
+
+def test_health_names_the_loaded_version(served):
+    r = httpx.get(f"{served['url']}/health", timeout=30)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["version"] == ensemble_version(served["run_dir"])
+    assert sorted(body["tasks"]) == ["cb", "copa", "rte"]
+    assert body["reload_error"] is None
+
+
+@pytest.mark.parametrize("task", ["rte", "copa"])
+def test_predictions_equal_the_ensemble_models(served, task):
+    records = served["records"][task]
+    r = httpx.post(f"{served['url']}/predict", json={"task": task, "records": records},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["version"] == ensemble_version(served["run_dir"])
+    expected = json.loads(json.dumps(served["reference"].predict(task, records)))
+    assert body["predictions"] == expected
+    assert {"label", "choice", "continuation", "probabilities"} <= set(expected[0])
+
+
+def test_32_concurrent_requests_are_batched_and_each_gets_its_own_answer(served):
+    records = served["records"]["rte"] + served["records"]["copa"]
+    jobs = [("rte" if i % 2 else "copa", [records[i % 8 + (0 if i % 2 else 8)]])
+            for i in range(32)]
+    before = dict(served["service"].stats.__dict__)
+
+    async def go():
+        async with httpx.AsyncClient(base_url=served["url"], timeout=120) as client:
+            return await asyncio.gather(*(client.post("/predict", json={"task": t,
+                                                                        "records": rs})
+                                          for t, rs in jobs))
+
+    responses = asyncio.run(go())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    ref = served["reference"]
+    for (task, recs), r in zip(jobs, responses):
+        assert r.json()["predictions"] == json.loads(json.dumps(ref.predict(task, recs)))
+    stats = served["service"].stats
+    assert stats.requests - before["requests"] == 32
+    batches = stats.batches - before["batches"]
+    assert 2 <= batches < 32, batches  # requests that waited together went through together
+
+
+def test_bad_requests_get_4xx_with_the_reason_and_the_next_good_one_is_unaffected(served):
+    url = f"{served['url']}/predict"
+    cases = [
+        ({"task": "boolq", "records": [{"passage": "p", "question": "q"}]}, 404,
+         "unknown task 'boolq'"),
+        ({"task": "rte", "records": [{"premise": "It rained."}]}, 422, "'hypothesis'"),
+        ({"task": "rte"}, 422, "records"),
+        ({"task": "rte", "records": "not a list"}, 422, "records"),
+    ]
+    for body, status, reason in cases:
+        r = httpx.post(url, json=body, timeout=30)
+        assert r.status_code == status, (body, r.status_code, r.text)
+        assert reason in r.text, (reason, r.text)
+    r = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 422
+    good = served["records"]["rte"][:2]
+    r = httpx.post(url, json={"task": "rte", "records": good}, timeout=60)
+    assert r.status_code == 200
+    assert r.json()["predictions"] == json.loads(json.dumps(served["reference"].predict("rte",
+                                                                                      good)))
+
+
+def test_a_new_ensemble_is_picked_up_without_a_restart(served):
+    """A newer ensemble.json in the run directory (other weights for rte): within a few reload
+    periods /health names its version and /predict answers with it."""
+    run_dir = served["run_dir"]
+    old_version = ensemble_version(run_dir)
+    weights = dict(served["weights"], rte=(0, [0.05, 0.95]))
+    _write_ensemble(run_dir, served["cfg"], served["fingerprint"], weights)
+    new_version = ensemble_version(run_dir)
+    assert new_version != old_version
+    t0 = time.monotonic()
+    while httpx.get(f"{served['url']}/health", timeout=30).json()["version"] != new_version:
+        assert time.monotonic() - t0 < 60, "the new version was not picked up"
+        time.sleep(0.1)
+    records = served["records"]["rte"]
+    r = httpx.post(f"{served['url']}/predict", json={"task": "rte", "records": records},
+                   timeout=60)
+    assert r.json()["version"] == new_version
+    fresh = EnsembleModel.from_pretrained(run_dir, served["cache_dir"])
+    assert r.json()["predictions"] == json.loads(json.dumps(fresh.predict("rte", records)))
+    assert r.json()["predictions"] != json.loads(json.dumps(served["reference"].predict(
+        "rte", records)))
