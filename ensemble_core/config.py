@@ -248,6 +248,9 @@ class EvaluationConfig(_Strict):
     # the paper's baselines trained and evaluated beside the ensemble (ensemble_core/baselines.py;
     # the single adapter on all tasks always is): per-task, mtl-ft, random-groups, gradient-groups
     baselines: list[Literal["per-task", "mtl-ft", "random-groups", "gradient-groups"]] = []
+    # a finished run's ensemble becomes the current version unless its validation accuracy on
+    # some task is lower than the current version's by more than this (ensemble_core/versions.py)
+    promote_tolerance: float = Field(0.02, ge=0.0, le=1.0)
 
     @field_validator("baselines")
     @classmethod

@@ -396,12 +396,13 @@ class EnsembleModel:
         self.spec = spec
         self.run_dir = RunDir(str(run_dir))
         self.adapter_names = adapter_names  # adapter path (as in the spec) -> PEFT adapter name
+        self.version: str | None = None  # the version loaded (None: a run without versions)
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, run_dir, cache_dir=None, *, device: str | None = None,
-                        check_fingerprint: bool = True,
-                        trust_remote_code: bool = False) -> "EnsembleModel":
+                        check_fingerprint: bool = True, trust_remote_code: bool = False,
+                        version: str | None = None) -> "EnsembleModel":
         """Read ``run_dir/ensemble.json``, load the base model once (``models.load_base``) and
         every adapter under a distinct name. Local run directories only (PEFT loads adapters
         from local files); every adapter path must lie inside the run directory.
@@ -409,11 +410,17 @@ class EnsembleModel:
         The run's files are data, not authority: whether a model's own code may run
         (``trust_remote_code``) is the caller's to say (default: no), whatever ensemble.json
         says, and the base model's fingerprint recorded there is checked before the model is
-        loaded (a missing fingerprint is an error unless ``check_fingerprint=False``)."""
+        loaded (a missing fingerprint is an error unless ``check_fingerprint=False``).
+
+        A run directory with versions (``ensemble_core/versions.py``) loads its current
+        version, or ``version`` when named; one without loads its own ensemble.json."""
         from .config import ModelConfig
         from .models import _weights_digest, load_base, materialize_base
+        from .versions import resolve
 
-        rd = RunDir(str(run_dir))
+        vid, where = resolve(run_dir, version) if RunDir(str(run_dir)).is_local \
+            else (None, str(run_dir))
+        rd = RunDir(where)
         spec = read_ensemble_json(rd.ensemble)
         try:
             mcfg = ModelConfig.model_validate(spec["base_model"])
@@ -472,7 +479,9 @@ class EnsembleModel:
             model = load_adapter(target, rd.local(rd.resolve(p)), adapter_name=names[p],
                                  base_fingerprint=fp)
         model.eval()
-        return cls(model, tok, spec, rd.url, names)
+        out = cls(model, tok, spec, rd.url, names)
+        out.version = vid
+        return out
 
     # -- introspection --------------------------------------------------------------------
     @property

@@ -531,6 +531,9 @@ class PipelineResult(Record):
     report: FileRef
     manifest: FileRef
     baselines: dict[str, BaselineResult] = dataclasses.field(default_factory=dict)
+    version: str | None = None  # the version published (ensemble_core/versions.py)
+    promoted: bool | None = None  # whether it became the current version
+    promotion: str = ""  # why (or why not)
 
 
 # ---------------------------------------------------------------------------------- checks

@@ -14,9 +14,10 @@ Requests arriving together are batched: a request's records are checked and form
 the request fails alone), then the records of all waiting requests of one task go through the
 model as one batch on the single model thread, and each request gets its own predictions back.
 
-The version is the sha256 of ``ensemble.json`` (its first 16 hex digits). A watcher thread
-checks the file every ``reload_s`` seconds; when it changed (a newer run finished in the same
-directory), the new ensemble is loaded beside the old one, which keeps answering until the
+The version is the run directory's current version (``ensemble_core/versions.py``), or, for a
+run without versions, the sha256 of its ``ensemble.json`` (its first 16 hex digits). A watcher
+thread checks every ``reload_s`` seconds; when it changed (a newer version promoted, a
+rollback), the new ensemble is loaded beside the old one, which keeps answering until the
 swap. A version that fails to load is reported by ``/health`` and the old one stays.
 
 FastAPI and uvicorn come with Prefect but are not needed by the rest of the library: they are
@@ -45,9 +46,14 @@ BATCH_WAIT_S = 0.005  # how long a batch waits for more requests once one has ar
 
 
 def ensemble_version(run_dir) -> str:
-    """The version of a run directory's ensemble: the sha256 of ``ensemble.json`` (16 hex)."""
+    """The version a run directory serves: its current version's id (ensemble_core/versions.py),
+    or, for a run without versions, the sha256 of its ``ensemble.json`` (16 hex)."""
     from .storage import read_bytes
+    from .versions import current
 
+    vid = current(run_dir) if RunDir(str(run_dir)).is_local else None
+    if vid is not None:
+        return vid
     return hashlib.sha256(read_bytes(RunDir(str(run_dir)).ensemble)).hexdigest()[:16]
 
 
@@ -94,16 +100,19 @@ class EnsembleService:
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="ensemble-model")
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.current = self._load(ensemble_version(self.run_dir))
+        self.current = self._load()
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
         self._watcher: threading.Thread | None = None
 
     # -- loading and reloading ---------------------------------------------------------------
-    def _load(self, version: str) -> Loaded:
+    def _load(self) -> Loaded:
         from .ensemble import EnsembleModel
+        from .versions import current
 
-        model = EnsembleModel.from_pretrained(self.run_dir, **self.load_args)
+        named = current(self.run_dir) if RunDir(self.run_dir).is_local else None
+        version = named or ensemble_version(self.run_dir)
+        model = EnsembleModel.from_pretrained(self.run_dir, version=named, **self.load_args)
         return Loaded(model, version, datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def check_for_new_version(self) -> bool:
@@ -116,7 +125,7 @@ class EnsembleService:
         if version == self.current.version or version == self._failed_version:
             return False
         try:
-            fresh = self._load(version)
+            fresh = self._load()
         except Exception as e:
             self._failed_version = version
             self.reload_error = f"version {version} could not be loaded: {e}"

@@ -119,7 +119,8 @@ def stage(number: int, name: str, config: Sequence[str], uses: Sequence[str] = (
 # keys through the stages' arguments (the subsets, the plans, the steps taken).
 PLANNING = ("seed", "estimation.n_subsets", "estimation.subset_size",
             "estimation.min_pair_coverage", "estimation.subsets_per_task_run",
-            "estimation.linearity_check", "boosting.steps", "evaluation.baselines")
+            "estimation.linearity_check", "boosting.steps", "evaluation.baselines",
+            "evaluation.promote_tolerance")
 
 MODEL = ("model", "adapter", "seed")
 PROJECTION = ("estimation.projection_dim", "estimation.projection_seed",
@@ -576,18 +577,25 @@ def fit_weights(run: Run, groups: Sequence[GroupEnsemble],
     task's validation examples from its own group (``ensemble.fit_ensemble_weights``);
     ensemble.json."""
     from .boosting import group_scores
-    from .ensemble import fit_ensemble_weights, probabilities, task_entry, write_ensemble_json
+    from .ensemble import (combine_probabilities, ensemble_log_loss, fit_ensemble_weights,
+                           probabilities, task_entry, write_ensemble_json)
     from .storage import file_sha256
 
     member = read_scores(scores)
     group_of = {t: k for k, g in enumerate(groups) for t in g.tasks}
-    entries, weights = {}, {}
+    entries, weights, validation = {}, {}, {}
     for t in run.task_names:
         val_gold = [e.label for e in run.task_data(t).splits["validation"]]
         val_probs = [probabilities(group_scores(member, g, t, "validation")) for g in groups]
         w = fit_ensemble_weights(val_probs, val_gold, start=group_of[t])
         weights[t] = w.tolist()
         entries[t] = task_entry(run.cfg.task(t), group_of[t], w)
+        # the ensemble's own validation metrics (what a new version is promoted on:
+        # ensemble_core/versions.py), on the examples the weights were fitted on
+        pred = [int(np.argmax(p)) for p in combine_probabilities(val_probs, w)]
+        validation[t] = {"n": len(val_gold),
+                         "accuracy": float(np.mean(np.equal(pred, val_gold))),
+                         "log_loss": ensemble_log_loss(val_probs, val_gold, w)}
     spec_groups = [{"name": g.name, "tasks": list(g.tasks),
                     "members": [{"adapter": run.dir.relative(run.dir.adapter(m.name)),
                                  "scale": m.scale,
@@ -599,7 +607,7 @@ def fit_weights(run: Run, groups: Sequence[GroupEnsemble],
                               groups=spec_groups, max_length=cfg.model.max_length,
                               choice_mode=cfg.model.choice_mode,
                               base_fingerprint=_base_fingerprint(run, groups[0].name),
-                              eta=cfg.boosting.eta)
+                              eta=cfg.boosting.eta, validation=validation)
     return EnsembleRecord(FileRef(run.dir.ensemble, sha), list(groups), weights)
 
 

@@ -171,6 +171,9 @@ def _cmd_run(args) -> int:
           f"{c.baseline_s:.0f} s (ratio {c.ratio:.2f}x); peak memory "
           f"{c.peak_memory_bytes / 2**30:.2f} GiB")
     print(f"Run directory: {res.run_dir} (report: {res.report.path})")
+    if res.version:
+        print(f"Version {res.version}: " + ("now current" if res.promoted else
+                                             "published, not promoted") + f" ({res.promotion})")
     return 0
 
 
@@ -215,7 +218,7 @@ def _cmd_predict(args) -> int:
 
     settings = _predict_settings(args.set)
     batch_size = settings.pop("batch_size", args.batch_size)
-    model = EnsembleModel.from_pretrained(args.run_dir, **settings)
+    model = EnsembleModel.from_pretrained(args.run_dir, version=args.version, **settings)
     with open(args.input, encoding="utf-8") as f:
         records = []
         for n, line in enumerate(f, 1):
@@ -231,6 +234,31 @@ def _cmd_predict(args) -> int:
     else:
         atomic_write_bytes(args.output, out.encode())
         print(f"{len(preds)} predictions for task {args.task} written to {args.output}")
+    return 0
+
+
+def _cmd_versions(args) -> int:
+    from ensemble_core import versions
+
+    if args.rollback:
+        print(f"current version: {versions.rollback(args.run_dir)}")
+    elif args.promote:
+        versions.promote(args.run_dir, args.promote)
+        print(f"current version: {args.promote}")
+    rows = []
+    for v in versions.list_versions(args.run_dir):
+        val = v.get("validation") or {}
+        acc = (sum(m["accuracy"] for m in val.values()) / len(val)) if val else None
+        test = (v.get("test_average") or {}).get("ensemble_accuracy")
+        rows.append(["*" if v["current"] else "", v["version"], v["created"],
+                     "-" if acc is None else f"{100 * acc:.1f}",
+                     "-" if test is None else f"{100 * test:.1f}",
+                     "yes" if v["promoted"] else "no", v["promotion"]])
+    if not rows:
+        print(f"{args.run_dir}: no versions (a run from before versions, or not finished)")
+        return 0
+    print(_table(["", "version", "created", "validation acc. %", "test acc. %", "promoted",
+                  "why"], rows))
     return 0
 
 
@@ -313,8 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--input", required=True, help="jsonl file of raw records")
     sp.add_argument("--output", default="-", help="jsonl file to write (default stdout)")
     sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--version", default=None,
+                    help="the version to use (default: the current one; ensemble-lora versions)")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="loading settings: device=cpu, cache_dir=DIR, batch_size=N")
+    sp = sub.add_parser("versions", help="list a run directory's versions; promote one or "
+                                         "roll back")
+    sp.add_argument("run_dir", help="a run directory")
+    act = sp.add_mutually_exclusive_group()
+    act.add_argument("--promote", metavar="VERSION", help="make VERSION current, whatever its "
+                                                         "metrics")
+    act.add_argument("--rollback", action="store_true",
+                     help="make the version that was current before the current one current")
     sp = sub.add_parser("serve", help="serve a trained ensemble over HTTP: POST /predict, "
                                       "GET /health")
     sp.add_argument("run_dir", help="a finished run directory (with ensemble.json)")
@@ -378,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         pass
     try:
-        handler = {"predict": _cmd_predict, "serve": _cmd_serve}.get(args.command) \
+        handler = {"predict": _cmd_predict, "serve": _cmd_serve,
+                   "versions": _cmd_versions}.get(args.command) \
             or COMMANDS[args.command][0]
         return handler(args)
     except KeyboardInterrupt:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from ensemble_core import stages
+from ensemble_core import stages, versions
 from ensemble_core.boosting import choose_group, with_boosting_member
 from ensemble_core.records import (AdapterRecord, AdaptersResult, BaselinesRecord, BoostRecord,
                                    EnsembleRecord, EnsembleResult, EvaluationRecord,
@@ -134,8 +134,14 @@ def ensemble_lora(config, overrides: list[str] | None = None) -> PipelineResult:
         log.warning("could not create artifacts: %s", e)
     log.info("average test accuracy: baseline %.1f%%, ensemble %.1f%%",
              100 * metrics.average.baseline_accuracy, 100 * metrics.average.ensemble_accuracy)
+    # an immutable version of the ensemble; current unless worse on validation
+    version = versions.publish(run.dir.url, config_dict(cfg),
+                               tolerance=cfg.evaluation.promote_tolerance)
+    log.info("version %s: %s", version["version"],
+             ("current; " if version["promoted"] else "not promoted; ") + version["promotion"])
     return PipelineResult(run.dir.url, metrics, s23.groups.group_tasks, report.file, manifest,
-                          {} if s56.baselines is None else s56.baselines.results)
+                          {} if s56.baselines is None else s56.baselines.results,
+                          version["version"], version["promoted"], version["promotion"])
 
 
 # Stage deployments (prefect.yaml): name -> (flow/deployment, the kind of work pool it runs

@@ -55,6 +55,23 @@ def test_second_run_entirely_cached(runs):
     assert res2.metrics == res1.metrics
 
 
+def test_the_run_publishes_one_version_and_a_cached_rerun_none(runs):
+    """Issue 14, item 3: the finished run is published as the current version; the second,
+    cached run has the same ensemble and publishes nothing new."""
+    from ensemble_core import versions
+
+    out, res1, _, res2, _ = runs
+    assert res1.version and res1.promoted and res2.version == res1.version
+    listed = versions.list_versions(out)
+    assert [v["version"] for v in listed] == [res1.version] and listed[0]["current"]
+    vdir = out / "versions" / res1.version
+    assert (vdir / "ensemble.json").read_bytes() == (out / "ensemble.json").read_bytes()
+    assert json.loads((vdir / "config.json").read_text())["name"] == "tiny"
+    spec = json.loads((out / "ensemble.json").read_text())
+    assert set(spec["validation"]) == {"rte", "cb", "copa", "wic"}
+    assert EnsembleModel.from_pretrained(out).version == res1.version
+
+
 def test_baselines_beside_the_ensemble(runs):
     out, res, _, _, _ = runs
     tasks = ["rte", "cb", "copa", "wic"]

@@ -14,54 +14,22 @@ import time
 import httpx
 import pytest
 
-from ensemble_core.adapters import save_adapter
-from ensemble_core.config import parse_config
-from ensemble_core.data import load_task, read_records
-from ensemble_core.ensemble import EnsembleModel, task_entry, write_ensemble_json
-from ensemble_core.models import adapter_vector, load_model, set_adapter_vector
+from ensemble_core.data import read_records
+from ensemble_core.ensemble import EnsembleModel
 from ensemble_core.serving import EnsembleService, create_app, ensemble_version
-from ensemble_core.training import train_adapter
 
-from conftest import tiny_config
+from ensemble_utils import build_tiny_ensemble, write_ensemble
 
 pytestmark = pytest.mark.integration  # a real HTTP server on a local port
-
-MAX_LEN = 128
-
-
-def _write_ensemble(run_dir, cfg, fingerprint, weights):
-    groups = [{"name": "group-0", "tasks": ["rte", "cb"],
-               "members": [{"adapter": "adapters/group-0", "scale": 1.0}]},
-              {"name": "group-1", "tasks": ["copa"],
-               "members": [{"adapter": "adapters/group-1", "scale": 1.0}]}]
-    tasks = {t: task_entry(cfg.task(t), g, w) for t, (g, w) in weights.items()}
-    write_ensemble_json(run_dir / "ensemble.json", base_model=cfg.model, tasks=tasks,
-                        groups=groups, max_length=MAX_LEN, choice_mode="auto", eta=0.1,
-                        base_fingerprint=fingerprint)
-
 
 @pytest.fixture(scope="module")
 def run(data_root, cache_dir, tmp_path_factory):
     """Two tiny adapters (two groups) saved in a run directory with their ensemble.json."""
     run_dir = tmp_path_factory.mktemp("serve-run")
-    cfg = parse_config(tiny_config(data_root, run_dir, cache_dir=str(cache_dir)))
-    lm = load_model(cfg, cache_dir)
-    data = {t: load_task(cfg.task(t), data_root) for t in ("rte", "cb", "copa")}
-    theta0 = adapter_vector(lm.model)
-    for name, tasks, seed in (("group-0", ("rte", "cb"), 0), ("group-1", ("copa",), 1)):
-        set_adapter_vector(lm.model, theta0)
-        train = [ex for t in tasks for ex in data[t].splits["train"]]
-        tcfg = cfg.training.model_copy(update={"learning_rate": 2e-2, "max_steps": 2,
-                                               "batch_size": 4, "seed": seed})
-        res = train_adapter(lm.model, lm.tokenizer, train, [], tcfg, MAX_LEN)
-        save_adapter(lm.model, run_dir / "adapters" / name, res,
-                     base_fingerprint=lm.fingerprint["base"])
-    weights = {"rte": (0, [0.7, 0.3]), "cb": (0, [1.0, 0.0]), "copa": (1, [0.25, 0.75])}
-    _write_ensemble(run_dir, cfg, lm.fingerprint["base"], weights)
+    built = build_tiny_ensemble(run_dir, data_root, cache_dir)
     records = {t: [r for r in read_records(f"{data_root}/{f}")][:8] for t, f in
                (("rte", "superglue/RTE/val.jsonl"), ("copa", "superglue/COPA/val.jsonl"))}
-    return dict(cfg=cfg, run_dir=run_dir, cache_dir=cache_dir, records=records,
-                fingerprint=lm.fingerprint["base"], weights=weights)
+    return dict(built, run_dir=run_dir, cache_dir=cache_dir, records=records)
 
 
 class _Server:
@@ -175,7 +143,7 @@ def test_a_new_ensemble_is_picked_up_without_a_restart(served):
     run_dir = served["run_dir"]
     old_version = ensemble_version(run_dir)
     weights = dict(served["weights"], rte=(0, [0.05, 0.95]))
-    _write_ensemble(run_dir, served["cfg"], served["fingerprint"], weights)
+    write_ensemble(run_dir, served["cfg"], served["fingerprint"], weights)
     new_version = ensemble_version(run_dir)
     assert new_version != old_version
     t0 = time.monotonic()

@@ -1,0 +1,248 @@
+"""Versions of a run directory's ensemble, and which one is current (issue 14, item 3).
+
+Every completed run publishes its ensemble as an immutable version::
+
+    versions/<id>/            ensemble.json, the member adapters it names (adapters/<name>/),
+                              metrics.json, manifest.json, config.json (the resolved config),
+                              version.json (id, time, digests, validation metrics, promotion)
+    versions/current.json     {"current": <id>, "history": [{version, at, why}, ...]}
+
+An id is ``v<n>-<first 8 hex of ensemble.json's sha256>``; a run whose ensemble is one that is
+already published (a rerun served from the cache) publishes nothing new. Files are hard-linked
+from the run directory where the file system allows (a retrained adapter is written under a
+new name and renamed, so the version keeps the old content) and copied otherwise; the version
+is built under a temporary name and renamed into place when complete.
+
+Promotion: the new version becomes current unless, on some task, its ensemble's validation
+accuracy (``ensemble.json``'s ``validation``, computed where the weights are fitted, never on
+the test split) is lower than the current version's by more than ``tolerance`` (an absolute
+fraction, ``evaluation.promote_tolerance``), or when forced. :func:`rollback` moves ``current``
+back to the version that was current before. ``EnsembleModel.from_pretrained`` and
+``ensemble-lora predict``/``serve`` load the current version (or a named one); a run directory
+without versions loads its own ``ensemble.json`` as before.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .rundir import RunDir
+from .storage import atomic_write_bytes, dumps_json, file_sha256, temporary_dir, temporary_prefix
+
+__all__ = ["VersionError", "publish", "promote", "rollback", "list_versions", "current",
+           "version_dir", "resolve"]
+
+_ID = re.compile(r"^v(\d{4,})-([0-9a-f]{8})$")
+
+
+class VersionError(ValueError):
+    pass
+
+
+def _root(run_dir) -> Path:
+    rd = RunDir(str(run_dir))
+    return rd.local(rd.url) / "versions"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _state(run_dir) -> dict:
+    path = _root(run_dir) / "current.json"
+    if not path.is_file():
+        return {"current": None, "history": []}
+    try:
+        state = json.loads(path.read_bytes())
+        if not isinstance(state, dict) or not isinstance(state.get("history"), list):
+            raise ValueError("not an object with a history list")
+    except ValueError as e:
+        raise VersionError(f"{path}: not a valid versions file ({e})") from None
+    return state
+
+
+def _write_state(run_dir, state: dict) -> None:
+    atomic_write_bytes(str(_root(run_dir) / "current.json"), dumps_json(state))
+
+
+def _ids(run_dir) -> list[str]:
+    root = _root(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted((p.name for p in root.iterdir() if p.is_dir() and _ID.match(p.name)),
+                  key=lambda v: int(_ID.match(v).group(1)))
+
+
+def _info(run_dir, vid: str) -> dict:
+    path = version_dir(run_dir, vid) / "version.json"
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise VersionError(f"version {vid}: {path} is not readable ({e})") from None
+
+
+def version_dir(run_dir, vid: str) -> Path:
+    """The directory of version ``vid`` (which must exist)."""
+    if not isinstance(vid, str) or not _ID.match(vid):
+        raise VersionError(f"{vid!r} is not a version id (v<n>-<8 hex digits>)")
+    d = _root(run_dir) / vid
+    if not d.is_dir():
+        known = ", ".join(_ids(run_dir)) or "none"
+        raise VersionError(f"{RunDir(str(run_dir)).url} has no version {vid} (versions: "
+                           f"{known})")
+    return d
+
+
+def current(run_dir) -> str | None:
+    """The id of the current version, or None (no version published)."""
+    return _state(run_dir)["current"]
+
+
+def resolve(run_dir, version: str | None = None) -> tuple[str | None, str]:
+    """(version id, directory holding its ensemble.json): the named version, else the current
+    one, else the run directory itself (a run from before versions: id None)."""
+    if version is not None:
+        return version, str(version_dir(run_dir, version))
+    vid = current(run_dir)
+    if vid is None:
+        return None, str(run_dir)
+    return vid, str(version_dir(run_dir, vid))
+
+
+def _place(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or no hard links: a copy
+        shutil.copy2(src, dst)
+
+
+def worse_tasks(new: dict, old: dict, tolerance: float) -> list[str]:
+    """The tasks on which validation metrics ``new`` fall more than ``tolerance`` below
+    ``old`` in accuracy (tasks in both only), each as 'task: old -> new'."""
+    out = []
+    for task in sorted(set(new) & set(old)):
+        a_old, a_new = old[task].get("accuracy"), new[task].get("accuracy")
+        if a_old is None or a_new is None:
+            continue
+        if a_new < a_old - tolerance:
+            out.append(f"{task}: {a_old:.4f} -> {a_new:.4f}")
+    return out
+
+
+def publish(run_dir, config: dict | None = None, *, tolerance: float = 0.02,
+            force: bool = False) -> dict:
+    """Publish the run directory's ensemble as a version and promote it if it is not worse
+    (see the module docstring). Returns the version's ``version.json`` content."""
+    rd = RunDir(str(run_dir))
+    base = rd.local(rd.url)
+    ens_path = base / "ensemble.json"
+    if not ens_path.is_file():
+        raise VersionError(f"{ens_path}: no ensemble to publish (the run is not finished)")
+    if not tolerance >= 0:
+        raise VersionError(f"promote tolerance must be >= 0, got {tolerance}")
+    raw = ens_path.read_bytes()
+    sha = hashlib.sha256(raw).hexdigest()
+    for vid in _ids(rd.url):
+        info = _info(rd.url, vid)
+        if info.get("ensemble_sha256") == sha:  # already published (a cached rerun)
+            return info
+    spec = json.loads(raw)
+    root = base / "versions"
+    root.mkdir(parents=True, exist_ok=True)
+    ids = _ids(rd.url)
+    n = 1 + max((int(_ID.match(v).group(1)) for v in ids), default=0)
+    vid = f"v{n:04d}-{sha[:8]}"
+    tmp = temporary_dir(temporary_prefix(f".{vid}"), root)
+    try:
+        _place(ens_path, tmp / "ensemble.json")
+        for g in spec["groups"]:
+            for mem in g["members"]:
+                src = rd.local(rd.resolve(mem["adapter"]))
+                for f in sorted(src.iterdir()):
+                    if f.is_file():
+                        _place(f, tmp / mem["adapter"] / f.name)
+                want = mem.get("sha256")
+                got = file_sha256(str(tmp / mem["adapter"] / "adapter_model.safetensors"))
+                if want is not None and got != want:
+                    raise VersionError(f"{src}: the adapter changed after the ensemble was "
+                                       "fitted; run again")
+        for name in ("metrics.json", "manifest.json", "report.md"):
+            if (base / name).is_file():
+                _place(base / name, tmp / name)
+        if config is not None:
+            (tmp / "config.json").write_bytes(dumps_json(config))
+        state = _state(rd.url)
+        cur = state["current"]
+        validation = spec.get("validation") or {}
+        if cur is None or force:
+            promoted, why = True, "forced" if force else "first version"
+        else:
+            worse = worse_tasks(validation, _info(rd.url, cur).get("validation") or {},
+                                tolerance)
+            promoted = not worse
+            why = (f"not worse than {cur} on validation (tolerance {tolerance})" if promoted
+                   else f"worse than {cur} on validation by more than {tolerance}: "
+                        + "; ".join(worse))
+        metrics = {}
+        if (base / "metrics.json").is_file():
+            metrics = json.loads((base / "metrics.json").read_bytes()).get("average", {})
+        info = {"version": vid, "created": _now(), "ensemble_sha256": sha,
+                "validation": validation, "test_average": metrics,
+                "promoted": promoted, "promotion": why}
+        (tmp / "version.json").write_bytes(dumps_json(info))
+        try:
+            os.replace(tmp, root / vid)
+        except OSError:  # a run of the same config published the same ensemble meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+            theirs = _info(rd.url, vid)
+            if theirs.get("ensemble_sha256") != sha:
+                raise
+            return theirs
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if promoted:
+        state["current"] = vid
+        state["history"].append({"version": vid, "at": _now(), "why": why})
+        _write_state(rd.url, state)
+    return info
+
+
+def promote(run_dir, vid: str) -> None:
+    """Make version ``vid`` current, whatever its metrics."""
+    version_dir(run_dir, vid)
+    state = _state(run_dir)
+    state["current"] = vid
+    state["history"].append({"version": vid, "at": _now(), "why": "promoted by hand"})
+    _write_state(run_dir, state)
+
+
+def rollback(run_dir) -> str:
+    """Move ``current`` back to the version that was current before it; returns its id."""
+    state = _state(run_dir)
+    cur = state["current"]
+    if cur is None:
+        raise VersionError(f"{RunDir(str(run_dir)).url} has no versions to roll back")
+    before = [h["version"] for h in state["history"] if h.get("version") != cur]
+    if not before:
+        raise VersionError(f"{cur} is the only version that was ever current; nothing to roll "
+                           "back to")
+    target = before[-1]
+    version_dir(run_dir, target)
+    state["current"] = target
+    state["history"].append({"version": target, "at": _now(), "why": f"rollback from {cur}"})
+    _write_state(run_dir, state)
+    return target
+
+
+def list_versions(run_dir) -> list[dict]:
+    """Every version's ``version.json`` with ``current`` marked, oldest first."""
+    cur = current(run_dir)
+    return [dict(_info(run_dir, v), current=v == cur) for v in _ids(run_dir)]
+
