@@ -573,3 +573,30 @@ class EnsembleModel:
             out.append({"label": labels[k], "choice": k, "continuation": ex.choices[k],
                         "probabilities": {str(lab): float(x) for lab, x in zip(labels, p)}})
         return out
+
+
+def predict_file(run_dir, task: str, input_url: str, output_url: str | None = None, *,
+                 version: str | None = None, fmt: str = "auto", batch_size: int = 16,
+                 chunk: int = 256, cache_dir=None, device: str | None = None,
+                 progress=None) -> dict:
+    """Batch inference: every record of a csv/tsv/jsonl/parquet file at any fsspec URL
+    (``data.read_records``) predicted with the run's current version (or ``version``), written
+    as jsonl beside it (``<input>.predictions.jsonl``, or ``output_url``) through a temporary
+    file renamed into place. One line per record: its row number (``index``, from 0) and
+    :meth:`EnsembleModel.predict`'s fields. Returns ``{"output", "records", "version"}``."""
+    from .data import read_records
+    from .storage import atomic_write_bytes
+
+    records = read_records(input_url, fmt)
+    model = EnsembleModel.from_pretrained(run_dir, cache_dir, device=device, version=version)
+    model.examples(task, records)  # every record checked (task, template fields) before work
+    out_url = output_url or f"{input_url}.predictions.jsonl"
+    lines = []
+    for start in range(0, len(records), chunk):
+        part = records[start:start + chunk]
+        for i, p in enumerate(model.predict(task, part, batch_size=batch_size)):
+            lines.append(json.dumps({"index": start + i, **p}) + "\n")
+        if progress is not None:
+            progress(min(start + chunk, len(records)), len(records), task)
+    atomic_write_bytes(out_url, "".join(lines).encode())
+    return {"output": out_url, "records": len(records), "version": model.version}

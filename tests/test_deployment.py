@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -59,9 +60,14 @@ def _client(env):
 def _run_and_wait(env, tmp, overrides, timeout=420):
     """Triggers the ensemble-lora deployment as the README says (`prefect deployment run`) and
     waits for the flow run to finish; returns it."""
+    return _deployment_run(env, tmp, "ensemble_lora/ensemble-lora",
+                           {"config": str(TINY), "overrides": overrides}, timeout)
+
+
+def _deployment_run(env, tmp, deployment, params, timeout=420):
     out = subprocess.run(
-        ["prefect", "--no-prompt", "deployment", "run", "ensemble_lora/ensemble-lora",
-         "--params", json.dumps({"config": str(TINY), "overrides": overrides})],
+        ["prefect", "--no-prompt", "deployment", "run", deployment,
+         "--params", json.dumps(params)],
         cwd=tmp, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         timeout=120)
     assert out.returncode == 0, out.stdout
@@ -108,6 +114,31 @@ def test_ensemble_lora_deployment_run(service):
     assert set(metrics["tasks"]) == {"rte", "cb", "copa", "wic"}
     from ensemble_core.records import PipelineResult  # JSON-persisted (prefect.yaml env)
     assert PipelineResult.from_json(run.state.result()).run_dir == str(run_dir)
+
+
+def test_batch_predict_deployment_run(service, data_root):
+    """Issue 14, item 4: the batch-predict deployment, on the gpu worker, scores a file of
+    raw records with the current version of the run above and writes the predictions beside
+    it: those of EnsembleModel.predict, one line per record."""
+    from ensemble_core.ensemble import EnsembleModel
+    from ensemble_core.versions import current
+
+    env, tmp = service
+    run_dir = tmp / "run-local"  # made by test_ensemble_lora_deployment_run
+    lines = (Path(data_root) / "superglue" / "RTE" / "val.jsonl").read_text().splitlines()[:12]
+    records = tmp / "incoming" / "rte.jsonl"
+    records.parent.mkdir()
+    records.write_text("\n".join(lines) + "\n")
+    run = _deployment_run(env, tmp, "batch_predict/batch-predict",
+                          {"run_dir": str(run_dir), "task": "rte", "input": str(records)})
+    assert run.work_pool_name == "gpu"
+    out = Path(f"{records}.predictions.jsonl")
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [g.pop("index") for g in got] == list(range(12))
+    model = EnsembleModel.from_pretrained(run_dir)
+    assert model.version == current(run_dir)
+    expected = json.loads(json.dumps(model.predict("rte", [json.loads(x) for x in lines])))
+    assert got == expected
 
 
 def test_stages_on_work_pools(service):
