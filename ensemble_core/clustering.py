@@ -534,3 +534,25 @@ def groups_to_json(groups: Sequence[Sequence[int]], names: Sequence[str]) -> dic
     return {"n_tasks": len(names), "n_groups": len(groups),
             "groups": [{"id": k, "tasks": [names[i] for i in g], "indices": g}
                        for k, g in enumerate(groups)]}
+
+
+def partition_objective(T, groups: Sequence[Sequence[int]]) -> float:
+    """⟨A, X⟩ of a partition (the SDP's objective at the partition's X: X_uv = 1/|g| for u, v
+    in one group g, 0 otherwise; A = ``centered_affinity(T)``): Σ_g (1/|g|) Σ_{u,v ∈ g} A_uv.
+    Comparable between any two partitions of the same tasks."""
+    A = centered_affinity(T)
+    return float(sum(A[np.ix_(g, g)].sum() / len(g) for g in groups if len(g)))
+
+
+def join_by_affinity(T, groups: Sequence[Sequence[int]], new: Sequence[int]) -> list[list[int]]:
+    """Incremental grouping (issue 14, item 2): each task of ``new``, in order, joins the group
+    with which its mean affinity (``centered_affinity``, both directions) is highest (ties: the
+    first group); the groups keep their order and their other tasks."""
+    A = centered_affinity(T)
+    out = [list(g) for g in groups]
+    if not out:
+        raise ValueError("incremental grouping needs at least one existing group")
+    for t in new:
+        k = int(np.argmax([A[t, g].mean() for g in out]))
+        out[k].append(int(t))
+    return out

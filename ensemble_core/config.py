@@ -209,6 +209,12 @@ class ClusteringConfig(_Strict):
     threshold_c: float = Field(0.5, gt=0.0)  # round X̂_uv >= c/n
     max_groups: int | None = Field(None, ge=1)  # largest m considered by m_selection=density
     solver: str | None = None  # a cvxpy solver name; default Clarabel, then SCS
+    # incremental grouping (issue 14): when tasks were added to a run directory's previous
+    # grouping, each new task joins the group of highest affinity and the other groups stay as
+    # they were (their adapters are reused) — unless that grouping's objective falls more than
+    # regroup_below (a fraction) below a fresh SDP's; false: every run groups afresh
+    incremental: bool = False
+    regroup_below: float = Field(0.1, ge=0.0)
 
 
 class TrainingConfig(_Strict):

@@ -6,6 +6,8 @@ Every path of a run is made here, on any fsspec URL; nothing else joins run path
     manifest.json                         every output with its sha256, the config, the code
     gradients/<task>/{train,validation}.parquet, manifest.json    stage 1
     gradients/linearity.json              stage 1's first-order check (Table 5 / Figure 2)
+    estimation/plan.json                  stage 2: the subsets, in their batches (kept when
+                                          tasks are added or removed: stages.plan_batches)
     estimation/subsets-<batch>.json       stage 2: surrogate fits of a batch of subsets
     estimate_check.json                   the estimates against real fine-tuning (Table 3)
     affinity.json, affinity.png           stage 3: task affinity T (eq. 1) and its heatmap
@@ -126,6 +128,10 @@ class RunDir:
     @property
     def linearity(self) -> str:
         return self._path("gradients", "linearity.json")
+
+    @property
+    def subset_plan(self) -> str:
+        return self._path("estimation", "plan.json")
 
     def subsets(self, batch: int) -> str:
         return self._path("estimation", f"subsets-{int(batch):04d}.json")

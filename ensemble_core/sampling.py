@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["sample_subsets", "pair_counts"]
+__all__ = ["sample_subsets", "extend_subsets", "pair_counts"]
 
 
 def pair_counts(subsets: Iterable[Sequence[int]], n: int) -> np.ndarray:
@@ -59,10 +59,11 @@ def _check_args(n_tasks: int, k: int, size: int, min_pair_coverage: int) -> None
 
 
 def _greedy_cover(n: int, size: int, cover: int, budget: int, rng: np.random.Generator,
-                  taken: set) -> list[tuple[int, ...]]:
+                  taken: set, counts: np.ndarray | None = None) -> list[tuple[int, ...]]:
     """Greedy pair covering: each new subset starts at a least-covered pair and grows by the task
-    that reduces the remaining deficit the most (random tie-breaking)."""
-    counts = np.zeros((n, n), dtype=np.int64)
+    that reduces the remaining deficit the most (random tie-breaking). ``counts``: the pair
+    counts of subsets already chosen (``pair_counts``), none by default."""
+    counts = np.zeros((n, n), dtype=np.int64) if counts is None else counts.copy()
     out: list[tuple[int, ...]] = []
     iu = np.triu_indices(n, 1)
     while True:
@@ -149,3 +150,21 @@ def sample_subsets(n_tasks: int, k: int, size: int, min_pair_coverage: int = 1,
     subsets = _greedy_cover(n_tasks, size, cover, k, rng, taken)
     subsets += _fill_random(n_tasks, size, k - len(subsets), rng, taken)
     return subsets
+
+
+def extend_subsets(n_tasks: int, kept: Sequence[Sequence[int]], size: int,
+                   min_pair_coverage: int = 1, seed: int = 0) -> list[tuple[int, ...]]:
+    """The subsets to add to ``kept`` so that every pair of the ``n_tasks`` tasks co-occurs in
+    at least ``min_pair_coverage`` subsets again — after tasks were added (their pairs are
+    uncovered) or removed (the subsets that held them were dropped) — by the same greedy
+    covering; nothing else is added, and ``kept`` is not changed. Deterministic given
+    ``seed`` and the arguments."""
+    n_tasks, size, cover = int(n_tasks), int(size), int(min_pair_coverage)
+    if size < 2 or size > n_tasks:
+        raise ValueError(f"subset size {size} must be between 2 and the number of tasks "
+                         f"{n_tasks}")
+    kept = [tuple(sorted(int(i) for i in s)) for s in kept]
+    rng = np.random.default_rng([int(seed), n_tasks, len(kept)])
+    budget = math.comb(n_tasks, size) - len(set(kept))
+    return _greedy_cover(n_tasks, size, cover, budget, rng, set(kept),
+                         pair_counts(kept, n_tasks))

@@ -41,7 +41,8 @@ from .runtime import (DEVICE_LOCK, cache_path, code_version, feature_table, on_d
                       projector, release_memory, theta_star_model)
 
 __all__ = ["Stage", "stage", "STAGES", "PLANNING", "estimation_examples", "gradient_features",
-           "linearity", "plan_subsets", "subset_batches", "fit_subsets", "affinity_and_groups",
+           "linearity", "plan_subsets", "subset_batches", "plan_batches", "subset_plan",
+           "fit_subsets", "affinity_and_groups",
            "train_group", "save_theta_star", "score_plans", "test_plans", "score_member",
            "scores_of", "read_scores", "boost_group",
            "fit_weights", "compute_summary", "evaluate", "baseline_plan", "evaluate_baselines",
@@ -267,6 +268,46 @@ def subset_batches(cfg, subsets) -> list[list[tuple[int, ...]]]:
     return [list(subsets[i:i + b]) for i in range(0, len(subsets), b)]
 
 
+def _plan_params(cfg) -> dict:
+    e = cfg.estimation
+    return {"seed": cfg.seed, "n_subsets": e.n_subsets, "subset_size": e.subset_size,
+            "min_pair_coverage": e.min_pair_coverage,
+            "subsets_per_task_run": e.subsets_per_task_run}
+
+
+def plan_batches(cfg, previous: dict | None = None) -> list[list[tuple[int, ...]]]:
+    """The subsets of stage 2 in their batches (one task run each), as indices into the
+    config's tasks. Without ``previous`` (a plan of this run directory, :func:`subset_plan`)
+    or when its sampling settings differ: :func:`plan_subsets`, cut into batches. Otherwise
+    the plan is extended, not redrawn (issue 14, item 1): every previous subset whose tasks
+    are all still configured stays in its batch (so its cached fit is reused), the subsets of
+    removed tasks are dropped, and only the subsets that bring every pair of the new task set
+    back to ``min_pair_coverage`` are added, in new batches (``sampling.extend_subsets``)."""
+    from .sampling import extend_subsets
+
+    names = [t.name for t in cfg.tasks]
+    if not previous or previous.get("params") != _plan_params(cfg):
+        return subset_batches(cfg, plan_subsets(cfg))
+    if len(names) < 2 or cfg.estimation.subset_size > len(names):
+        plan_subsets(cfg)  # raises, naming the setting
+    index = {t: i for i, t in enumerate(names)}
+    batches = [[tuple(sorted(index[t] for t in sub)) for sub in batch
+                if all(t in index for t in sub)] for batch in previous["batches"]]
+    batches = [b for b in batches if b]
+    kept = [sub for b in batches for sub in b]
+    added = extend_subsets(len(names), kept, cfg.estimation.subset_size,
+                           cfg.estimation.min_pair_coverage, seed=cfg.seed)
+    return batches + subset_batches(cfg, added)
+
+
+def subset_plan(cfg, batches) -> dict:
+    """The stored form of a plan (``estimation/plan.json``): the sampling settings, the tasks,
+    and every batch's subsets by task name."""
+    names = [t.name for t in cfg.tasks]
+    return {"params": _plan_params(cfg), "tasks": names,
+            "batches": [[[names[i] for i in sub] for sub in b] for b in batches]}
+
+
 def _used(features: dict, subsets, names) -> dict:
     """The features of the tasks in ``subsets`` (indices into ``names``)."""
     return {t: features[t] for t in sorted({names[i] for s in subsets for i in s})}
@@ -317,14 +358,24 @@ def fit_subsets(run: Run, features: dict[str, FeaturesRecord], batch: int,
 # -------------------------------------------------------------------------------------------
 
 @stage(3, "groups", config=("estimation.metric", "clustering", "seed"),
-       key_args=lambda results, tasks: {"results": [(r.tasks, r.per_task) for r in results],
-                                        "tasks": tasks})
+       key_args=lambda results, tasks, previous=None: {
+           "results": [(r.tasks, r.per_task) for r in results], "tasks": tasks,
+           "previous": previous})
 def affinity_and_groups(run: Run, results: Sequence[SubsetEstimate],
-                        tasks: Sequence[str]) -> GroupsRecord:
+                        tasks: Sequence[str], previous: list[list[str]] | None = None
+                        ) -> GroupsRecord:
     """Task affinity T (eq. 1) from the subset results, then groups by the SDP relaxation
-    (Appendix A.1) or the spectral baseline; affinity.json and groups.json."""
+    (Appendix A.1) or the spectral baseline; affinity.json and groups.json.
+
+    With ``clustering.incremental`` and the ``previous`` groups of this run directory (task
+    names), the previous groups are kept (less removed tasks) and each new task joins the
+    group of highest affinity (``clustering.join_by_affinity``), unless that partition's SDP
+    objective is more than ``clustering.regroup_below`` (a fraction) below the fresh SDP's
+    (``clustering.partition_objective``); groups.json says which was used and both
+    objectives."""
     from .affinity import task_affinity
-    from .clustering import SDPClustering, SpectralClustering, groups_to_json
+    from .clustering import (SDPClustering, SpectralClustering, groups_to_json,
+                             join_by_affinity, partition_objective)
 
     t0 = time.perf_counter()
     aff = task_affinity([(r.subset, r.per_task) for r in results], list(tasks),
@@ -342,7 +393,26 @@ def affinity_and_groups(run: Run, results: Sequence[SubsetEstimate],
         info = {"method": "sdp", "status": est.status_, "solver": est.solver_,
                 "objective": float(est.objective_), "selection": est.selection_,
                 "X": est.X_.tolist()}
-    groups = groups_to_json(est.groups_, list(tasks))
+    chosen = [list(g) for g in est.groups_]
+    if c.incremental and previous:
+        index = {t: i for i, t in enumerate(tasks)}
+        kept = [[index[t] for t in g if t in index] for g in previous]
+        kept = [g for g in kept if g]
+        placed = {i for g in kept for i in g}
+        new = [i for i in range(len(tasks)) if i not in placed]
+        if kept and (m is None or len(kept) == m):
+            inc = join_by_affinity(aff.matrix, kept, new)
+            fresh_obj = partition_objective(aff.matrix, chosen)
+            inc_obj = partition_objective(aff.matrix, inc)
+            use = inc_obj >= fresh_obj - c.regroup_below * abs(fresh_obj)
+            info["incremental"] = {
+                "used": "incremental" if use else "fresh",
+                "joined": [tasks[i] for i in new],
+                "incremental_objective": inc_obj, "fresh_objective": fresh_obj,
+                "regroup_below": c.regroup_below}
+            if use:
+                chosen = inc
+    groups = groups_to_json(chosen, list(tasks))
     groups.update(info)
     aff_ref = run.dir.write_bytes(run.dir.affinity, aff.to_json().encode())
     groups_ref = run.dir.write_json(run.dir.groups, groups)

@@ -24,8 +24,11 @@ def affinity_flow(config, overrides: list[str] | None = None,
     if features is None:
         features = gradient_features(run.cfg).features
     features = {t: FeaturesRecord.from_json(r) for t, r in features.items()}
-    subsets = stages.plan_subsets(run.cfg)
-    batches = stages.subset_batches(run.cfg, subsets)
+    previous = run.dir.read_json(run.dir.subset_plan) \
+        if run.dir.exists(run.dir.subset_plan) else None
+    batches = stages.plan_batches(run.cfg, previous)  # an existing plan is extended, not redrawn
+    run.dir.write_json(run.dir.subset_plan, stages.subset_plan(run.cfg, batches))
+    subsets = [s for b in batches for s in b]
     log.info("%d subsets of size %d over %d tasks, in %d task runs", len(subsets),
              run.cfg.estimation.subset_size, len(run.task_names), len(batches))
     fit = for_run(fit_subsets, run)
@@ -33,8 +36,11 @@ def affinity_flow(config, overrides: list[str] | None = None,
                for i, batch in enumerate(batches)]
     done = [SubsetBatch.from_json(f.result()) for f in futures]
     results = [r for b in done for r in b.results]
+    previous = None  # the groups this directory had, for incremental grouping
+    if run.cfg.clustering.incremental and run.dir.exists(run.dir.groups):
+        previous = [g["tasks"] for g in run.dir.read_json(run.dir.groups)["groups"]]
     groups = GroupsRecord.from_json(
-        for_run(affinity_and_groups, run)(run, results, run.task_names))
+        for_run(affinity_and_groups, run)(run, results, run.task_names, previous))
     for k, g in enumerate(groups.group_tasks):
         log.info("group %d: %s", k, ", ".join(g))
     return GroupingResult(done, groups)
@@ -59,7 +65,10 @@ def check_estimates_flow(config, overrides: list[str] | None = None, r: int = 3,
     run = open_run(config, overrides)
     log = get_run_logger()
     features = gradient_features(run.cfg).features
-    res = check_estimates(run, features, stages.plan_subsets(run.cfg), r, seed=run.cfg.seed,
+    previous = run.dir.read_json(run.dir.subset_plan) \
+        if run.dir.exists(run.dir.subset_plan) else None
+    subsets = [s for b in stages.plan_batches(run.cfg, previous) for s in b]
+    res = check_estimates(run, features, subsets, r, seed=run.cfg.seed,
                           progress=lambda i, n, what: log.info("fine-tuned subset %d/%d (%s)",
                                                                i, n, what), dims=dims)
     for s in res.summaries:

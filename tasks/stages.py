@@ -62,9 +62,11 @@ def fit_subsets(run: Run, features: dict[str, FeaturesRecord], batch: int, subse
 
 @task(name="affinity_and_groups", tags=["cpu"], cache_policy=keyed(stages.affinity_and_groups, GroupsRecord),
       task_run_name="affinity-and-groups", **JSON)
-def affinity_and_groups(run: Run, results: list[SubsetEstimate], tasks: list[str]) -> dict:
-    """Task affinity (eq. 1) and the SDP grouping (Appendix A.1)."""
-    return stages.affinity_and_groups(run, results, tasks).to_json()
+def affinity_and_groups(run: Run, results: list[SubsetEstimate], tasks: list[str],
+                        previous: list[list[str]] | None = None) -> dict:
+    """Task affinity (eq. 1) and the SDP grouping (Appendix A.1), or the previous groups with
+    the new tasks joined (clustering.incremental)."""
+    return stages.affinity_and_groups(run, results, tasks, previous).to_json()
 
 
 # -- stage 4: group adapters ----------------------------------------------------------------

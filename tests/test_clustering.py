@@ -233,3 +233,24 @@ def test_accepts_affinity_object_and_groups_json():
     assert json.loads(json.dumps(out)) == out
     with pytest.raises(ValueError, match="exactly one group"):
         groups_to_json([[0, 1], [1, 2]], ["a", "b", "c"])
+
+
+def test_incremental_grouping_joins_the_group_of_highest_affinity():
+    """Issue 14, item 2, on a constructed affinity: tasks 0-1 and 2-3 help each other; a new
+    task 4 that helps 2 and 3 joins their group, the other group is untouched, and the
+    partition objective is the SDP's <A, X> at the partition's X."""
+    from ensemble_core.clustering import centered_affinity, join_by_affinity, partition_objective
+
+    T = np.full((5, 5), 0.1)
+    np.fill_diagonal(T, 0.0)
+    T[0, 1] = T[1, 0] = 1.0
+    T[2, 3] = T[3, 2] = 1.0
+    T[4, 2] = T[2, 4] = T[4, 3] = T[3, 4] = 0.8
+    assert join_by_affinity(T, [[0, 1], [2, 3]], [4]) == [[0, 1], [2, 3, 4]]
+    A = centered_affinity(T)
+    X = np.zeros((5, 5))
+    for g in ([0, 1], [2, 3, 4]):
+        X[np.ix_(g, g)] = 1.0 / len(g)
+    assert partition_objective(T, [[0, 1], [2, 3, 4]]) == pytest.approx(float((A * X).sum()))
+    assert partition_objective(T, [[0, 1], [2, 3, 4]]) > partition_objective(T, [[0, 1, 4],
+                                                                                [2, 3]])

@@ -202,3 +202,49 @@ def test_estimation_sample_is_seeded_recorded_and_bounded(data_root, cache_dir, 
     with pytest.raises(ValueError, match=r"estimation.max_examples.train = 9, but task 'rte' "
                                          r"has only 8 train examples"):
         stages.estimation_examples(Run(parse_config(raw)), "rte", "train")
+
+
+def _with_tasks(names, **estimation):
+    from conftest import tiny_config
+
+    cfg = tiny_config("/nowhere", "/tmp/nowhere")
+    cfg["tasks"] = [{"name": n, "builtin": "superglue/rte"} for n in names]
+    cfg["estimation"] = {**cfg["estimation"], "n_subsets": 10, "subset_size": 2,
+                         "min_pair_coverage": 1, "subsets_per_task_run": 2, **estimation}
+    return parse_config(cfg)
+
+
+def _covered(cfg, batches) -> bool:
+    import itertools
+
+    subsets = [set(s) for b in batches for s in b]
+    return all(any({i, j} <= s for s in subsets)
+               for i, j in itertools.combinations(range(len(cfg.tasks)), 2))
+
+
+def test_a_subset_plan_is_extended_not_redrawn():
+    """Issue 14, item 1: adding a task keeps every subset in its batch and adds only subsets
+    that cover the new task's pairs; removing a task drops its subsets (and covers what they
+    covered); other sampling settings draw a new plan."""
+    four = _with_tasks(["a", "b", "c", "d"])
+    first = stages.plan_batches(four)
+    assert first == stages.subset_batches(four, stages.plan_subsets(four))  # a fresh directory
+    plan = stages.subset_plan(four, first)
+    assert stages.plan_batches(four, plan) == first  # the same tasks: the same plan
+
+    five = _with_tasks(["a", "b", "c", "d", "e"])
+    grown = stages.plan_batches(five, plan)
+    named = stages.subset_plan(five, grown)["batches"]
+    assert named[:len(first)] == plan["batches"]  # every old subset, in its old batch
+    added = [s for b in named[len(first):] for s in b]
+    assert added and all("e" in s for s in added) and len(added) == 4  # e's 4 pairs, once each
+    assert _covered(five, grown)
+
+    three = _with_tasks(["a", "b", "d"])
+    shrunk = stages.subset_plan(three, stages.plan_batches(three, plan))["batches"]
+    assert all("c" not in s for b in shrunk for s in b)
+    assert _covered(three, stages.plan_batches(three, plan))
+
+    other = _with_tasks(["a", "b", "c", "d", "e"], subset_size=3)
+    assert stages.plan_batches(other, plan) == stages.subset_batches(other,
+                                                                      stages.plan_subsets(other))
