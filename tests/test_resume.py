@@ -465,12 +465,16 @@ def test_ensemble_model_refuses_a_changed_adapter(ops, tmp_path, cache_dir):
 
     from ensemble_core.ensemble import EnsembleError, EnsembleModel
 
+    from ensemble_core.versions import resolve
+
     run_dir = tmp_path / "copy"
     shutil.copytree(ops["dirs"]["reference"], run_dir, ignore=shutil.ignore_patterns(".prefect"))
-    spec = json.loads((run_dir / "ensemble.json").read_text())
+    vid, where = resolve(run_dir)  # what from_pretrained loads: the current version
+    assert vid is not None
+    spec = json.loads((Path(where) / "ensemble.json").read_text())
     member = spec["groups"][0]["members"][0]
     assert len(member["sha256"]) == 64
-    weights = run_dir / member["adapter"] / "adapter_model.safetensors"
+    weights = Path(where) / member["adapter"] / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
