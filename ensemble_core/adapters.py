@@ -106,10 +106,17 @@ def _module_io(module) -> tuple[int | None, int | None]:
     return fin, fout
 
 
+# (weight-name marker, the weight dimension checked: "in" = columns, "out" = rows, the module's
+# side it must equal)
+_SHAPE_MARKERS = ((".lora_A.", "in", "input"), (".lora_B.", "out", "output"),
+                  (".bottleneck_down.", "in", "output"), (".bottleneck_up.", "out", "output"))
+ADAPTER_WEIGHT_MARKERS = ("lora_", "bottleneck_")
+
+
 def check_adapter_fits(base_model, adapter_dir) -> None:
-    """Raise AdapterMismatchError unless every LoRA weight in ``adapter_dir`` has a module of
-    the right shape in ``base_model`` (a plain transformers model or a PeftModel). Reads only
-    the safetensors header. Checked before PEFT touches the model, because a failed
+    """Raise AdapterMismatchError unless every LoRA or bottleneck weight in ``adapter_dir`` has
+    a module of the right shape in ``base_model`` (a plain transformers model or a PeftModel).
+    Reads only the safetensors header. Checked before PEFT touches the model, because a failed
     ``PeftModel.from_pretrained`` leaves LoRA layers injected into the base model."""
     from safetensors import safe_open
 
@@ -126,7 +133,10 @@ def check_adapter_fits(base_model, adapter_dir) -> None:
         for key in f.keys():
             shape = tuple(f.get_slice(key).get_shape())
             path = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
-            for marker, which in ((".lora_A.", "A"), (".lora_B.", "B")):
+            # which side of the adapted module each weight must match: LoRA's A reads the
+            # module's input and B writes its output; a bottleneck adapter reads and writes the
+            # module's output (ensemble_core/bottleneck.py)
+            for marker, which, side in _SHAPE_MARKERS:
                 if marker in path:
                     mod_path = path.split(marker)[0]
                     break
@@ -139,10 +149,9 @@ def check_adapter_fits(base_model, adapter_dir) -> None:
             fin, fout = _module_io(module)
             if fin is None or len(shape) != 2:
                 continue
-            want = shape[1] if which == "A" else shape[0]
-            have = fin if which == "A" else fout
+            want = shape[1] if which == "in" else shape[0]
+            have = fin if side == "input" else fout
             if want != have:
-                side = "input" if which == "A" else "output"
                 problems.append(f"{key}: shape {list(shape)} needs {side} size {want}, module "
                                 f"{mod_path!r} of the base model has {have}")
     if problems:
@@ -190,6 +199,8 @@ def load_adapter(base_model, adapter_dir, adapter_name: str | None = None, *,
     """
     from peft import PeftModel
 
+    from . import bottleneck  # noqa: F401  (registers the bottleneck PEFT method)
+
     adapter_dir = Path(adapter_dir)
     _check_fingerprint(adapter_dir, base_fingerprint)
     check_adapter_fits(base_model, adapter_dir)
@@ -223,7 +234,8 @@ def load_weights(model, adapter_dir) -> None:
     adapter_dir = Path(adapter_dir)
     check_adapter_fits(model, adapter_dir)
     result = set_peft_model_state_dict(model, load_file(str(adapter_dir / ADAPTER_WEIGHTS)))
-    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    missing = [k for k in getattr(result, "missing_keys", [])
+               if any(m in k for m in ADAPTER_WEIGHT_MARKERS)]
     if missing:
         raise AdapterMismatchError(f"adapter {adapter_dir} lacks weights for {missing[:3]}")
 

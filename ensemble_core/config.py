@@ -111,13 +111,29 @@ class ModelConfig(_Strict):
 
 
 class AdapterConfig(_Strict):
-    kind: Literal["lora"] = "lora"
-    r: int = Field(8, ge=1)
-    alpha: float = 16.0
+    # "lora" (LoRA; QLoRA on an nf4 base) or "bottleneck" (Houlsby adapters; QAdapter on an nf4
+    # base; ensemble_core/bottleneck.py) — the paper's four base methods (Figure 2, Table 2)
+    kind: Literal["lora", "bottleneck"] = "lora"
+    r: int = Field(8, ge=1)  # LoRA rank
+    alpha: float = 16.0  # LoRA scale alpha / r
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # the modules adapted: LoRA's wrapped Linears, or the modules a bottleneck adapter follows
+    # (default for "bottleneck": o_proj and down_proj, i.e. after attention and after the MLP)
     target_modules: list[str] = ["q_proj", "v_proj"]
     # PEFT init_lora_weights: "true" (B = 0, the standard), "false" (B random), "gaussian", "pissa"…
     init: str = "true"
+    # bottleneck only: out_features // reduction_factor units (the paper uses 256 on 7B models,
+    # hidden size 4096: 16 units; SmolLM2's 576 at 16 gives 36), and the nonlinearity between
+    reduction_factor: int = Field(16, ge=1)
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bottleneck_targets(cls, data):
+        if isinstance(data, dict) and data.get("kind") == "bottleneck" \
+                and "target_modules" not in data:
+            data = dict(data, target_modules=["o_proj", "down_proj"])
+        return data
 
 
 class EstimationConfig(_Strict):

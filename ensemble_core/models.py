@@ -295,7 +295,16 @@ def _weights_digest(src: str) -> str | None:
     return h.hexdigest()
 
 
-def lora_config(adapter):
+def peft_config(adapter):
+    """The PEFT config of an ``AdapterConfig``: LoRA (``LoraConfig``) or the bottleneck adapter
+    (``bottleneck.BottleneckConfig``)."""
+    if adapter.kind == "bottleneck":
+        from .bottleneck import BottleneckConfig
+
+        return BottleneckConfig(target_modules=list(adapter.target_modules),
+                                reduction_factor=adapter.reduction_factor,
+                                non_linearity=adapter.non_linearity, dropout=adapter.dropout,
+                                task_type="CAUSAL_LM")
     from peft import LoraConfig
 
     init = adapter.init
@@ -308,13 +317,39 @@ def lora_config(adapter):
                       bias="none", task_type="CAUSAL_LM")
 
 
+def check_adapter_config(base_model, adapter) -> None:
+    """Config errors naming the key for an adapter that cannot be built on this model: a
+    target module the model lacks, a bottleneck with no units."""
+    names = [n for n, _ in base_model.named_modules()]
+    missing = [t for t in adapter.target_modules
+               if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in base_model.named_modules()
+                         if isinstance(m, torch.nn.Linear) or hasattr(m, "out_features")})
+        raise ModelError(f"adapter.target_modules: the model has no module named "
+                         f"{', '.join(map(repr, missing))} (its linear modules: "
+                         f"{', '.join(leaves)})")
+    if adapter.kind == "bottleneck":
+        from .bottleneck import bottleneck_size
+
+        for n, m in base_model.named_modules():
+            if any(n == t or n.endswith("." + t) for t in adapter.target_modules):
+                out = getattr(m, "out_features", None)
+                if out is not None:
+                    try:
+                        bottleneck_size(out, adapter.reduction_factor)
+                    except ValueError as e:
+                        raise ModelError(f"{e} (module {n})") from None
+
+
 def attach_adapter(base_model, adapter, seed: int = 0):
-    """Wrap a base model with a fresh LoRA adapter (PEFT). The adapter's initial weights are
-    seeded so θ* is reproducible."""
+    """Wrap a base model with a fresh adapter (PEFT: LoRA or bottleneck). The adapter's
+    initial weights are seeded so θ* is reproducible."""
     from peft import get_peft_model
 
+    check_adapter_config(base_model, adapter)
     torch.manual_seed(seed)
-    model = get_peft_model(base_model, lora_config(adapter))
+    model = get_peft_model(base_model, peft_config(adapter))
     model.eval()
     return model
 

@@ -152,6 +152,11 @@ def estimation_examples(run: Run, task: str, split: str):
     return [examples[i] for i in keep]
 
 
+def _adapter_words(a) -> str:
+    size = (f"reduction factor {a.reduction_factor}" if a.kind == "bottleneck" else f"r = {a.r}")
+    return f"adapter {a.kind} {size} on {', '.join(a.target_modules)}"
+
+
 def _stage1_projector(run: Run, lm):
     e, a = run.cfg.estimation, run.cfg.adapter
     p = sum(q.numel() for q in lm.model.parameters() if q.requires_grad)
@@ -159,7 +164,7 @@ def _stage1_projector(run: Run, lm):
     if d > p:  # name the config key, not only the projector's d and p
         raise ValueError(f"estimation.projection_dim = {d} (d) is larger than the "
                          f"number of adapter parameters p = {p} (model {run.cfg.model.name!r}, "
-                         f"adapter r = {a.r} on {', '.join(a.target_modules)}); choose d <= {p}")
+                         f"{_adapter_words(a)}); choose d <= {p}")
     return projector(p, d, e.projection_seed, e.projection_block_rows, e.projection_cache_gb,
                      lm.device)
 

@@ -8,7 +8,8 @@ from ensemble_core.data import Example, load_task
 from ensemble_core.checks import linearity_check
 from ensemble_core.gradients import (batched_gradients, extract_features,
                                      reference_gradients)
-from ensemble_core.models import load_model, trainable_parameters
+from ensemble_core.models import (adapter_vector, load_model, set_adapter_vector,
+                                   trainable_parameters)
 from ensemble_core.scoring import ChoiceScorer
 from ensemble_core.projection import GaussianProjector
 
@@ -39,12 +40,24 @@ def _check_rows(G, ref_D, examples):
         r += len(ex.choices)
 
 
-@pytest.fixture(scope="module", params=["none", "nf4"])
+@pytest.fixture(scope="module", params=["lora/none", "lora/nf4", "bottleneck/none",
+                                        "bottleneck/nf4"])
 def loaded(request, data_root, cache_dir, tmp_path_factory):
-    cfg = parse_config(tiny_config(data_root, tmp_path_factory.mktemp("run"),
-                                   cache_dir=str(cache_dir)))
-    cfg.model.quantization = request.param
-    return cfg, load_model(cfg, cache_dir)
+    """LoRA, QLoRA, the bottleneck adapter and QAdapter on the tiny model. A bottleneck's
+    up-projection starts at zero, which makes its down-projection's gradient zero: its weights
+    are moved off θ* (seeded) so that every gradient entry is exercised."""
+    kind, quant = request.param.split("/")
+    d = tiny_config(data_root, tmp_path_factory.mktemp("run"), cache_dir=str(cache_dir))
+    if kind == "bottleneck":
+        d["adapter"] = {"kind": "bottleneck", "reduction_factor": 8}
+    cfg = parse_config(d)
+    cfg.model.quantization = quant
+    lm = load_model(cfg, cache_dir)
+    if kind == "bottleneck":
+        g = torch.Generator().manual_seed(0)
+        theta = adapter_vector(lm.model)
+        set_adapter_vector(lm.model, theta + 0.05 * torch.randn(theta.shape, generator=g))
+    return cfg, lm
 
 
 @pytest.mark.parametrize("task", ["rte", "cb", "copa"])
