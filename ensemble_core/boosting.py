@@ -26,6 +26,27 @@ which starts as the group's fine-tuned adapter alone (scale 1). A boosting step:
 5. an accepted step adds two members: the boosting adapter (scale +1) and θ* (scale −1), so
    the group adds exactly h_k − h0 (with_boosting_member).
 
+Two more modes (``boosting.mode``; the paper's code, Appendix A.2) replace steps 2–3 and keep
+the accept/reject of step 4 on the exact training loss:
+
+* ``exact`` (:func:`exact_boost_step`): the boosting adapter is really fine-tuned from θ* to fit
+  the residuals, minimising the mean over the group's train sample of
+  Σ_c ((h_k − h0)_c(s) − mean_c'(h_k − h0)_c'(s) − r_c(s))² (the squared error of its centred
+  change of the scores to the residuals; centred because no softmax sees a shift common to an
+  example's choices), and enters the group with scale η: h + η·(h_k − h0), members (adapter,
+  +η), (θ*, −η) — gradient boosting with shrinkage η;
+* ``adaboost`` (:func:`adaboost_step`, AdaBoost.M1): the group's members m_0 (its fine-tuned
+  adapter), m_1, … in order, from uniform sample weights w: err_t = Σ w·1[m_t wrong] / Σ w,
+  α_t = log((1 − err_t)/err_t), w ← w·exp(α_t·1[m_t wrong]); the new adapter is fine-tuned
+  from θ* on the group's train sample with the example weights w (mean 1) in its log loss, and
+  the group becomes Σ_t α_t·h_t / Σ_t α_t (scores weighted by α, normalised so that they stay
+  on one model's scale). A member with err ≥ 1/2 has α ≤ 0 and ends boosting (rejected). η is
+  not used.
+
+Both train on the examples the members' train scores exist for: the group's stage-1 train
+sample (``estimation.max_examples``), with ``training`` (learning rate, epochs, batch size) and
+no validation (the last epoch is kept).
+
 The ``stages`` module reads the records this needs and writes the adapter; the flow only
 sequences the steps.
 """
@@ -41,9 +62,13 @@ import torch
 from .choices import Choices, flatten
 from .features import FeatureTable
 from .records import BoostRecord, GroupEnsemble, Member
+from .rundir import THETA_STAR
 
 __all__ = ["group_scores", "group_train_loss", "choose_group", "fit_residuals", "restore",
-           "boost_step", "with_boosting_member"]
+           "boost_step", "with_boosting_member", "exact_boost_step", "adaboost_step",
+           "adaboost_alphas", "residual_loss", "weighted_choice_loss", "MODES"]
+
+MODES = ("first-order", "exact", "adaboost")
 
 MemberScores = Mapping[str, Mapping[str, Mapping[str, list]]]  # member -> task -> split -> rows
 
@@ -130,7 +155,7 @@ def restore(model, x: np.ndarray, eta: float, projector) -> tuple[torch.Tensor, 
 
 def boost_step(group: GroupEnsemble, step: int, model, score_train, save,
                tables: Sequence[FeatureTable], h_current: np.ndarray, l2: float, eta: float,
-               projector) -> BoostRecord:
+               projector, theta_star: str = THETA_STAR) -> BoostRecord:
     """One boosting step on ``group`` (steps 2–4 of the module docstring). ``model`` holds θ*
     and ends holding θ* + η·P x̂; ``save(model)`` writes it as the boosting adapter and returns
     its ``AdapterRecord``; ``score_train(model)`` returns the model's scores of the group's
@@ -161,10 +186,158 @@ def boost_step(group: GroupEnsemble, step: int, model, score_train, save,
         train_loss_first_order=gold.log_loss(h_current + eta * (G @ x)),
         x_norm=float(np.linalg.norm(x)),
         relative_distance=float(delta.norm() / max(float(theta0.norm()), 1e-30)),
-        accepted=bool(loss_after < loss_before), seconds=time.perf_counter() - t0)
+        accepted=bool(loss_after < loss_before), seconds=time.perf_counter() - t0,
+        mode="first-order",
+        members=with_boosting_member(group, adapter.name, theta_star).members)
 
 
-def with_boosting_member(group: GroupEnsemble, adapter: str, theta_star: str) -> GroupEnsemble:
-    """The group after an accepted step: + h_k − h0, as members (adapter, +1), (θ*, −1)."""
-    return replace(group, members=[*group.members, Member(adapter, 1.0),
-                                   Member(theta_star, -1.0)])
+def with_boosting_member(group: GroupEnsemble, adapter: str, theta_star: str,
+                         scale: float = 1.0) -> GroupEnsemble:
+    """The group after an accepted step: + scale·(h_k − h0), as members (adapter, +scale),
+    (θ*, −scale)."""
+    return replace(group, members=[*group.members, Member(adapter, scale),
+                                   Member(theta_star, -scale)])
+
+
+def _relative_distance(model, theta0: torch.Tensor) -> float:
+    from .models import adapter_vector
+
+    return float((adapter_vector(model) - theta0).norm() / max(float(theta0.norm()), 1e-30))
+
+
+def residual_loss(targets: Mapping[tuple[str, str], tuple[np.ndarray, np.ndarray]]):
+    """The exact mode's training loss (module docstring): for a batch, the mean over its
+    examples of Σ_c (centred(h_θ − h0)_c − r_c)². ``targets[(task, example_id)]`` = (h0, r),
+    the example's θ* scores and residuals. Returns ``loss_fn(model, batch, examples)`` for
+    ``training.train_adapter``."""
+    from .scoring import choice_outputs
+
+    def loss_fn(model, batch, examples):
+        h = choice_outputs(model, batch)
+        h0 = np.concatenate([targets[(e.task, e.example_id)][0] for e in examples])
+        r = np.concatenate([targets[(e.task, e.example_id)][1] for e in examples])
+        f = h - torch.as_tensor(h0, dtype=h.dtype, device=h.device)
+        n = torch.as_tensor(batch.n_choices, device=h.device)
+        ex = torch.repeat_interleave(torch.arange(len(n), device=h.device), n)
+        mean = torch.zeros(len(n), dtype=h.dtype, device=h.device).index_add(0, ex, f) / n
+        err = f - mean[ex] - torch.as_tensor(r, dtype=h.dtype, device=h.device)
+        return torch.zeros(len(n), dtype=h.dtype, device=h.device).index_add(
+            0, ex, err ** 2).mean()
+    return loss_fn
+
+
+def weighted_choice_loss(weights: Mapping[tuple[str, str], float]):
+    """AdaBoost's training loss: Σ_s w_s·ℓ_s / n over a batch, ℓ the multiple-choice log loss
+    and ``weights[(task, example_id)]`` the sample weights (mean 1 over the training set)."""
+    from .choices import segment_log_softmax
+    from .scoring import choice_outputs, gold_rows
+
+    def loss_fn(model, batch, examples):
+        scores = choice_outputs(model, batch)
+        nll = -segment_log_softmax(scores, batch.n_choices)[gold_rows(examples).to(scores.device)]
+        w = torch.as_tensor([weights[(e.task, e.example_id)] for e in examples],
+                            dtype=nll.dtype, device=nll.device)
+        return (w * nll).mean()
+    return loss_fn
+
+
+def _example_keys(tables: Sequence[FeatureTable]) -> list[tuple[str, str]]:
+    return [(t.task, str(t.example_id[i])) for t in tables for i in t.choices.starts]
+
+
+def exact_boost_step(group: GroupEnsemble, step: int, model, score_train, save, train,
+                     tables: Sequence[FeatureTable], h_current: np.ndarray, eta: float,
+                     theta_star: str) -> BoostRecord:
+    """One ``exact`` boosting step (module docstring). ``model`` holds θ* and is fine-tuned in
+    place by ``train(model, loss_fn)`` on the group's train sample; ``save``, ``score_train``,
+    ``h_current`` as in :func:`boost_step`."""
+    from .models import adapter_vector
+
+    t0 = time.perf_counter()
+    gold = _train_layout(tables)
+    h0 = np.concatenate([t.output for t in tables]).astype(np.float64)
+    if len(h_current) != len(h0):
+        raise ValueError(f"group {group.name}: {len(h_current)} scored rows, {len(h0)} feature "
+                         "rows")
+    loss_before = gold.log_loss(h_current)
+    r = gold.residuals(h_current)
+    keys = _example_keys(tables)
+    targets = {k: (h0[a:a + n], r[a:a + n])
+               for k, a, n in zip(keys, gold.starts, gold.n_choices)}
+    theta0 = adapter_vector(model)
+    train(model, residual_loss(targets))
+    adapter = save(model)
+    h_k = np.asarray(score_train(model), np.float64)
+    loss_after = gold.log_loss(h_current + eta * (h_k - h0))
+    if not np.isfinite(loss_after):
+        raise ValueError(f"group {group.name}: the boosted ensemble's training loss is "
+                         f"{loss_after} (lower training.learning_rate or boosting.eta)")
+    return BoostRecord(
+        adapter=adapter, group=group.name, step=step, eta=eta, train_loss_before=loss_before,
+        train_loss_after=loss_after, train_loss_first_order=None, x_norm=None,
+        relative_distance=_relative_distance(model, theta0),
+        accepted=bool(loss_after < loss_before), seconds=time.perf_counter() - t0,
+        mode="exact",
+        members=with_boosting_member(group, adapter.name, theta_star, eta).members)
+
+
+ERR_FLOOR = 1e-6  # err is clipped to [ERR_FLOOR, 1 − ERR_FLOOR]: α stays finite for a perfect member
+
+
+def adaboost_alphas(wrong: Sequence[np.ndarray]) -> tuple[list[float], list[float], np.ndarray]:
+    """AdaBoost.M1 over members in order (module docstring): ``wrong[t]`` [N] is 1 where member
+    t misclassifies example s. Returns (err_t, α_t, the sample weights after the last member,
+    normalised to mean 1). Starts from uniform weights."""
+    n = len(wrong[0]) if wrong else 0
+    w = np.full(n, 1.0)
+    errs, alphas = [], []
+    for m in wrong:
+        m = np.asarray(m, np.float64)
+        err = float(np.clip(np.sum(w * m) / np.sum(w), ERR_FLOOR, 1 - ERR_FLOOR))
+        alpha = float(np.log((1 - err) / err))
+        w = w * np.exp(alpha * m)
+        w = w / w.mean()
+        errs.append(err)
+        alphas.append(alpha)
+    return errs, alphas, w
+
+
+def adaboost_step(group: GroupEnsemble, step: int, model, score_train, save, train,
+                  tables: Sequence[FeatureTable], member_train: Mapping[str, np.ndarray],
+                  eta: float) -> BoostRecord:
+    """One ``adaboost`` step (module docstring). ``member_train[name]`` are the flat train
+    scores of each of the group's members (in ``group.members`` order); ``model`` holds θ* and
+    is fine-tuned in place by ``train(model, loss_fn)`` with the sample weights."""
+    from .models import adapter_vector
+
+    t0 = time.perf_counter()
+    gold = _train_layout(tables)
+    names = [m.name for m in group.members]
+    wrong = [~gold.correct(np.asarray(member_train[n], np.float64)) for n in names]
+    _, alphas, w = adaboost_alphas(wrong)
+    h_current = sum(m.scale * np.asarray(member_train[m.name], np.float64)
+                    for m in group.members)
+    loss_before = gold.log_loss(h_current)
+    theta0 = adapter_vector(model)
+    keys = _example_keys(tables)
+    train(model, weighted_choice_loss(dict(zip(keys, w.tolist()))))
+    adapter = save(model)
+    h_k = np.asarray(score_train(model), np.float64)
+    errs, alphas_new, _ = adaboost_alphas([*wrong, ~gold.correct(h_k)])
+    alpha = alphas_new[-1]
+    total = sum(alphas) + alpha
+    if total > 0:  # the group re-weighted: Σ_t α_t h_t / Σ_t α_t
+        members = [Member(n, a / total) for n, a in zip(names, alphas)]
+        members.append(Member(adapter.name, alpha / total))
+        h_new = sum(m.scale * np.asarray(member_train[m.name] if m.name in member_train
+                                         else h_k, np.float64) for m in members)
+    else:
+        members, h_new = list(group.members), h_current
+    loss_after = gold.log_loss(h_new)
+    return BoostRecord(
+        adapter=adapter, group=group.name, step=step, eta=eta, train_loss_before=loss_before,
+        train_loss_after=loss_after, train_loss_first_order=None, x_norm=None,
+        relative_distance=_relative_distance(model, theta0),
+        accepted=bool(alpha > 0 and loss_after < loss_before and all(a > 0 for a in alphas)),
+        seconds=time.perf_counter() - t0, mode="adaboost", members=members,
+        alpha=alpha, error=errs[-1])

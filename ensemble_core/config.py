@@ -251,19 +251,12 @@ class TrainingConfig(_Strict):
 class BoostingConfig(_Strict):
     steps: int = Field(1, ge=0)  # b
     eta: float = Field(0.1, gt=0.0)  # η
-    # how a boosting adapter is fitted to the residuals: "first-order" (ridge regression on the
-    # projected gradients, restored as θ* + η·P x̂; docs/design.md, "Stage 5")
-    mode: str = "first-order"
-
-    @field_validator("mode")
-    @classmethod
-    def _known_mode(cls, v):
-        if v == "exact":
-            raise ValueError("exact boosting (fine-tuning the boosting adapter on the "
-                             "residuals) is not implemented yet; use 'first-order'")
-        if v != "first-order":
-            raise ValueError(f"the only boosting mode is 'first-order', got {v!r}")
-        return v
+    # how a boosting adapter is fitted to the residuals (ensemble_core/boosting.py):
+    # "first-order" (ridge regression on the projected gradients, restored as θ* + η·P x̂;
+    # docs/design.md, "Stage 5"), "exact" (the adapter fine-tuned on the residuals, squared
+    # error, added with scale η) or "adaboost" (AdaBoost.M1: sample weights from the members'
+    # errors, α = log((1 − err)/err)); exact and adaboost train with `training`
+    mode: Literal["first-order", "exact", "adaboost"] = "first-order"
 
 
 class EvaluationConfig(_Strict):

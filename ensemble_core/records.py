@@ -371,11 +371,17 @@ class BoostRecord(Record):
     eta: float
     train_loss_before: float
     train_loss_after: float
-    train_loss_first_order: float
-    x_norm: float
+    train_loss_first_order: float | None  # first-order mode only (the linear model's loss)
+    x_norm: float | None  # first-order mode only
     relative_distance: float
     accepted: bool
     seconds: float
+    mode: str = "first-order"  # boosting.mode
+    # the chosen group's members if the step is accepted (boosting.py: +η·(h_k − h0) as two
+    # members, or AdaBoost's α-weighted members)
+    members: list[Member] = dataclasses.field(default_factory=list)
+    alpha: float | None = None  # adaboost: the new member's α = log((1 − err)/err)
+    error: float | None = None  # adaboost: its weighted training error err
 
 
 @dataclasses.dataclass(frozen=True)

@@ -477,15 +477,15 @@ def save_theta_star(run: Run) -> AdapterRecord:
 # Stage 5: boosting and weights (Algorithm 2; Appendix A.2)
 # -------------------------------------------------------------------------------------------
 
-def score_plans(tasks: Sequence[str], groups: Sequence[GroupEnsemble], boosting_steps: int
-                ) -> dict[str, dict[str, list[str]]]:
+def score_plans(tasks: Sequence[str], groups: Sequence[GroupEnsemble], boosting_steps: int,
+                mode: str = "first-order") -> dict[str, dict[str, list[str]]]:
     """Which member is scored on which split of which tasks before the weights — only what a
     later step reads: a group adapter on its own train sample (boosting) and every task's
     validation examples (weights); θ* (a member of every boosted group) on validation, and on
-    train when boosting takes several steps. The test split comes after the weights
-    (:func:`test_plans`)."""
+    train when boosting takes several steps (AdaBoost's members do not include θ*). The test
+    split comes after the weights (:func:`test_plans`)."""
     plans = {g.name: {"train": list(g.tasks), "validation": list(tasks)} for g in groups}
-    if boosting_steps > 0:
+    if boosting_steps > 0 and mode != "adaboost":
         plans[THETA_STAR] = {"validation": list(tasks)}
         if boosting_steps > 1:
             plans[THETA_STAR]["train"] = list(tasks)
@@ -571,7 +571,8 @@ def group_losses(run: Run, groups: Sequence[GroupEnsemble], features: dict[str, 
 
 @stage(5, "boost", config=MODEL + ("boosting.eta", "boosting.mode", "estimation.l2",
                                    "estimation.batch_size", "estimation.fit_dim",
-                                   "estimation.projection_dim", "estimation.max_examples"),
+                                   "estimation.projection_dim", "estimation.max_examples",
+                                   "training"),
        reads=lambda group, features, scores, step: group.tasks,
        key_args=lambda group, features, scores, step: {
            "group": group, "features": {t: features[t] for t in group.tasks},
@@ -579,14 +580,16 @@ def group_losses(run: Run, groups: Sequence[GroupEnsemble], features: dict[str, 
 @on_device
 def boost_group(run: Run, group: GroupEnsemble, features: dict[str, FeaturesRecord],
                 scores: dict[str, ScoresRecord], step: int) -> BoostRecord:
-    """One boosting step on ``group`` (``boosting.boost_step``): the boosting adapter
-    group-<k>-boost-<step> restored from the residual fit and saved as a PEFT adapter."""
+    """One boosting step on ``group`` in ``boosting.mode`` (``boosting``): the boosting
+    adapter group-<k>-boost-<step> — restored from the residual fit (first-order) or
+    fine-tuned from θ* (exact, adaboost) — saved as a PEFT adapter."""
     from .adapters import save_adapter
-    from .boosting import boost_step, group_scores
+    from .boosting import adaboost_step, boost_step, exact_boost_step, group_scores
     from .choices import flatten
     from .models import load_model
     from .projection import GaussianProjector
     from .scoring import predict_scores
+    from .training import train_adapter
 
     t0 = time.perf_counter()
     cfg = run.cfg
@@ -612,8 +615,22 @@ def boost_group(run: Run, group: GroupEnsemble, features: dict[str, FeaturesReco
                      base_fingerprint=lm.fingerprint["base"])
         return _adapter_record(run, name, group.tasks)
 
-    rec = boost_step(group, step, lm.model, score_train, save, tables, h_cur,
-                     cfg.estimation.l2, cfg.boosting.eta, proj)
+    def train_on_sample(model, loss_fn):  # exact / adaboost: the sample the scores exist for
+        return train_adapter(model, lm.tokenizer, train, [], cfg.training, cfg.model.max_length,
+                             cfg.model.choice_mode, validate_initial=False, loss_fn=loss_fn)
+
+    mode = cfg.boosting.mode
+    if mode == "exact":
+        rec = exact_boost_step(group, step, lm.model, score_train, save, train_on_sample, tables,
+                               h_cur, cfg.boosting.eta, THETA_STAR)
+    elif mode == "adaboost":
+        flat = {m.name: flatten([s for t in group.tasks for s in member[m.name][t]["train"]])[0]
+                for m in group.members}
+        rec = adaboost_step(group, step, lm.model, score_train, save, train_on_sample, tables,
+                            flat, cfg.boosting.eta)
+    else:
+        rec = boost_step(group, step, lm.model, score_train, save, tables, h_cur,
+                         cfg.estimation.l2, cfg.boosting.eta, proj, THETA_STAR)
     return replace(rec, seconds=time.perf_counter() - t0)  # the whole stage, loading included
 
 
@@ -630,7 +647,8 @@ def _flat_boost(b: BoostRecord) -> dict:
             "train_loss_before": b.train_loss_before, "train_loss_after": b.train_loss_after,
             "train_loss_first_order": b.train_loss_first_order, "x_norm": b.x_norm,
             "relative_distance": b.relative_distance, "accepted": b.accepted,
-            "seconds": b.seconds}
+            "seconds": b.seconds, "mode": b.mode, "alpha": b.alpha, "error": b.error,
+            "members": [{"adapter": m.name, "scale": m.scale} for m in b.members]}
 
 
 def _base_fingerprint(run: Run, adapter: str) -> dict:

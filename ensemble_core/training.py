@@ -183,8 +183,8 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example],
                   val_examples: Sequence[Example], tcfg, max_length: int,
                   choice_mode: str = "auto",
                   progress: Progress | None = None, *,
-                  eval_batch_size: int | None = None, validate_initial: bool = True
-                  ) -> TrainResult:
+                  eval_batch_size: int | None = None, validate_initial: bool = True,
+                  loss_fn=None) -> TrainResult:
     """Fine-tune the trainable (LoRA / QLoRA) weights of a PeftModel on examples of several
     tasks; return a TrainResult. The model is modified in place and ends holding the weights of
     the best epoch (lowest validation loss; the last epoch when there are no validation
@@ -203,6 +203,8 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example],
 
     ``progress(epoch, epochs, detail)``, if given, is called after every epoch's validation
     (before the best weights are restored at the end); ``detail`` gives the epoch's losses.
+    ``loss_fn(model, batch, examples)`` replaces the multiple-choice log loss (the boosting
+    modes' residual and sample-weighted losses, ``boosting``).
     """
     if not train_examples:
         raise ValueError("train_adapter: no training examples")
@@ -258,7 +260,7 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example],
                     for task, idx in group:
                         exs = [train_examples[i] for i in idx]
                         batch = scorer.encode(exs, mode=train_modes[task]).to(device)
-                        loss = choice_loss(model, batch, exs)
+                        loss = (loss_fn or choice_loss)(model, batch, exs)
                         (loss / len(group)).backward()
                         lv = float(loss.detach())
                         if not math.isfinite(lv):

@@ -4,17 +4,19 @@ adapters) and stages 5–6 (boosting, weights, evaluation). The flows only seque
 stages (ensemble_core.stages) through their Prefect tasks (tasks/stages.py)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from ensemble_core import stages, versions
-from ensemble_core.boosting import choose_group, with_boosting_member
+from ensemble_core.boosting import choose_group
 from ensemble_core.records import (AdapterRecord, AdaptersResult, BaselinesRecord, BoostRecord,
                                    EnsembleRecord, EnsembleResult, EvaluationRecord,
                                    FeaturesRecord, FeaturesResult, GroupEnsemble, GroupingResult,
                                    Member, PipelineResult, ScoresRecord)
 from ensemble_core.report import ACCURACY_HEADERS, accuracy_rows
-from ensemble_core.rundir import BASELINE, THETA_STAR
+from ensemble_core.rundir import BASELINE
 from ensemble_core.runtime import release_models
 from tasks.common import for_run
 from tasks.stages import (boost_group, evaluate, evaluate_baselines, fit_weights,
@@ -64,7 +66,8 @@ def boosting_and_weights(config, adapters: AdaptersResult,
     score = for_run(score_member, run)
     known = adapters.all()
     futures = {k: score.submit(run, known[k], plan)
-               for k, plan in stages.score_plans(run.task_names, groups, steps_wanted).items()}
+               for k, plan in stages.score_plans(run.task_names, groups, steps_wanted,
+                                                    run.cfg.boosting.mode).items()}
     scores = {k: ScoresRecord.from_json(f.result()) for k, f in futures.items()}
     boosting: list[BoostRecord] = []
     for step in range(1, steps_wanted + 1):
@@ -80,8 +83,7 @@ def boosting_and_weights(config, adapters: AdaptersResult,
         if not rec.accepted:
             log.info("boosting stopped early: the training loss did not fall")
             break
-        groups = [with_boosting_member(g, rec.adapter.name, THETA_STAR) if g is chosen else g
-                  for g in groups]
+        groups = [replace(g, members=rec.members) if g is chosen else g for g in groups]
         scores[rec.adapter.name] = ScoresRecord.from_json(
             score(run, rec.adapter, stages.boost_score_plan(run.task_names, chosen)))
     stages.write_boosting(run, boosting)

@@ -31,6 +31,11 @@ CONFIG = "configs/tiny.yaml"
 TASKS = ["rte", "cb", "copa", "wic"]  # as in configs/tiny.yaml
 TRAINED = ["group-0", "group-1", "all-tasks", "theta-star"]  # n_groups = 2 + baseline + θ*
 RUN_TIMEOUT_S = 240
+# extra arguments of a scenario's runs: the bottleneck adapter (issue 13) after attention and
+# the MLP, 64 // 8 = 8 units on the tiny model
+EXTRA = {"bottleneck": ["--set", "adapter.kind=bottleneck", "--set",
+                        "adapter.target_modules=[o_proj, down_proj]", "--set",
+                        "adapter.reduction_factor=8"]}
 # compute fields that are wall-clock measurements (they differ between any two runs)
 TIMING_FIELDS = {"gradients_s", "estimation_s", "group_adapters_s", "boosting_s",
                  "ensemble_pipeline_s", "baseline_s", "ratio", "peak_memory_bytes"}
@@ -239,7 +244,8 @@ def scenario(env, base_args, tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("operations")
     version = _code_version()
-    dirs = {k: root / k / "run" for k in ("reference", "stage-1", "training", "shared")}
+    dirs = {k: root / k / "run" for k in ("reference", "stage-1", "training", "shared",
+                                          "bottleneck")}
     for d in dirs.values():
         d.parent.mkdir()
     out: dict = {"dirs": dirs, "version": version}
@@ -259,13 +265,19 @@ def _scenario(env, base_args, root: Path, dirs: dict, out: dict) -> dict:
     # phase 1
     ref = Run(env, base_args, dirs["reference"], root / "reference" / "run.log")
     victims = {"stage-1": (_gradients_done, "stage 1 had finished some but not all tasks"),
-               "training": (_training_underway, "group training was under way")}
-    runs = {k: Run(env, base_args, dirs[k], root / k / "killed.log") for k in victims}
+               "training": (_training_underway, "group training was under way"),
+               # issue 13: the pipeline with bottleneck adapters, killed and resumed
+               "bottleneck": (_training_underway, "bottleneck training was under way")}
+    runs = {k: Run(env, base_args, dirs[k], root / k / "killed.log", *EXTRA.get(k, ()))
+            for k in victims}
     with ThreadPoolExecutor(len(runs)) as pool:
         futures = [pool.submit(runs[k].kill_when, lambda d=dirs[k], f=cond: f(d), what)
                    for k, (cond, what) in victims.items()]
         for f in futures:
             f.result()
+    d = dirs["bottleneck"]
+    out["bottleneck"] = {"done": set(records(d, "train")) | set(records(d, "theta-star")),
+                         "records": {**records(d, "train"), **records(d, "theta-star")}}
     d = dirs["stage-1"]
     out["stage-1"] = {
         "done": set(records(d, "gradients")),
@@ -284,7 +296,8 @@ def _scenario(env, base_args, root: Path, dirs: dict, out: dict) -> dict:
     out["reference-states"] = states_of(dirs["reference"])
 
     # phase 2
-    resumed = [Run(env, base_args, dirs[k], root / k / "resumed.log") for k in victims]
+    resumed = [Run(env, base_args, dirs[k], root / k / "resumed.log", *EXTRA.get(k, ()))
+               for k in victims]
     fresh_cache = ["--set", f"cache_dir={root / 'shared' / 'model-cache'}"]
     shared = [Run(env, base_args, dirs["shared"], root / "shared" / f"run-{i}.log", *fresh_cache)
               for i in range(2)]
@@ -295,6 +308,8 @@ def _scenario(env, base_args, root: Path, dirs: dict, out: dict) -> dict:
     for k in victims:
         out[k]["states"] = states_of(dirs[k])
         out[k]["outputs"] = comparable(dirs[k])
+    out["bottleneck"]["after"] = {**records(dirs["bottleneck"], "train"),
+                                  **records(dirs["bottleneck"], "theta-star")}
     out["shared-outputs"] = comparable(dirs["shared"])
     out["shared-leftovers"] = leftovers(dirs["shared"])
     out["changed-states"] = states_of(dirs["reference"], "affinity")
@@ -370,6 +385,34 @@ def test_killed_during_group_training_resumes(ops):
         assert states[key] == ("Cached" if name in done else "Completed"), (name, states)
     assert_same_outputs(s["outputs"], ops["reference"])
     assert_leftovers_ignored(s["planted"])
+
+
+def test_bottleneck_pipeline_runs_and_resumes_after_a_kill(ops, cache_dir):
+    """adapter.kind: bottleneck through the whole pipeline under the Prefect server: killed
+    during group training, resumed; what was finished is served from the cache (same
+    files), the rest is computed, and the ensemble predicts with bottleneck members."""
+    from ensemble_core.ensemble import EnsembleModel
+
+    s = ops["bottleneck"]
+    done = s["done"]
+    assert done and done < set(TRAINED), done
+    states = s["states"]
+    assert set(states.values()) <= {"Completed", "Cached"}, states
+    for t in TASKS:
+        assert states[f"gradients[{t}]"] == "Cached", states
+    for name in TRAINED:
+        key = "theta-star" if name == "theta-star" else f"train[{name}]"
+        assert states[key] == ("Cached" if name in done else "Completed"), (name, states)
+        if name in done:  # the adapter written before the kill is the one the run used
+            assert s["after"][name] == s["records"][name]
+    outputs = s["outputs"]
+    configs = [v for k, v in outputs.items() if k.endswith("adapter_config.json")]
+    assert len(configs) == 5 and all(c["peft_type"] == "BOTTLENECK" for c in configs)
+    assert all(c["target_modules"] == ["down_proj", "o_proj"] for c in configs)
+    assert outputs["metrics.json"]["average"]["ensemble_accuracy"] >= 0
+    model = EnsembleModel.from_pretrained(ops["dirs"]["bottleneck"], cache_dir)
+    assert len(model.predict("rte", [{"premise": "It rained.", "hypothesis": "It was wet."}])) \
+        == 1
 
 
 def test_two_runs_on_one_output_location(ops):
