@@ -25,16 +25,19 @@ import gzip
 import hashlib
 import io
 import json
-import os
+import math
 import posixpath
 import re
 import string
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import fsspec
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from .storage import positive_env
 
 __all__ = [
     "DataError", "Example", "CarveSpec", "TaskConfig", "TaskData", "SPLITS",
@@ -161,16 +164,8 @@ DEFAULT_MAX_DATA_BYTES = 1 << 30  # 1 GiB read, and 1 GiB after decompression
 
 
 def max_data_bytes() -> int:
-    raw = os.environ.get(MAX_DATA_BYTES_ENV)
-    if raw is None:
-        return DEFAULT_MAX_DATA_BYTES
-    try:
-        value = int(float(raw))
-    except ValueError:
-        raise DataError(f"{MAX_DATA_BYTES_ENV}={raw!r} is not a number of bytes") from None
-    if value <= 0:
-        raise DataError(f"{MAX_DATA_BYTES_ENV}={raw!r} must be a positive number of bytes")
-    return value
+    value = positive_env(MAX_DATA_BYTES_ENV, DEFAULT_MAX_DATA_BYTES, "bytes", DataError)
+    return int(value) if math.isfinite(value) else sys.maxsize
 
 
 def _read_bytes(url: str) -> bytes:

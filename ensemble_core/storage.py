@@ -44,6 +44,21 @@ def temporary_prefix(name: str) -> str:
     return f"{name}.tmp-{_HOST}-{os.getpid()}-"
 
 
+def positive_env(name: str, default: float, unit: str, error: type = ValueError) -> float:
+    """A positive number read from the environment variable ``name`` (``default`` when unset);
+    ``error`` naming the variable, its value and the unit when it is not one."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise error(f"{name}={raw!r} is not a number of {unit}") from None
+    if not value > 0:  # also NaN
+        raise error(f"{name}={raw!r} must be a positive number of {unit}")
+    return value
+
+
 def temporary_dir(prefix: str, parent) -> "Path":
     """A new empty directory under ``parent`` to be renamed into place when complete, with the
     permissions a plain ``mkdir`` gives (``tempfile.mkdtemp`` makes it owner-only, which the

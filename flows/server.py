@@ -25,6 +25,8 @@ import threading
 import time
 import urllib.request
 
+from ensemble_core.storage import positive_env
+
 STARTUP_ENV = "ENSEMBLE_LORA_SERVER_STARTUP_S"
 DEFAULT_STARTUP_S = 180.0  # a loaded 2-core machine needed more than Prefect's 20 s
 
@@ -34,14 +36,7 @@ class ServerError(RuntimeError):
 
 
 def startup_timeout() -> float:
-    raw = os.environ.get(STARTUP_ENV, str(DEFAULT_STARTUP_S))
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{STARTUP_ENV}={raw!r} is not a number of seconds") from None
-    if not value > 0:
-        raise ValueError(f"{STARTUP_ENV}={raw!r} must be a positive number of seconds")
-    return value
+    return positive_env(STARTUP_ENV, DEFAULT_STARTUP_S, "seconds")
 
 
 def _api_url_set() -> bool:

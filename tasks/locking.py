@@ -50,7 +50,7 @@ from typing import Optional
 
 from prefect.locking.filesystem import FileSystemLockManager
 
-from ensemble_core.storage import process_alive, process_start_time
+from ensemble_core.storage import positive_env, process_alive, process_start_time
 
 UNREADABLE_GRACE_S = 30.0  # an unparseable lock file younger than this is being written
 BREAK_GUARD_STALE_S = 30.0  # a .break guard older than this was left by a killed breaker
@@ -69,16 +69,7 @@ class LockWaitInterrupted(RuntimeError):
 
 
 def lock_wait_bound() -> float:
-    raw = os.environ.get(LOCK_WAIT_ENV)
-    if raw is None:
-        return DEFAULT_LOCK_WAIT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{LOCK_WAIT_ENV}={raw!r} is not a number of seconds") from None
-    if not value > 0:
-        raise ValueError(f"{LOCK_WAIT_ENV}={raw!r} must be a positive number of seconds")
-    return value
+    return positive_env(LOCK_WAIT_ENV, DEFAULT_LOCK_WAIT_S, "seconds")
 
 
 def _stopping() -> bool:
