@@ -4,6 +4,7 @@ run directories of one config run with different ``adapter.kind`` / ``model.quan
 
     python bench/adapter_kinds.py LoRA=runs/demo Adapter=runs/demo-bottleneck ...
     python bench/adapter_kinds.py --boosting first-order=snap/fo exact=snap/exact ...
+    python bench/adapter_kinds.py --linearity configs/demo.yaml --set adapter.reduction_factor=64
 
 Per run: trainable parameters, the linearization error at 0.05–0.25% relative distance (the
 stage-1 check, docs/design.md "Checks"; the paper's Figure 2), the relative distance
@@ -11,7 +12,9 @@ stage-1 check, docs/design.md "Checks"; the paper's Figure 2), the relative dist
 2), baseline / ensemble / majority test accuracy, compute and peak memory (metrics.json). With
 ``--boosting``: each run's boosting steps (training loss before → after, accepted) and the
 ensemble's test accuracy. A directory needs metrics.json (and boosting.json for --boosting);
-the adapter figures need adapters/ and linearity.json.
+the adapter figures need adapters/ and gradients/linearity.json. ``--linearity CONFIG`` computes the
+linearity check of all four base methods at θ* on every task of CONFIG (the one figure that
+needs no training run).
 """
 from __future__ import annotations
 
@@ -51,8 +54,9 @@ def kinds_table(runs: dict[str, Path]) -> str:
     for label, run in runs.items():
         m = json.loads((run / "metrics.json").read_text())
         avg, comp = m["average"], m["compute"]
-        lin = json.loads((run / "linearity.json").read_text()) \
-            if (run / "linearity.json").exists() else None
+        lin_file = next((f for f in (run / "gradients" / "linearity.json",
+                                     run / "linearity.json") if f.exists()), None)
+        lin = json.loads(lin_file.read_text()) if lin_file else None
         err = max(r["relative_error"] for r in lin["results"]) if lin else None
         dist = relative_distances(run) if (run / "adapters").is_dir() else {}
         groups = [v for k, v in dist.items() if k.startswith("group-")]
@@ -83,11 +87,65 @@ def boosting_table(runs: dict[str, Path]) -> str:
     return "\n".join(rows)
 
 
+KINDS = {"LoRA": ("lora", "none"), "QLoRA": ("lora", "nf4"), "Adapter": ("bottleneck", "none"),
+         "QAdapter": ("bottleneck", "nf4")}
+
+
+def linearity_table(config: str, overrides: list[str], d: int = 200) -> str:
+    """The stage-1 linearity check (``checks.linearity_check``) of the four base methods at θ*
+    on the first ``estimation.linearity_examples`` validation examples of every task of
+    ``config``: the largest relative error over the distances 0.05–0.25%, per task."""
+    import time
+
+    from ensemble_core.checks import linearity_check
+    from ensemble_core.config import load_config
+    from ensemble_core.data import load_task
+    from ensemble_core.models import load_model
+    from ensemble_core.projection import GaussianProjector
+    from ensemble_core.scoring import ChoiceScorer
+
+    base = load_config(config, overrides)
+    rows, header = [], None
+    for label, (kind, quant) in KINDS.items():
+        adapter = base.adapter.model_dump()
+        if kind == "bottleneck":
+            adapter = {k: v for k, v in adapter.items() if k != "target_modules"}
+        cfg = base.model_copy(update={
+            "adapter": type(base.adapter).model_validate(dict(adapter, kind=kind)),
+            "model": base.model.model_copy(update={"quantization": quant})})
+        t0 = time.perf_counter()
+        lm = load_model(cfg, cfg.cache_dir)
+        scorer = ChoiceScorer(lm.tokenizer, cfg.model.max_length, cfg.model.choice_mode)
+        p = sum(q.numel() for q in lm.model.parameters() if q.requires_grad)
+        errs = {}
+        for task in cfg.tasks:
+            examples = load_task(task, cfg.data_root).splits["validation"][
+                :cfg.estimation.linearity_examples]
+            res = linearity_check(lm.model, scorer, examples, GaussianProjector(p, d, seed=0),
+                                  batch_size=cfg.estimation.batch_size)
+            errs[task.name] = max(r["relative_error"] for r in res)
+        if header is None:
+            header = list(errs)
+            rows += ["| method | adapter parameters | " + " | ".join(header) + " | max | s |",
+                     "|---|---|" + "---|" * (len(header) + 2)]
+        rows.append(f"| {label} | {p:,} | " + " | ".join(f"{100 * errs[t]:.3f}%" for t in header)
+                    + f" | {100 * max(errs.values()):.3f}% | {time.perf_counter() - t0:.0f} |")
+        del lm
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", help="LABEL=RUN_DIR")
+    p.add_argument("runs", nargs="*", help="LABEL=RUN_DIR")
     p.add_argument("--boosting", action="store_true", help="the boosting-modes table")
+    p.add_argument("--linearity", metavar="CONFIG",
+                   help="the linearity check of LoRA, QLoRA, Adapter, QAdapter at θ* on "
+                        "CONFIG's tasks (computed)")
+    p.add_argument("--set", action="append", default=[], help="config overrides (--linearity)")
     args = p.parse_args(argv)
+    if args.linearity:
+        print(linearity_table(args.linearity, args.set))
+        return
     runs = {}
     for item in args.runs:
         label, sep, path = item.partition("=")
