@@ -102,6 +102,8 @@ def _greedy_cover(n: int, size: int, cover: int, budget: int, rng: np.random.Gen
             if cand_subset not in taken:
                 subset = cand_subset
                 break
+        if subset is None:  # the greedy choices are all taken: the best unused subset
+            subset = _best_unused(n, size, deficit, taken, rng)
         if subset is None:
             raise ValueError(f"greedy pair covering could not find a new distinct subset of "
                              f"size {size} over {n} tasks after {len(out)} subsets "
@@ -110,6 +112,30 @@ def _greedy_cover(n: int, size: int, cover: int, budget: int, rng: np.random.Gen
         out.append(subset)
         idx = np.asarray(subset)
         counts[np.ix_(idx, idx)] += 1
+
+
+EXHAUSTIVE_LIMIT = 500_000  # subsets searched when the greedy choices are all taken
+
+
+def _best_unused(n: int, size: int, deficit: np.ndarray, taken: set,
+                 rng: np.random.Generator) -> tuple[int, ...] | None:
+    """The unused subset covering the most deficient pairs (ties: seeded random), or None when
+    no unused subset covers one (or there are too many subsets to search). The greedy growth
+    can end on taken subsets only (e.g. 7 tasks, size 3, every pair twice: the last pairs lie in
+    few unused subsets)."""
+    if math.comb(n, size) > EXHAUSTIVE_LIMIT:
+        return None
+    best, gain = [], 0
+    for sub in itertools.combinations(range(n), size):
+        if sub in taken:
+            continue
+        idx = np.asarray(sub)
+        g = int(np.triu(deficit[np.ix_(idx, idx)], 1).sum())
+        if g > gain:
+            best, gain = [sub], g
+        elif g == gain and g > 0:
+            best.append(sub)
+    return best[int(rng.integers(len(best)))] if best else None
 
 
 def _fill_random(n: int, size: int, n_more: int, rng: np.random.Generator,

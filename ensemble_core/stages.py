@@ -42,6 +42,7 @@ from .runtime import (DEVICE_LOCK, cache_path, code_version, feature_table, on_d
 
 __all__ = ["Stage", "stage", "STAGES", "PLANNING", "estimation_examples", "gradient_features",
            "linearity", "plan_subsets", "subset_batches", "plan_batches", "subset_plan",
+           "previous_plan",
            "fit_subsets", "affinity_and_groups",
            "train_group", "save_theta_star", "score_plans", "test_plans", "score_member",
            "scores_of", "read_scores", "boost_group",
@@ -303,6 +304,12 @@ def plan_batches(cfg, previous: dict | None = None) -> list[list[tuple[int, ...]
     added = extend_subsets(len(names), kept, cfg.estimation.subset_size,
                            cfg.estimation.min_pair_coverage, seed=cfg.seed)
     return batches + subset_batches(cfg, added)
+
+
+def previous_plan(rundir) -> dict | None:
+    """The run directory's stored subset plan (``estimation/plan.json``), or None: what
+    :func:`plan_batches` extends."""
+    return rundir.read_json(rundir.subset_plan) if rundir.exists(rundir.subset_plan) else None
 
 
 def subset_plan(cfg, batches) -> dict:

@@ -24,8 +24,7 @@ def affinity_flow(config, overrides: list[str] | None = None,
     if features is None:
         features = gradient_features(run.cfg).features
     features = {t: FeaturesRecord.from_json(r) for t, r in features.items()}
-    previous = run.dir.read_json(run.dir.subset_plan) \
-        if run.dir.exists(run.dir.subset_plan) else None
+    previous = stages.previous_plan(run.dir)
     batches = stages.plan_batches(run.cfg, previous)  # an existing plan is extended, not redrawn
     run.dir.write_json(run.dir.subset_plan, stages.subset_plan(run.cfg, batches))
     subsets = [s for b in batches for s in b]
@@ -65,8 +64,7 @@ def check_estimates_flow(config, overrides: list[str] | None = None, r: int = 3,
     run = open_run(config, overrides)
     log = get_run_logger()
     features = gradient_features(run.cfg).features
-    previous = run.dir.read_json(run.dir.subset_plan) \
-        if run.dir.exists(run.dir.subset_plan) else None
+    previous = stages.previous_plan(run.dir)
     subsets = [s for b in stages.plan_batches(run.cfg, previous) for s in b]
     res = check_estimates(run, features, subsets, r, seed=run.cfg.seed,
                           progress=lambda i, n, what: log.info("fine-tuned subset %d/%d (%s)",

@@ -38,13 +38,13 @@ def preflight(cfg, stage2: bool = False, adapters: bool = False) -> None:
     When stages run on work pools (``runner.work_pools``), data, model and run directory are
     the workers' to reach, and only the config-level checks are made here."""
     from ensemble_core.run import Run
-    from ensemble_core.stages import estimation_examples, plan_subsets
+    from ensemble_core.rundir import RunDir
+    from ensemble_core.stages import estimation_examples, plan_batches, previous_plan
 
-    if stage2:
-        plan_subsets(cfg)
+    if stage2:  # the plan stage 2 will use: the directory's own, extended, or a fresh one
+        plan_batches(cfg, previous_plan(RunDir(cfg.run_dir)))
     if adapters:  # stages 4-6 write adapters with PEFT, which needs local files
         from ensemble_core.config import ConfigError
-        from ensemble_core.rundir import RunDir
 
         if not RunDir(cfg.run_dir).is_local:
             raise ConfigError(f"output_dir {cfg.run_dir}: the adapters of stages 4-6 are "

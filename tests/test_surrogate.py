@@ -249,7 +249,11 @@ def test_fit_subset_is_json_able():
 
 # ---- sampling -------------------------------------------------------------------------------
 @pytest.mark.parametrize("n,k,size,cover", [(10, 30, 3, 1), (10, 60, 3, 2), (12, 80, 4, 2),
-                                            (6, 15, 2, 1), (25, 150, 3, 1)])
+                                            (6, 15, 2, 1), (25, 150, 3, 1),
+                                            # the demo's settings with a seventh task: the
+                                            # greedy growth ends on taken subsets only, the
+                                            # best unused one is searched instead
+                                            (7, 20, 3, 2)])
 def test_sample_subsets_cover_pairs(n, k, size, cover):
     subsets = sample_subsets(n, k, size, min_pair_coverage=cover, seed=3)
     assert len(subsets) == k and len(set(subsets)) == k
