@@ -177,36 +177,38 @@ class RunLockManager(FileSystemLockManager):
             f"{self._describe(key)} and stayed locked for over {bound:.0f} s; if that run is "
             f"gone, remove the lock file (the bound is {LOCK_WAIT_ENV})")
 
+    def _still_waiting(self, key: str, timeout: Optional[float], bound: float,
+                       t0: float) -> bool | None:
+        """One check of a lock wait: True to keep waiting, False when ``timeout`` has passed,
+        None when the lock is free; raises :class:`LockWaitInterrupted` when the process is
+        stopping and :class:`LockWaitTimeout` after ``bound`` with no timeout given."""
+        if not self.is_locked(key, use_cache=False):
+            return None
+        if _stopping():
+            raise LockWaitInterrupted(f"stopped while waiting: {self._describe(key)}")
+        if time.monotonic() - t0 >= bound:
+            if timeout is not None:
+                return False
+            raise self._waited_too_long(key, bound)
+        return True
+
     def wait_for_lock(self, key: str, timeout: Optional[float] = None) -> bool:
         """Wait while ``key`` is locked: False after ``timeout`` seconds; with no timeout, a
         :class:`LockWaitTimeout` after the bound, and :class:`LockWaitInterrupted` as soon as
         the process is stopping."""
-        bound = lock_wait_bound() if timeout is None else timeout
-        t0 = time.monotonic()
-        while self.is_locked(key, use_cache=False):
-            if _stopping():
-                raise LockWaitInterrupted(f"stopped while waiting: {self._describe(key)}")
-            if time.monotonic() - t0 >= bound:
-                if timeout is not None:
-                    return False
-                raise self._waited_too_long(key, bound)
+        bound, t0 = (lock_wait_bound() if timeout is None else timeout), time.monotonic()
+        while (waiting := self._still_waiting(key, timeout, bound, t0)):
             time.sleep(0.1)
-        return True
+        return waiting is None
 
     async def await_for_lock(self, key: str, timeout: Optional[float] = None) -> bool:
+        """:meth:`wait_for_lock` for the event loop."""
         import anyio
 
-        bound = lock_wait_bound() if timeout is None else timeout
-        t0 = time.monotonic()
-        while self.is_locked(key, use_cache=False):
-            if _stopping():
-                raise LockWaitInterrupted(f"stopped while waiting: {self._describe(key)}")
-            if time.monotonic() - t0 >= bound:
-                if timeout is not None:
-                    return False
-                raise self._waited_too_long(key, bound)
+        bound, t0 = (lock_wait_bound() if timeout is None else timeout), time.monotonic()
+        while (waiting := self._still_waiting(key, timeout, bound, t0)):
             await anyio.sleep(0.1)
-        return True
+        return waiting is None
 
     # -- acquiring ---------------------------------------------------------------------------
 

@@ -460,6 +460,14 @@ def test_a_lock_of_another_host_is_waited_on_with_a_bound_naming_the_host(tmp_pa
     assert time.monotonic() - t0 < 10
     with pytest.raises(LockWaitTimeout, match="far-away-host"):
         locks.wait_for_lock("k")  # how Prefect waits before reading a record
+    import anyio
+
+    with pytest.raises(LockWaitTimeout, match="far-away-host"):  # its async path, the same
+        anyio.run(locks.await_for_lock, "k")
+    assert locks.wait_for_lock("k", timeout=0.2) is False  # a timeout given: False, no error
+    assert anyio.run(locks.await_for_lock, "k", 0.2) is False
+    (tmp_path / "k.lock").unlink()
+    assert locks.wait_for_lock("k") is True and anyio.run(locks.await_for_lock, "k") is True
 
 
 _WAITER = """
