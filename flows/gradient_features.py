@@ -22,7 +22,10 @@ def gradient_features(config, overrides: list[str] | None = None) -> FeaturesRes
     features = {}
     for task, fut in futures.items():
         rec = FeaturesRecord.from_json(fut.result())
-        if not rec.verified():  # a cached record whose files are gone or changed
+        # a cached record whose files are gone or changed: in a local run directory the
+        # cache key function has checked that before serving it (tasks/common.for_run); a
+        # remote one keeps Prefect's own storage, so it is checked here
+        if run.dir.prefect is None and not rec.verified():
             log.warning("gradients[%s]: cached files missing or changed; recomputing", task)
             rec = FeaturesRecord.from_json(compute.with_options(refresh_cache=True)(run, task))
         features[task] = rec
