@@ -28,12 +28,12 @@ def write_ensemble(run_dir, cfg, fingerprint, weights, validation=None) -> None:
                         base_fingerprint=fingerprint, **extra)
 
 
-def build_tiny_ensemble(run_dir, data_root, cache_dir) -> dict:
-    cfg = parse_config(tiny_config(data_root, run_dir, cache_dir=str(cache_dir)))
-    lm = load_model(cfg, cache_dir)
-    data = {t: load_task(cfg.task(t), data_root) for t in ("rte", "cb", "copa")}
+def train_tiny_adapters(run_dir, cfg, lm, data, plan) -> dict:
+    """Each adapter of ``plan`` (name -> (tasks, seed)) fine-tuned for two steps from θ* on
+    its tasks' train split and saved under run_dir/adapters; name -> its adapter vector."""
     theta0 = adapter_vector(lm.model)
-    for name, tasks, seed in (("group-0", ("rte", "cb"), 0), ("group-1", ("copa",), 1)):
+    thetas = {}
+    for name, (tasks, seed) in plan.items():
         set_adapter_vector(lm.model, theta0)
         train = [ex for t in tasks for ex in data[t].splits["train"]]
         tcfg = cfg.training.model_copy(update={"learning_rate": 2e-2, "max_steps": 2,
@@ -41,6 +41,16 @@ def build_tiny_ensemble(run_dir, data_root, cache_dir) -> dict:
         res = train_adapter(lm.model, lm.tokenizer, train, [], tcfg, MAX_LEN)
         save_adapter(lm.model, run_dir / "adapters" / name, res,
                      base_fingerprint=lm.fingerprint["base"])
+        thetas[name] = adapter_vector(lm.model)
+    return thetas
+
+
+def build_tiny_ensemble(run_dir, data_root, cache_dir) -> dict:
+    cfg = parse_config(tiny_config(data_root, run_dir, cache_dir=str(cache_dir)))
+    lm = load_model(cfg, cache_dir)
+    data = {t: load_task(cfg.task(t), data_root) for t in ("rte", "cb", "copa")}
+    train_tiny_adapters(run_dir, cfg, lm, data, {"group-0": (("rte", "cb"), 0),
+                                                  "group-1": (("copa",), 1)})
     write_ensemble(run_dir, cfg, lm.fingerprint["base"], WEIGHTS)
     return dict(cfg=cfg, lm=lm, data=data, fingerprint=lm.fingerprint["base"],
                 weights=WEIGHTS)

@@ -7,19 +7,17 @@ import torch
 
 from ensemble_core.config import parse_config
 from ensemble_core.data import DataError, load_task, read_records
-from ensemble_core.adapters import save_adapter
 from ensemble_core.boosting import group_scores
 from ensemble_core.ensemble import (EnsembleError, EnsembleModel, ensemble_log_loss,
                                     fit_ensemble_weights, probabilities, task_entry,
                                     write_ensemble_json)
-from ensemble_core.models import adapter_vector, load_model, set_adapter_vector
+from ensemble_core.models import load_model, set_adapter_vector
 from ensemble_core.records import GroupEnsemble, Member
 from ensemble_core.scoring import ChoiceScorer, choice_outputs
-from ensemble_core.training import train_adapter
 
 from conftest import tiny_config
+from ensemble_utils import MAX_LEN, train_tiny_adapters
 
-MAX_LEN = 128
 
 
 # ---------------------------------------------------------------------------- weight fitting
@@ -105,19 +103,9 @@ def run(data_root, cache_dir, tmp_path_factory):
     cfg = parse_config(tiny_config(data_root, run_dir, cache_dir=str(cache_dir)))
     lm = load_model(cfg, cache_dir)
     data = {t: load_task(cfg.task(t), data_root) for t in ("rte", "cb", "copa")}
-    theta0 = adapter_vector(lm.model)
-    thetas = {}
-    plan = {"group-0": (("rte", "cb"), 0), "group-1": (("copa",), 1),
-            "group-0-boost-1": (("rte", "cb"), 2)}
-    for name, (tasks, seed) in plan.items():
-        set_adapter_vector(lm.model, theta0)
-        train = [ex for t in tasks for ex in data[t].splits["train"]]
-        tcfg = cfg.training.model_copy(update={"learning_rate": 2e-2, "max_steps": 2,
-                                               "batch_size": 4, "seed": seed})
-        res = train_adapter(lm.model, lm.tokenizer, train, [], tcfg, MAX_LEN)
-        save_adapter(lm.model, run_dir / "adapters" / name, res,
-                     base_fingerprint=lm.fingerprint["base"])
-        thetas[name] = adapter_vector(lm.model)
+    thetas = train_tiny_adapters(run_dir, cfg, lm, data, {
+        "group-0": (("rte", "cb"), 0), "group-1": (("copa",), 1),
+        "group-0-boost-1": (("rte", "cb"), 2)})
     groups = [
         {"name": "group-0", "tasks": ["rte", "cb"],
          "members": [{"adapter": "adapters/group-0", "scale": 1.0},
