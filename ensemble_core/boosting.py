@@ -153,6 +153,18 @@ def restore(model, x: np.ndarray, eta: float, projector) -> tuple[torch.Tensor, 
     return theta0, delta
 
 
+def _train_state(group: GroupEnsemble, tables: Sequence[FeatureTable],
+                 h_current: np.ndarray) -> tuple[Choices, np.ndarray, float]:
+    """What a boosting step starts from: the train layout (gold choices), θ*'s train scores
+    h0 (the feature tables' outputs, flat) and the group's current training loss."""
+    gold = _train_layout(tables)
+    h0 = np.concatenate([t.output for t in tables]).astype(np.float64)
+    if len(h_current) != len(h0):
+        raise ValueError(f"group {group.name}: {len(h_current)} scored rows, {len(h0)} feature "
+                         "rows")
+    return gold, h0, gold.log_loss(h_current)
+
+
 def boost_step(group: GroupEnsemble, step: int, model, score_train, save,
                tables: Sequence[FeatureTable], h_current: np.ndarray, l2: float, eta: float,
                projector, theta_star: str = THETA_STAR) -> BoostRecord:
@@ -162,12 +174,7 @@ def boost_step(group: GroupEnsemble, step: int, model, score_train, save,
     train examples (flat, in the rows' order); ``h_current`` are the group ensemble's current
     train scores (flat)."""
     t0 = time.perf_counter()
-    gold = _train_layout(tables)
-    h0 = np.concatenate([t.output for t in tables]).astype(np.float64)
-    if len(h_current) != len(h0):
-        raise ValueError(f"group {group.name}: {len(h_current)} scored rows, {len(h0)} feature "
-                         "rows")
-    loss_before = gold.log_loss(h_current)
+    gold, h0, loss_before = _train_state(group, tables, h_current)
     x = fit_residuals(tables, gold.residuals(h_current), l2=l2)
     if not np.all(np.isfinite(x)):
         raise ValueError(f"group {group.name}: the boosting fit is not finite (estimation.l2 = "
@@ -254,12 +261,7 @@ def exact_boost_step(group: GroupEnsemble, step: int, model, score_train, save, 
     from .models import adapter_vector
 
     t0 = time.perf_counter()
-    gold = _train_layout(tables)
-    h0 = np.concatenate([t.output for t in tables]).astype(np.float64)
-    if len(h_current) != len(h0):
-        raise ValueError(f"group {group.name}: {len(h_current)} scored rows, {len(h0)} feature "
-                         "rows")
-    loss_before = gold.log_loss(h_current)
+    gold, h0, loss_before = _train_state(group, tables, h_current)
     r = gold.residuals(h_current)
     keys = _example_keys(tables)
     targets = {k: (h0[a:a + n], r[a:a + n])
@@ -329,8 +331,8 @@ def adaboost_step(group: GroupEnsemble, step: int, model, score_train, save, tra
     if total > 0:  # the group re-weighted: Σ_t α_t h_t / Σ_t α_t
         members = [Member(n, a / total) for n, a in zip(names, alphas)]
         members.append(Member(adapter.name, alpha / total))
-        h_new = sum(m.scale * np.asarray(member_train[m.name] if m.name in member_train
-                                         else h_k, np.float64) for m in members)
+        scores = {**member_train, adapter.name: h_k}
+        h_new = sum(m.scale * np.asarray(scores[m.name], np.float64) for m in members)
     else:
         members, h_new = list(group.members), h_current
     loss_after = gold.log_loss(h_new)

@@ -12,7 +12,7 @@ The stages, in the one numbering used everywhere (README, flows, prefect.yaml, t
 2. subset regressions   -> :class:`SubsetBatch` (of :class:`SubsetEstimate`)
 3. affinity and groups  -> :class:`GroupsRecord`
 4. group adapters       -> :class:`AdapterRecord` per group (and the baseline, θ*)
-5. boosting and weights -> :class:`ScoresRecord` per member, :class:`BoostRecord` per step,
+5. boosting and weights -> :class:`ScoresRecord` per member and task, :class:`BoostRecord` per step,
                            :class:`EnsembleRecord`
 6. evaluation           -> :class:`EvaluationRecord` (:class:`Metrics`)
 """
@@ -334,16 +334,18 @@ class AdapterRecord(Record):
 
 @dataclasses.dataclass(frozen=True)
 class ScoresRecord(Record):
-    """One member adapter's scores h_c(s) on the splits and tasks a later step reads: before
-    the weights (``phase`` "fit": boosting's train sample, every task's validation) or after
-    them (``phase`` "test": the test split of the tasks whose ensemble it is part of)."""
+    """One member adapter's scores h_c(s) on the splits of one task that a later step reads:
+    before the weights (``phase`` "fit": boosting's train sample, every task's validation) or
+    after them (``phase`` "test": the test split of the tasks whose ensemble it is part of)."""
     name: str
     file: FileRef
     seconds: float
     phase: str = "fit"
+    task: str = ""  # stage 5 scores a member one task at a time (stages.score_member)
 
     def key(self):
-        return {"name": self.name, "phase": self.phase, "sha256": self.file.sha256}
+        return {"name": self.name, "phase": self.phase, "task": self.task,
+                "sha256": self.file.sha256}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ Every path of a run is made here, on any fsspec URL; nothing else joins run path
     groups.json                           stage 3: the groups (SDP, Appendix A.1)
     adapters/<name>/                      stage 4 (group-<k>, all-tasks, theta-star) and
                                           stage 5 (group-<k>-boost-<j>): PEFT adapters
-    scores/<name>.json, <name>.test.json  stages 5, 6: a member adapter's scores h_c(s)
+    scores/<name>/<task>.json, .test.json stages 5, 6: a member adapter's scores h_c(s), per task
     boosting.json, ensemble.json          stage 5: boosting steps; groups, members, weights
     metrics.json, report.md               stage 6: test accuracy, compute; the report
     predictions.json, baselines.json      stage 6: test predictions; the paper's baselines
@@ -158,9 +158,9 @@ class RunDir:
     def adapter_weights(self, name: str) -> str:
         return self._path("adapters", name, "adapter_model.safetensors")
 
-    def scores(self, member: str, phase: str = "fit") -> str:
-        return self._path("scores", f"{member}.json" if phase == "fit" else
-                          f"{member}.{phase}.json")
+    def scores(self, member: str, phase: str, task: str) -> str:
+        return self._path("scores", member, f"{task}.json" if phase == "fit" else
+                          f"{task}.{phase}.json")
 
     @property
     def boosting(self) -> str:

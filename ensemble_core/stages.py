@@ -44,7 +44,7 @@ __all__ = ["Stage", "stage", "STAGES", "PLANNING", "estimation_examples", "gradi
            "linearity", "plan_subsets", "subset_batches", "plan_batches", "subset_plan",
            "previous_plan",
            "fit_subsets", "affinity_and_groups",
-           "train_group", "save_theta_star", "score_plans", "test_plans", "score_member",
+           "train_group", "save_theta_star", "score_plans", "test_plans", "by_task", "scores_key", "score_member",
            "scores_of", "read_scores", "boost_group",
            "fit_weights", "compute_summary", "evaluate", "baseline_plan", "evaluate_baselines",
            "finish"]
@@ -518,15 +518,32 @@ def test_plans(ensemble: EnsembleRecord, single: str) -> dict[str, dict[str, lis
     return {name: {"test": [t for t in order if t in ts]} for name, ts in plans.items()}
 
 
+def by_task(plan: dict[str, list[str]]) -> dict[str, list[str]]:
+    """A scoring plan (split -> tasks) as task -> splits, in the plan's order: stage 5 scores a
+    member one task at a time, so adding a task to a run scores only the new task with the
+    members that did not change (BENCHMARKS.md, "Adding a seventh task")."""
+    out: dict[str, list[str]] = {}
+    for split, tasks in plan.items():
+        for t in tasks:
+            out.setdefault(t, []).append(split)
+    return out
+
+
+def scores_key(member: str, task: str, phase: str = "fit") -> str:
+    """The key of one member's scores on one task in the flows' dict of score records."""
+    return f"{member}/{task}" if phase == "fit" else f"{member}/{task}:{phase}"
+
+
 @stage(5, "scores", config=("model", "estimation.batch_size", "seed", "estimation.max_examples"),
-       reads=lambda adapter, plan, phase="fit": [t for ts in plan.values() for t in ts])
+       reads=lambda adapter, task, splits, phase="fit": [task])
 @on_device
-def score_member(run: Run, adapter: AdapterRecord, plan: dict[str, list[str]],
+def score_member(run: Run, adapter: AdapterRecord, task: str, splits: Sequence[str],
                  phase: str = "fit") -> ScoresRecord:
-    """Scores h_c(s) of one member adapter on the splits and tasks of ``plan`` (split ->
-    tasks): scores/<name>.json, ``{"scores": {task: {split: [[h_c of example 0], ...]}}}``.
-    "train" means the examples stage 1 computed features of (``estimation_examples``), which
-    is what boosting reads."""
+    """Scores h_c(s) of one member adapter on ``splits`` of one task:
+    scores/<member>/<task>.json (<task>.test.json for the test phase),
+    ``{"scores": {task: {split: [[h_c of example 0], ...]}}}``. "train" means the examples
+    stage 1 computed features of (``estimation_examples``), which is what boosting reads.
+    Which member is scored where: :func:`score_plans`, :func:`test_plans`, :func:`by_task`."""
     from .runtime import member_model
     from .scoring import predict_scores
 
@@ -534,17 +551,16 @@ def score_member(run: Run, adapter: AdapterRecord, plan: dict[str, list[str]],
     cfg = run.cfg
     model, tok = member_model(cfg, run.dir.local(adapter.path), adapter.name, adapter.sha256)
     out: dict = {}
-    for split, names in plan.items():
-        for name in names:
-            examples = (estimation_examples(run, name, split) if split == "train"
-                        else run.task_data(name).splits[split])
-            scores = predict_scores(model, tok, examples, cfg.model.max_length,
-                                    cfg.estimation.batch_size, cfg.model.choice_mode)
-            out.setdefault(name, {})[split] = [s.astype(float).tolist() for s in scores]
-    ref = run.dir.write_json(run.dir.scores(adapter.name, phase),
+    for split in splits:
+        examples = (estimation_examples(run, task, split) if split == "train"
+                    else run.task_data(task).splits[split])
+        scores = predict_scores(model, tok, examples, cfg.model.max_length,
+                                cfg.estimation.batch_size, cfg.model.choice_mode)
+        out[split] = [s.astype(float).tolist() for s in scores]
+    ref = run.dir.write_json(run.dir.scores(adapter.name, phase, task),
                              {"adapter": adapter.name, "adapter_sha256": adapter.sha256,
-                              "phase": phase, "scores": out})
-    return ScoresRecord(adapter.name, ref, time.perf_counter() - t0, phase)
+                              "phase": phase, "task": task, "scores": {task: out}})
+    return ScoresRecord(adapter.name, ref, time.perf_counter() - t0, phase, task)
 
 
 def scores_of(scores: dict[str, ScoresRecord], names) -> dict[str, ScoresRecord]:
@@ -605,10 +621,7 @@ def boost_group(run: Run, group: GroupEnsemble, features: dict[str, FeaturesReco
               for t in group.tasks]
     member = read_scores(scores_of(scores, [m.name for m in group.members]))
     h_cur, _ = flatten([s for t in group.tasks for s in group_scores(member, group, t, "train")])
-    info = features[group.tasks[0]].projection.at_dim(d)
     lm = load_model(cfg, cache_path(cfg))
-    proj = GaussianProjector(info.p, info.d, seed=info.seed, block_rows=info.block_rows,
-                             cache_bytes=0)  # one expand: each block is used once
     train = [e for t in group.tasks for e in estimation_examples(run, t, "train")]
 
     def score_train(model):
@@ -635,7 +648,10 @@ def boost_group(run: Run, group: GroupEnsemble, features: dict[str, FeaturesReco
                 for m in group.members}
         rec = adaboost_step(group, step, lm.model, score_train, save, train_on_sample, tables,
                             flat, cfg.boosting.eta)
-    else:
+    else:  # first-order: only this mode restores θ* + η·P x̂, so only it needs P
+        info = features[group.tasks[0]].projection.at_dim(d)
+        proj = GaussianProjector(info.p, info.d, seed=info.seed, block_rows=info.block_rows,
+                                 cache_bytes=0)  # one expand: each block is used once
         rec = boost_step(group, step, lm.model, score_train, save, tables, h_cur,
                          cfg.estimation.l2, cfg.boosting.eta, proj, THETA_STAR)
     return replace(rec, seconds=time.perf_counter() - t0)  # the whole stage, loading included

@@ -65,10 +65,17 @@ def boosting_and_weights(config, adapters: AdaptersResult,
     groups = [GroupEnsemble(k, a.tasks, [Member(k, 1.0)]) for k, a in adapters.groups.items()]
     score = for_run(score_member, run)
     known = adapters.all()
-    futures = {k: score.submit(run, known[k], plan)
-               for k, plan in stages.score_plans(run.task_names, groups, steps_wanted,
-                                                    run.cfg.boosting.mode).items()}
-    scores = {k: ScoresRecord.from_json(f.result()) for k, f in futures.items()}
+
+    def score_all(plans: dict[str, dict[str, list[str]]], phase: str = "fit") -> dict:
+        # one task run per member and task: a task added to the run is scored alone
+        futures = {stages.scores_key(name, task, phase):
+                   score.submit(run, known[name], task, splits, phase)
+                   for name, plan in plans.items()
+                   for task, splits in stages.by_task(plan).items()}
+        return {k: ScoresRecord.from_json(f.result()) for k, f in futures.items()}
+
+    scores = score_all(stages.score_plans(run.task_names, groups, steps_wanted,
+                                          run.cfg.boosting.mode))
     boosting: list[BoostRecord] = []
     for step in range(1, steps_wanted + 1):
         losses = stages.group_losses(run, groups, features, scores)
@@ -84,18 +91,17 @@ def boosting_and_weights(config, adapters: AdaptersResult,
             log.info("boosting stopped early: the training loss did not fall")
             break
         groups = [replace(g, members=rec.members) if g is chosen else g for g in groups]
-        scores[rec.adapter.name] = ScoresRecord.from_json(
-            score(run, rec.adapter, stages.boost_score_plan(run.task_names, chosen)))
+        known[rec.adapter.name] = rec.adapter
+        scores.update(score_all(
+            {rec.adapter.name: stages.boost_score_plan(run.task_names, chosen)}))
     stages.write_boosting(run, boosting)
     ensemble = EnsembleRecord.from_json(for_run(fit_weights, run)(run, groups, scores))
     # the test split, after the weights: only the members the evaluation reads (test_plans),
     # and each baseline adapter on its own tasks
-    known.update({b.adapter.name: b.adapter for b in boosting})
     plans = stages.test_plans(ensemble, BASELINE)
     for members in (baselines or {}).values():
         plans.update({name: {"test": tasks} for name, tasks in members.items()})
-    futures = {f"{k}:test": score.submit(run, known[k], plan, "test") for k, plan in plans.items()}
-    scores.update({k: ScoresRecord.from_json(f.result()) for k, f in futures.items()})
+    scores.update(score_all(plans, "test"))
     compute = stages.compute_summary(features, estimation_s, adapters, boosting)
     evaluation = EvaluationRecord.from_json(
         for_run(evaluate, run)(run, ensemble, scores, BASELINE, compute))

@@ -94,11 +94,12 @@ def save_theta_star(run: Run) -> dict:
 # -- stage 5: boosting and weights ----------------------------------------------------------
 
 @task(name="score_member", tags=["gpu"], cache_policy=keyed(stages.score_member, ScoresRecord),
-      task_run_name="scores-{phase}[{adapter.name}]", **JSON)
-def score_member(run: Run, adapter: AdapterRecord, plan: dict, phase: str = "fit") -> dict:
-    """Scores h_c(s) of one member adapter on the splits and tasks of ``plan``."""
+      task_run_name="scores-{phase}[{adapter.name}/{task}]", **JSON)
+def score_member(run: Run, adapter: AdapterRecord, task: str, splits: list[str],
+                 phase: str = "fit") -> dict:
+    """Scores h_c(s) of one member adapter on ``splits`` of one task."""
     with gpu_slot():
-        return stages.score_member(run, adapter, plan, phase).to_json()
+        return stages.score_member(run, adapter, task, splits, phase).to_json()
 
 
 @task(name="boost_group", tags=["gpu"], cache_policy=keyed(stages.boost_group, BoostRecord),

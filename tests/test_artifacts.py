@@ -94,10 +94,11 @@ def test_run_names_identify_their_work(finished_run):
     states = task_states(run_id)
     expected = ([f"gradients[{t}]" for t in TASKS] + ["linearity[rte]", "subsets[0]",
                 "affinity-and-groups", "train[group-0]", "train[group-1]", "train[all-tasks]",
-                "theta-star", "scores-fit[group-0]", "scores-test[group-0]", "scores-test[all-tasks]",
-                "weights", "evaluation"])
+                "theta-star", *(f"scores-fit[group-0/{t}]" for t in TASKS),
+                *(f"scores-test[all-tasks/{t}]" for t in TASKS), "weights", "evaluation"])
     for name in expected:
         assert states.get(name) == "Completed", (name, sorted(states))
+    assert any(n.startswith("scores-test[group-0/") for n in states)  # its own tasks at least
     assert any(n.startswith("boost[group-") for n in states)
 
 

@@ -49,9 +49,10 @@ def boosting_setup(data_root, cache_dir, tmp_path_factory):
     features = {t: stages.gradient_features(run, t) for t in tasks}
     adapter = stages.train_group(run, "group-0", tasks)
     theta = stages.save_theta_star(run)
-    plan = {"train": tasks, "validation": tasks}
-    scores = {"group-0": stages.score_member(run, adapter, plan),
-              "theta-star": stages.score_member(run, theta, {"validation": tasks})}
+    scores = {**{f"group-0/{t}": stages.score_member(run, adapter, t, ["train", "validation"])
+                 for t in tasks},
+              **{f"theta-star/{t}": stages.score_member(run, theta, t, ["validation"])
+                 for t in tasks}}
     return raw, features, scores, GroupEnsemble("group-0", tasks, [Member("group-0", 1.0)])
 
 

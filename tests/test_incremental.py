@@ -1,7 +1,8 @@
 """Adding and removing a dataset in a finished run directory (issue 14, items 1 and 2), on the
 tiny model under a real Prefect server, counted from task states: adding a task computes only
 its gradients, the subsets that cover its pairs, the adapter of the group it joins (and the
-all-task baseline, whose tasks changed); removing a task computes no gradients."""
+all-task baseline, whose tasks changed) and, of the members that did not change, only their
+scores on the new task; removing a task computes no gradients."""
 from __future__ import annotations
 
 import json
@@ -71,6 +72,14 @@ def test_adding_a_task_computes_only_what_depends_on_it(runs):
     assert s[f"train[group-{1 - joined}]"] == "Cached"
     assert s["train[all-tasks]"] == "Completed"  # the baseline's tasks changed
     assert s["theta-star"] == "Cached"
+    # stage 5 scores a member one task at a time: the members that did not change are scored
+    # on the new task only
+    other = f"group-{1 - joined}"
+    for t in ("rte", "cb", "copa"):
+        assert s[f"scores-fit[{other}/{t}]"] == "Cached", (t, s)
+        assert s[f"scores-fit[theta-star/{t}]"] == "Cached", (t, s)
+    assert s[f"scores-fit[{other}/wic]"] == "Completed"
+    assert s[f"scores-fit[group-{joined}/rte]"] == "Completed"  # its adapter changed
 
 
 def test_removing_a_task_computes_no_gradients(runs):

@@ -161,7 +161,7 @@ def comparable(run_dir: Path) -> dict[str, object]:
     adapter_config.json, minus the local path of the model cache PEFT records in it."""
     out: dict[str, object] = {}
     patterns = ["adapters/*/adapter_model.safetensors", "adapters/*/adapter_config.json",
-                "gradients/*/*.parquet", "estimation/*.json", "scores/*.json", "affinity.json",
+                "gradients/*/*.parquet", "estimation/*.json", "scores/*/*.json", "affinity.json",
                 "groups.json", "ensemble.json"]
     for pat in patterns:
         for f in sorted(glob.glob(str(run_dir / pat))):
@@ -325,7 +325,7 @@ def _scenario(env, base_args, root: Path, dirs: dict, out: dict) -> dict:
                    *other)
     d = dirs["training"]
     (d / "adapters" / "group-0" / "adapter_model.safetensors").unlink()
-    with open(d / "scores" / "group-1.json", "ab") as f:
+    with open(d / "scores" / "group-1" / f"{TASKS[0]}.json", "ab") as f:
         f.write(b" ")
     (d / "groups.json").unlink()
     home = dict(env, PREFECT_HOME=str(root / "another-prefect-home"))
@@ -486,8 +486,10 @@ def test_outputs_changed_behind_the_cache_are_recomputed_under_another_prefect_h
     states = ops["tampered-states"]
     assert states["train[group-0]"] == "Completed"
     assert states["affinity-and-groups"] == "Completed"
-    assert states["scores-fit[group-1]"] == "Completed"
-    for name in ("train[group-1]", "train[all-tasks]", "theta-star", "scores-fit[group-0]",
+    assert states[f"scores-fit[group-1/{TASKS[0]}]"] == "Completed"
+    for name in ("train[group-1]", "train[all-tasks]", "theta-star",
+                 *(f"scores-fit[group-1/{t}]" for t in TASKS[1:]),
+                 *(f"scores-fit[group-0/{t}]" for t in TASKS),
                  *(f"gradients[{t}]" for t in TASKS)):
         assert states[name] == "Cached", (name, states)
 
