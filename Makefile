@@ -21,7 +21,7 @@ benchmark: install
 
 ## The test suite (what CI runs).
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 ## The unit tests only: no Prefect server, no subprocess, no real model (tests/conftest.py).
 test-fast: install

@@ -563,10 +563,13 @@ def score_member(run: Run, adapter: AdapterRecord, task: str, splits: Sequence[s
     return ScoresRecord(adapter.name, ref, time.perf_counter() - t0, phase, task)
 
 
-def scores_of(scores: dict[str, ScoresRecord], names) -> dict[str, ScoresRecord]:
-    """The score records (any phase) of the given members, in a stable order."""
+def scores_of(scores: dict[str, ScoresRecord], names,
+              tasks: Sequence[str] | None = None) -> dict[str, ScoresRecord]:
+    """The score records (any phase) of the given members, on ``tasks`` only if given, in a
+    stable order."""
     names = set(names)
-    return {k: r for k, r in sorted(scores.items()) if r.name in names}
+    return {k: r for k, r in sorted(scores.items())
+            if r.name in names and (tasks is None or r.task in tasks)}
 
 
 def read_scores(records: dict[str, ScoresRecord]) -> dict:
@@ -599,7 +602,9 @@ def group_losses(run: Run, groups: Sequence[GroupEnsemble], features: dict[str, 
        reads=lambda group, features, scores, step: group.tasks,
        key_args=lambda group, features, scores, step: {
            "group": group, "features": {t: features[t] for t in group.tasks},
-           "scores": scores_of(scores, [m.name for m in group.members]), "step": step})
+           # only the group's own tasks: a task added elsewhere leaves the step cached
+           "scores": scores_of(scores, [m.name for m in group.members], group.tasks),
+           "step": step})
 @on_device
 def boost_group(run: Run, group: GroupEnsemble, features: dict[str, FeaturesRecord],
                 scores: dict[str, ScoresRecord], step: int) -> BoostRecord:
@@ -619,7 +624,7 @@ def boost_group(run: Run, group: GroupEnsemble, features: dict[str, FeaturesReco
     d = cfg.estimation.surrogate_dim
     tables = [feature_table(features[t].train.path, features[t].train.sha256, d)
               for t in group.tasks]
-    member = read_scores(scores_of(scores, [m.name for m in group.members]))
+    member = read_scores(scores_of(scores, [m.name for m in group.members], group.tasks))
     h_cur, _ = flatten([s for t in group.tasks for s in group_scores(member, group, t, "train")])
     lm = load_model(cfg, cache_path(cfg))
     train = [e for t in group.tasks for e in estimation_examples(run, t, "train")]

@@ -80,6 +80,13 @@ def test_adding_a_task_computes_only_what_depends_on_it(runs):
         assert s[f"scores-fit[theta-star/{t}]"] == "Cached", (t, s)
     assert s[f"scores-fit[{other}/wic]"] == "Completed"
     assert s[f"scores-fit[group-{joined}/rte]"] == "Completed"  # its adapter changed
+    # a boosting step reads only its group's scores: on the group that did not change it is
+    # the same step as before
+    boosted = [k for k in s if k.startswith("boost[")]
+    assert boosted, s
+    for k in boosted:
+        if not k.startswith(f"boost[group-{joined}-") and k in states["three"]:
+            assert s[k] == "Cached", (k, s)
 
 
 def test_removing_a_task_computes_no_gradients(runs):
