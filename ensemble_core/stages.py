@@ -185,8 +185,10 @@ def gradient_features(run: Run, task: str, progress=None) -> FeaturesRecord:
     cfg, td = run.cfg, run.task_data(task)
     lm = theta_star_model(cfg)
     scorer = ChoiceScorer(lm.tokenizer, cfg.model.max_length, cfg.model.choice_mode)
-    t_start = time.perf_counter()
     with DEVICE_LOCK:
+        # timed from here: the tasks of stage 1 run concurrently and take turns on the device,
+        # and the compute ratio (stage 6) sums their seconds, so waiting is not work
+        t_start = time.perf_counter()
         proj = _stage1_projector(run, lm)
         files, timings, sample = {}, {}, {}
         for split in GRADIENT_SPLITS:
@@ -205,6 +207,7 @@ def gradient_features(run: Run, task: str, progress=None) -> FeaturesRecord:
                                          table.n_examples)
             timings[split] = dict(tim, total_s=time.perf_counter() - t0)
         theta_norm = float(adapter_vector(lm.model).norm())
+        seconds = time.perf_counter() - t_start
     info = ProjectionInfo(proj.p, proj.d, proj.seed, proj.block_rows, theta_norm)
     manifest = {
         "task": task, "seed": info.seed, "d": info.d, "p": info.p, "theta_norm": theta_norm,
@@ -224,8 +227,7 @@ def gradient_features(run: Run, task: str, progress=None) -> FeaturesRecord:
     # written last: its presence marks the task complete
     man = run.dir.write_json(run.dir.features_manifest(task), manifest)
     release_memory()
-    return FeaturesRecord(task, man, files["train"], files["validation"], info,
-                          seconds=time.perf_counter() - t_start)
+    return FeaturesRecord(task, man, files["train"], files["validation"], info, seconds=seconds)
 
 
 @stage(1, "linearity", config=MODEL + PROJECTION + ("estimation.batch_size",
@@ -536,7 +538,7 @@ def scores_key(member: str, task: str, phase: str = "fit") -> str:
 
 @stage(5, "scores", config=("model", "estimation.batch_size", "seed", "estimation.max_examples"),
        reads=lambda adapter, task, splits, phase="fit": [task])
-@on_device
+@on_device(release=False)
 def score_member(run: Run, adapter: AdapterRecord, task: str, splits: Sequence[str],
                  phase: str = "fit") -> ScoresRecord:
     """Scores h_c(s) of one member adapter on ``splits`` of one task:

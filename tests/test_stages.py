@@ -248,3 +248,30 @@ def test_a_subset_plan_is_extended_not_redrawn():
     other = _with_tasks(["a", "b", "c", "d", "e"], subset_size=3)
     assert stages.plan_batches(other, plan) == stages.subset_batches(other,
                                                                       stages.plan_subsets(other))
+
+
+def test_stage1_seconds_count_work_not_waiting(data_root, cache_dir, tmp_path):
+    """Stage 1's tasks run concurrently and take turns on the device; the compute ratio sums
+    their seconds (stages.compute_summary), so a task's seconds must not include the time it
+    waited for another task's turn: together they cannot exceed the wall time they took."""
+    import threading
+    import time
+
+    raw = tiny_config(data_root, tmp_path / "run", cache_dir=str(cache_dir))
+    run = Run.open(parse_config(raw))
+    stages.gradient_features(run, "rte")  # loads the model: not part of the timed turns
+    records, start = {}, threading.Barrier(3)
+
+    def one(task):
+        start.wait()
+        records[task] = stages.gradient_features(run, task)
+
+    threads = [threading.Thread(target=one, args=(t,)) for t in ("rte", "cb", "copa")]
+    for t in threads:
+        t.start()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    total = sum(r.seconds for r in records.values())
+    assert 0 < total <= wall * 1.05 + 0.05, (total, wall)
