@@ -129,7 +129,8 @@ def check_estimates(run, features: dict[str, FeaturesRecord], subsets: Sequence[
             t0 = time.perf_counter()
             lm = load_model(cfg, cache_path(cfg))
             train_adapter(lm.model, lm.tokenizer, run.examples(task_names, "train"), val,
-                          cfg.training, cfg.model.max_length, cfg.model.choice_mode)
+                          cfg.training, cfg.model.max_length, cfg.model.choice_mode,
+                          validate_initial=False)  # as stage 4 trains
             true = evaluate(lm.model, lm.tokenizer, val, cfg.model.max_length,
                             e.batch_size, cfg.model.choice_mode)
             true_s += time.perf_counter() - t0

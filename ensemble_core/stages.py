@@ -460,9 +460,14 @@ def train_group(run: Run, name: str, tasks: Sequence[str], start: AdapterRecord 
     lm = load_model(cfg, cache_path(cfg))  # a fresh θ*: training changes it
     if start is not None:
         load_weights(lm.model, run.dir.local(start.path))
+    # an epoch-0 validation only for a start other than θ* (MTL-FT's second phase): at θ*
+    # every adapter scores what the base model scores (stage 5 scores θ* on every task's
+    # validation split when it is a boosting member); the best epoch is chosen among the
+    # trained epochs either way
     result = train_adapter(lm.model, lm.tokenizer, run.examples(tasks, "train"),
                            run.examples(tasks, "validation"), cfg.training, cfg.model.max_length,
-                           cfg.model.choice_mode, progress=progress)
+                           cfg.model.choice_mode, progress=progress,
+                           validate_initial=start is not None)
     save_adapter(lm.model, run.dir.local(run.dir.adapter(name)), result,
                  base_fingerprint=lm.fingerprint["base"])
     return _adapter_record(run, name, tasks, result.summary())
