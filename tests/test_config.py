@@ -18,6 +18,18 @@ def test_shipped_configs_parse():
     assert real.training.epochs == 10 and real.adapter.r == 4  # the paper's protocol
 
 
+def test_paper_protocol_is_the_demo_but_for_the_protocol():
+    """configs/paper-protocol.yaml measures the compute ratio on the demo's data: it may differ
+    from configs/demo.yaml only in its name, the LoRA rank (and alpha) and the epochs."""
+    demo, paper = (load_config(str(REPO / "configs" / n)).model_dump(mode="json")
+                   for n in ("demo.yaml", "paper-protocol.yaml"))
+    for cfg in (demo, paper):
+        for key in ("name", "output_dir", "run_dir"):
+            cfg.pop(key, None)
+        cfg["adapter"].pop("r"), cfg["adapter"].pop("alpha"), cfg["training"].pop("epochs")
+    assert paper == demo
+
+
 @pytest.mark.parametrize("patch, match", [
     ({"modle": {}}, "unknown key 'modle'"),
     ({"model": {"name": "tiny-llama", "quantisation": "nf4"}}, "unknown key 'model.quantisation'"),
