@@ -422,6 +422,8 @@ def affinity_and_groups(run: Run, results: Sequence[SubsetEstimate],
             info["incremental"] = {
                 "used": "incremental" if use else "fresh",
                 "joined": [tasks[i] for i in new],
+                # the partition the incremental policy proposed, whether used or not
+                "incremental_groups": [[tasks[i] for i in g] for g in inc],
                 "incremental_objective": inc_obj, "fresh_objective": fresh_obj,
                 "regroup_below": c.regroup_below}
             if use:

@@ -68,6 +68,7 @@ def test_adding_a_task_computes_only_what_depends_on_it(runs):
     joined = _group_of(groups["four"], "wic")
     for k, g in enumerate(after):  # the other group is the same, the joined one grew by wic
         assert g == (before[k] + ["wic"] if k == joined else before[k]), (before, after)
+    assert sorted(map(sorted, inc["incremental_groups"])) == sorted(map(sorted, after))
     assert s[f"train[group-{joined}]"] == "Completed"
     assert s[f"train[group-{1 - joined}]"] == "Cached"
     assert s["train[all-tasks]"] == "Completed"  # the baseline's tasks changed
