@@ -471,7 +471,10 @@ def test_a_lock_of_another_host_is_waited_on_with_a_bound_naming_the_host(tmp_pa
 
 
 _WAITER = """
-import json, sys, threading
+import json, signal, sys, threading
+# Ctrl-C as a terminal delivers it: a process started in the background of a non-interactive
+# shell (`nohup make test &`) inherits SIGINT ignored, and this child would inherit that too
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from concurrent.futures import ThreadPoolExecutor
 sys.path.insert(0, {repo!r})
 from tasks.locking import RunLockManager
@@ -511,8 +514,6 @@ def test_ctrl_c_stops_a_run_waiting_on_a_lock(tmp_path):
             _, err = proc.communicate()
             pytest.fail("the process did not stop on SIGINT while waiting on a lock; its "
                         f"stderr:\n{err[-3000:]}")
-    # (seen once failing in a full CI run on 2026-12-03 and not reproduced in 12 runs after;
-    # the messages here say which of the three checks failed, with the process's stderr)
     err = proc.stderr.read()
     assert proc.returncode != 0, err[-3000:]
 
