@@ -42,8 +42,7 @@ def service(tmp_path_factory, data_root, cache_dir):
                                      env, tmp / f"worker-{pool}.log", cwd=tmp))
             yield env, tmp
         finally:
-            for w in workers:
-                stop(w)
+            stop(*workers)
 
 
 @contextmanager
