@@ -20,8 +20,12 @@ benchmark: install
 	    --set "evaluation.baselines=[per-task, mtl-ft, random-groups, gradient-groups]"
 
 ## The test suite (what CI runs).
+## Two workers (pytest-xdist), one test module each at a time: most of the integration tests'
+## time is Prefect servers, workers and subprocesses starting and waiting (BENCHMARKS.md).
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -n $(TEST_WORKERS) --dist loadfile \
+	    --no-loadscope-reorder
 
 ## The unit tests only: no Prefect server, no subprocess, no real model (tests/conftest.py).
 test-fast: install

@@ -13,6 +13,35 @@ def _data_root() -> str:
     return env if env else str(REPO.parent / "shared" / "data")
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs ``-n 2 --dist loadfile``), each worker gets its
+    share of the cores for torch's threads, and the processes it starts (the CLI, workers)
+    inherit that share: two workers of two threads each on a 2-core machine spin against each
+    other in every parallel kernel."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = str(max(1, (cores or 1) // int(workers)))
+    os.environ["OMP_NUM_THREADS"] = threads
+    os.environ["MKL_NUM_THREADS"] = threads
+    import torch
+
+    torch.set_num_threads(int(threads))
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The slowest modules first (wall time of the last serial run, BENCHMARKS.md "The test
+    suite"), the rest in file order: with ``--dist loadfile`` a worker takes one module at a
+    time, so a long module started last would keep one worker busy after the other is done."""
+    rank = {name: i for i, name in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda it: rank.get(it.path.name, len(rank)))  # stable: file order kept
+
+
+SLOW_MODULES = ["test_deployment.py", "test_resume.py", "test_incremental.py", "test_benchmark.py",
+                "test_bad_input.py", "test_pipeline.py", "test_cli.py", "test_flow_affinity.py",
+                "test_artifacts.py"]
+
 _POPEN_INIT = subprocess.Popen.__init__
 _PROCESS_WORDS = ("python", "prefect", "uvicorn", "pip")
 
