@@ -9,8 +9,10 @@ machine, CPU or GPU gets the same bits — and the first d′ columns of Z are t
 d ≥ d′: the projection at d′ is Z[:, :d′] / √d′ (:meth:`GaussianProjector.at_dim`), which is how
 one stage-1 pass serves several d (``features``: the files store Zᵀg, unscaled).
 
-Blocks are cached (as float64, the precision the products accumulate in) up to ``cache_bytes``
-and regenerated beyond that; by default the budget is a quarter of the memory available on the
+Blocks are kept as Zᵀ (d × rows, the order they are drawn in: no transpose to pay) in float64,
+the precision the products accumulate in, up to ``cache_bytes`` and regenerated beyond that;
+the blocks one product needs are drawn on several threads at once when they all fit (each
+block has its own generator, and numpy draws without holding the GIL); by default the budget is a quarter of the memory available on the
 projector's device, which holds Z whole for models up to a few billion parameters with LoRA on
 two projections (SmolLM2-135M, r = 8 on q, v: p·d·8 bytes = 1.5 GB at d = 400).
 """
@@ -20,6 +22,7 @@ import hashlib
 import math
 import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -64,7 +67,7 @@ class GaussianProjector:
         self.device = torch.device(device)
         self.cache_bytes = (available_memory(self.device) // 4 if cache_bytes is None
                             else int(cache_bytes))
-        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()  # float64 blocks
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()  # float64 Zᵀ blocks
         self._cached_bytes = 0
 
     @property
@@ -78,21 +81,17 @@ class GaussianProjector:
 
     def block(self, k: int) -> torch.Tensor:
         """Rows [k·block_rows, min(p, (k+1)·block_rows)) of Z (unit normals) as float32."""
-        return self._block64(k).float()  # exact: the float64 copy holds float32 values
+        return self._block64(k).float().contiguous()  # exact: float64 holding float32 values
 
     def _generate(self, k: int) -> torch.Tensor:
+        """Zᵀ of row block k: [d, rows] float64, contiguous."""
         rows = min(self.block_rows, self.p - k * self.block_rows)
         rng = np.random.Generator(np.random.Philox(key=_block_key(self.seed, k)))
-        # column after column: column j is the j-th run of `rows` draws, the same for every d
-        z = rng.standard_normal((self.d, rows), dtype=np.float32).T
-        return torch.from_numpy(np.ascontiguousarray(z)).to(self.device, torch.float64)
+        # column after column of Z: column j is the j-th run of `rows` draws, the same for every d
+        z = rng.standard_normal((self.d, rows), dtype=np.float32)
+        return torch.from_numpy(z).to(self.device, torch.float64)
 
-    def _block64(self, k: int) -> torch.Tensor:
-        hit = self._cache.get(k)
-        if hit is not None:
-            self._cache.move_to_end(k)
-            return hit
-        t = self._generate(k)
+    def _keep(self, k: int, t: torch.Tensor) -> None:
         nbytes = t.numel() * 8
         if nbytes <= self.cache_bytes:
             self._cache[k] = t
@@ -100,7 +99,29 @@ class GaussianProjector:
             while self._cached_bytes > self.cache_bytes:
                 _, old = self._cache.popitem(last=False)
                 self._cached_bytes -= old.numel() * 8
-        return t
+
+    def _block64(self, k: int) -> torch.Tensor:
+        """Rows of block k of Z as a [rows, d] float64 view (of the cached Zᵀ block)."""
+        hit = self._cache.get(k)
+        if hit is not None:
+            self._cache.move_to_end(k)
+            return hit.T
+        t = self._generate(k)
+        self._keep(k, t)
+        return t.T
+
+    def _prefetch(self, blocks: Sequence[int]) -> None:
+        """Draw the missing ones of ``blocks`` on up to torch.get_num_threads() threads, when
+        all of them fit in the cache together (otherwise they stream one by one, as used)."""
+        blocks = list(dict.fromkeys(blocks))
+        missing = [k for k in blocks if k not in self._cache]
+        workers = min(len(missing), max(1, torch.get_num_threads()))
+        need = sum(min(self.block_rows, self.p - k * self.block_rows) for k in blocks) * self.d * 8
+        if workers < 2 or need > self.cache_bytes:
+            return
+        with ThreadPoolExecutor(workers) as pool:
+            for k, t in zip(missing, pool.map(self._generate, missing)):
+                self._keep(k, t)
 
     def project(self, g: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """g: [N, p] -> Pᵀg per row: [N, d] float32, = :meth:`project_unit` · :attr:`scale`."""
@@ -128,6 +149,12 @@ class GaussianProjector:
         br, k, blk, start = self.block_rows, -1, None, 0
         # which chunks hold a nonzero entry: one device sync for all of them, not one per chunk
         nonzero = torch.stack([x.any() for x in parts]).tolist()
+        needed, a = [], 0
+        for x, keep in zip(parts, nonzero):
+            if keep:
+                needed += range(a // br, (a + x.shape[-1] - 1) // br + 1)
+            a += x.shape[-1]
+        self._prefetch(needed)
         for x, keep in zip(parts, nonzero):
             a, stop = start, start + x.shape[-1]
             if not keep:
@@ -150,6 +177,7 @@ class GaussianProjector:
         squeeze = x.ndim == 1
         x = x.reshape(-1, self.d)
         x = x.double()  # float64 sums, rounded once: identical on any BLAS (see project)
+        self._prefetch(range(self.n_blocks))
         parts = [x @ self._block64(k).T for k in range(self.n_blocks)]
         out = (torch.cat(parts, dim=1) / math.sqrt(self.d)).float()
         return out[0] if squeeze else out

@@ -254,3 +254,37 @@ def test_projection_cache_budget_from_the_config(tmp_path, data_root):
     inputs = [stages.gradient_features.stage.inputs(Run(c), task="rte")
               for c in (cfg_default, cfg_none, cfg_some)]
     assert inputs[0] == inputs[1] == inputs[2]
+
+
+def test_blocks_drawn_on_threads_are_the_blocks_drawn_one_by_one(monkeypatch):
+    """P's blocks are drawn on several threads when all that one product needs fits in the
+    cache, and streamed one by one on the calling thread when not; same bits either way."""
+    import threading
+    g = torch.randn(3, 20000)
+    drawn_on: list[int] = []
+    generate = GaussianProjector._generate
+
+    def spy(self, k):
+        drawn_on.append(threading.get_ident())
+        return generate(self, k)
+
+    monkeypatch.setattr(GaussianProjector, "_generate", spy)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = GaussianProjector(20000, 50, seed=3, block_rows=4096)
+        ref, ref_x = one.project(g), one.expand(torch.ones(2, 50))
+        assert set(drawn_on) == {threading.get_ident()}
+        torch.set_num_threads(2)
+        drawn_on.clear()
+        two = GaussianProjector(20000, 50, seed=3, block_rows=4096)
+        assert torch.equal(two.project(g), ref) and torch.equal(two.expand(torch.ones(2, 50)), ref_x)
+        assert len(drawn_on) == 5 and threading.get_ident() not in drawn_on
+        drawn_on.clear()  # a cache of two of the five blocks: streamed on the calling thread
+        small = GaussianProjector(20000, 50, seed=3, block_rows=4096, cache_bytes=2 * 4096 * 50 * 8)
+        assert torch.equal(small.project(g), ref)
+        assert set(drawn_on) == {threading.get_ident()} and len(small._cache) == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(one.block(k), two.block(k)) for k in range(5))
+    assert one.block(1).is_contiguous() and one.block(1).shape == (4096, 50)
