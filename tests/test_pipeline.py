@@ -145,3 +145,24 @@ def test_run_directory_of_another_config_is_refused(runs, data_root):
                         [f"output_dir={out}", "adapter.r=8"])
     with pytest.raises(RunDirError, match=r"belongs to another run \(different adapter\)"):
         Run.open(other)
+
+
+def test_rescoring_the_members_directly_gives_the_stored_scores(runs, data_root, cache_dir):
+    """bench/rescore.py (BENCHMARKS.md's direct scoring figures) recomputes every score file of
+    a finished run with the run's own settings: the same predicted choices and score
+    differences, so its timings measure the pipeline's own forward work."""
+    import subprocess
+    import sys
+
+    out = runs[0]
+    n_files = len(list(out.glob("scores/*/*.json")))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "rescore.py"), str(REPO / "configs" / "tiny.yaml"),
+         "--set", f"output_dir={out}", "--set", f"data_root={data_root}",
+         "--set", f"cache_dir={cache_dir}", "--json"],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["files"] == n_files > 0
+    assert res["agree"] == res["examples"] > 0
+    assert res["max_change"] <= 1e-5, res
