@@ -7,9 +7,8 @@ bfloat16"):
     python bench/rescore.py configs/demo.yaml --set model.dtype=bfloat16
 
 Every score file of the run directory (scores/<member>/<task>[.test].json) is recomputed with
-the member's saved adapter on the same examples (``estimation_examples`` for "train", the
-task's split otherwise), the base model loaded once and the adapters swapped, as
-``stages.score_member`` does. Prints the seconds spent loading and in forward passes, the
+the member's saved adapter on the same examples (``stages.scored_examples``), the base model
+loaded once and the adapters swapped, as ``stages.score_member`` does. Prints the seconds spent loading and in forward passes, the
 examples per second, and against the run's stored scores: how many predicted choices agree and
 the change of the score differences h_c − h_0 (what the weights and boosting read). With the
 run's own settings the scores must come back unchanged.
@@ -30,7 +29,8 @@ from ensemble_core.config import load_config  # noqa: E402
 from ensemble_core.run import Run  # noqa: E402
 from ensemble_core.runtime import member_model  # noqa: E402
 from ensemble_core.scoring import predict_scores  # noqa: E402
-from ensemble_core.stages import estimation_examples  # noqa: E402
+from ensemble_core.stages import scored_examples  # noqa: E402
+from ensemble_core.storage import read_json  # noqa: E402
 
 
 def score_files(root: Path) -> list[Path]:
@@ -56,7 +56,7 @@ def main() -> None:
     deltas: list[float] = []
     files = score_files(root)
     for f in files:
-        rec = json.loads(f.read_text())
+        rec = read_json(str(f))
         name, task = rec["adapter"], rec["task"]
         t = time.perf_counter()
         # run.dir.adapter refuses a name that would leave the run directory
@@ -64,8 +64,7 @@ def main() -> None:
                                   rec["adapter_sha256"])
         t_load += time.perf_counter() - t
         for split, stored in rec["scores"][task].items():
-            examples = (estimation_examples(run, task, split) if split == "train"
-                        else run.task_data(task).splits[split])
+            examples = scored_examples(run, task, split)
             if len(examples) != len(stored):
                 raise SystemExit(f"{f}: {len(stored)} {split} scores for {len(examples)} "
                                  f"examples of task {task!r}; the config is not the run's")

@@ -153,6 +153,13 @@ def estimation_examples(run: Run, task: str, split: str):
     return [examples[i] for i in keep]
 
 
+def scored_examples(run: Run, task: str, split: str):
+    """The examples stage 5 scores a member on: for "train" the examples stage 1 computed
+    features of (:func:`estimation_examples`, which boosting reads), else the whole split."""
+    return (estimation_examples(run, task, split) if split == "train"
+            else run.task_data(task).splits[split])
+
+
 def _adapter_words(a) -> str:
     size = (f"reduction factor {a.reduction_factor}" if a.kind == "bottleneck" else f"r = {a.r}")
     return f"adapter {a.kind} {size} on {', '.join(a.target_modules)}"
@@ -561,10 +568,9 @@ def score_member(run: Run, adapter: AdapterRecord, task: str, splits: Sequence[s
     model, tok = member_model(cfg, run.dir.local(adapter.path), adapter.name, adapter.sha256)
     out: dict = {}
     for split in splits:
-        examples = (estimation_examples(run, task, split) if split == "train"
-                    else run.task_data(task).splits[split])
-        scores = predict_scores(model, tok, examples, cfg.model.max_length,
-                                cfg.estimation.batch_size, cfg.model.choice_mode)
+        scores = predict_scores(model, tok, scored_examples(run, task, split),
+                                cfg.model.max_length, cfg.estimation.batch_size,
+                                cfg.model.choice_mode)
         out[split] = [s.astype(float).tolist() for s in scores]
     ref = run.dir.write_json(run.dir.scores(adapter.name, phase, task),
                              {"adapter": adapter.name, "adapter_sha256": adapter.sha256,
