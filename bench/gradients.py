@@ -100,7 +100,7 @@ def _gold_sequences(scorer, examples):
     seqs, labels = [], []
     for ex in examples:
         prompt, _ = scorer.prompt_for(ex, "sequence")
-        gold = scorer._ids(ex.choices[ex.label])
+        gold = scorer.token_ids(ex.choices[ex.label])
         seqs.append(prompt + gold)
         labels.append([-100] * len(prompt) + gold)
     T = max(len(x) for x in seqs)
@@ -165,7 +165,7 @@ def main() -> None:
         pool = [ex for name in td.splits for ex in td.splits[name]]
 
         def length(ex):  # the key stage 1 sorts a split by (extract_features)
-            return len(scorer._ids(ex.prompt)) + max(len(scorer._ids(c)) for c in ex.choices)
+            return len(scorer.token_ids(ex.prompt)) + max(len(scorer.token_ids(c)) for c in ex.choices)
 
         if args.pick == "median":
             # consecutive examples of the length-sorted split around its median: the batches
@@ -250,8 +250,8 @@ def main() -> None:
                 best[key] = min(best[key], seconds)
                 peak[key] = max(peak[key], peak_bytes)
         t_ours, t_plain, t_choice = best["ours"], best["plain"], best["choice"]
-        loop_tokens = sum(len(scorer._ids(e.prompt)) for e in loop_ex)
-        all_tokens = sum(len(scorer._ids(e.prompt)) for e in examples)
+        loop_tokens = sum(len(scorer.token_ids(e.prompt)) for e in loop_ex)
+        all_tokens = sum(len(scorer.token_ids(e.prompt)) for e in examples)
         t_loop = timed(loop, 1) * all_tokens / loop_tokens  # scaled by prompt tokens
         flops = {key: count_flops(fn) for key, fn in fns.items()}
         flops["loop"] = count_flops(loop) * all_tokens / loop_tokens

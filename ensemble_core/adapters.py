@@ -19,7 +19,7 @@ from .storage import jsonable, temporary_dir, temporary_name, temporary_prefix
 log = logging.getLogger(__name__)
 
 __all__ = ["AdapterMismatchError", "save_adapter", "load_adapter", "check_adapter_fits",
-           "read_train_result", "read_base_fingerprint", "load_weights", "TRAINING_FILE",
+           "read_base_fingerprint", "load_weights", "TRAINING_FILE",
            "BASE_MODEL_FILE",
            "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
 
@@ -106,20 +106,18 @@ def _module_io(module) -> tuple[int | None, int | None]:
     return fin, fout
 
 
-# (weight-name marker, the weight dimension checked: "in" = columns, "out" = rows, the module's
-# side it must equal)
-_SHAPE_MARKERS = ((".lora_A.", "in", "input"), (".lora_B.", "out", "output"),
-                  (".bottleneck_down.", "in", "output"), (".bottleneck_up.", "out", "output"))
-ADAPTER_WEIGHT_MARKERS = ("lora_", "bottleneck_")
-
-
 def check_adapter_fits(base_model, adapter_dir) -> None:
-    """Raise AdapterMismatchError unless every LoRA or bottleneck weight in ``adapter_dir`` has
-    a module of the right shape in ``base_model`` (a plain transformers model or a PeftModel).
+    """Raise AdapterMismatchError unless every weight of a registered adapter kind in
+    ``adapter_dir`` (``AdapterKind.weights``: LoRA's A and B, the bottleneck's projections, …)
+    has a module of the right shape in ``base_model`` (a plain transformers model or a
+    PeftModel).
     Reads only the safetensors header. Checked before PEFT touches the model, because a failed
     ``PeftModel.from_pretrained`` leaves LoRA layers injected into the base model."""
     from safetensors import safe_open
 
+    from .adapter_kinds import weight_shapes
+
+    shapes = weight_shapes()
     adapter_dir = Path(adapter_dir)
     cfg_file, weights = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
     for f in (cfg_file, weights):
@@ -133,10 +131,9 @@ def check_adapter_fits(base_model, adapter_dir) -> None:
         for key in f.keys():
             shape = tuple(f.get_slice(key).get_shape())
             path = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
-            # which side of the adapted module each weight must match: LoRA's A reads the
-            # module's input and B writes its output; a bottleneck adapter reads and writes the
-            # module's output (ensemble_core/bottleneck.py)
-            for marker, which, side in _SHAPE_MARKERS:
+            # which side of the adapted module each weight must match (its kind says:
+            # LoRA's A reads the module's input and B writes its output, ...)
+            for marker, which, side in shapes:
                 if marker in path:
                     mod_path = path.split(marker)[0]
                     break
@@ -233,9 +230,12 @@ def load_weights(model, adapter_dir) -> None:
 
     adapter_dir = Path(adapter_dir)
     check_adapter_fits(model, adapter_dir)
+    from .adapter_kinds import weight_shapes
+
     result = set_peft_model_state_dict(model, load_file(str(adapter_dir / ADAPTER_WEIGHTS)))
+    markers = [w.marker for w in weight_shapes()]
     missing = [k for k in getattr(result, "missing_keys", [])
-               if any(m in k for m in ADAPTER_WEIGHT_MARKERS)]
+               if any(m in k for m in markers)]
     if missing:
         raise AdapterMismatchError(f"adapter {adapter_dir} lacks weights for {missing[:3]}")
 
@@ -246,11 +246,3 @@ def read_base_fingerprint(adapter_dir) -> dict:
     if not f.is_file():
         raise AdapterMismatchError(f"adapter {adapter_dir} has no {BASE_MODEL_FILE}")
     return json.loads(f.read_text())
-
-
-def read_train_result(adapter_dir):
-    """The ``records.TrainResult`` stored beside an adapter, or None."""
-    from .records import TrainResult
-
-    f = Path(adapter_dir) / TRAINING_FILE
-    return TrainResult.from_json(json.loads(f.read_text())) if f.is_file() else None

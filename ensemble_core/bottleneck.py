@@ -17,8 +17,9 @@ PEFT knows a method by a member of its ``PeftType`` enum; this module adds ``BOT
 it, then registers the config and tuner with ``peft.utils.register_peft_method``, so the
 adapter is created with ``get_peft_model``, saved as ``adapter_config.json`` +
 ``adapter_model.safetensors`` and loaded with ``PeftModel.from_pretrained`` like any PEFT
-adapter — in any process that has imported ``ensemble_core.bottleneck`` (``ensemble_core.models``
-does). Adapters cannot be merged into the base weights (φ is nonlinear).
+adapter — in any process that has imported ``ensemble_core.bottleneck`` (``adapters.load_adapter``
+and the ``bottleneck`` adapter kind, ``ensemble_core/adapter_kinds/bottleneck.py``, import it).
+Adapters cannot be merged into the base weights (φ is nonlinear).
 """
 from __future__ import annotations
 
@@ -30,13 +31,15 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features
 from torch import nn
 
+from .adapter_kinds.bottleneck import DEFAULT_TARGETS as _TARGETS
+
 __all__ = ["BottleneckConfig", "BottleneckModel", "BottleneckLayer", "PEFT_TYPE",
            "NONLINEARITIES", "DEFAULT_TARGETS", "bottleneck_size"]
 
 NAME = "bottleneck"
 NONLINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-# "after attention" and "after the MLP": the output projection of each, by architecture
-DEFAULT_TARGETS = {t: ["o_proj", "down_proj"]
+# PEFT's default targets by architecture (when target_modules is None): the adapter kind's
+DEFAULT_TARGETS = {t: list(_TARGETS)
                    for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2",
                              "phi3", "olmo", "olmo2", "granite", "smollm3")}
 

@@ -88,8 +88,6 @@ def check_estimates(run, features: dict[str, FeaturesRecord], subsets: Sequence[
     chosen with ``seed``), at every projection dimension of ``dims`` (default: all that stage 1
     computed, ``estimation.projection_dim``) from the one stage-1 pass; each subset is
     fine-tuned for real once. Writes estimate_check.json."""
-    from scipy.stats import spearmanr
-
     from .models import load_model
     from .runtime import DEVICE_LOCK, cache_path, feature_table
     from .surrogate import fit_subset, norm_bound
@@ -143,22 +141,31 @@ def check_estimates(run, features: dict[str, FeaturesRecord], subsets: Sequence[
                     abs(est_t["loss"] - true_t["loss"]) / max(true_t["loss"], 1e-12)))
         if progress:
             progress(k + 1, len(chosen), "+".join(task_names))
-    summaries = []
-    for d in dims:
-        at = [x for x in rows if x.d == d]
-        est_l = np.array([x.estimated_loss for x in at])
-        true_l = np.array([x.true_loss for x in at])
-        rho = float(spearmanr(est_l, true_l).statistic) if len(at) > 2 else None
-        amortized = fit_s[d] + stage1_s * len(chosen) / max(len(subsets), 1)
-        summaries.append(EstimateCheckSummary(
-            d=d, pairs=len(at), subsets=len(chosen),
-            mean_relative_error=float(np.mean([x.relative_error for x in at])), spearman=rho,
-            accuracy_abs_error=float(np.mean([abs(x.estimated_accuracy - x.true_accuracy)
-                                              for x in at])),
-            true_finetune_s=true_s, surrogate_fit_s=fit_s[d],
-            estimation_with_amortized_gradients_s=amortized,
-            compute_ratio_fits_only=true_s / max(fit_s[d], 1e-12),
-            compute_ratio_with_gradients=true_s / max(amortized, 1e-12),
-            k_subsets=len(subsets), stage1_s=stage1_s))
+    summaries = [_summary(d, rows, len(chosen), len(subsets), fit_s[d], true_s, stage1_s)
+                 for d in dims]
     body = {"summaries": [x.to_json() for x in summaries], "rows": [x.to_json() for x in rows]}
     return EstimateCheck(run.dir.write_json(run.dir.estimate_check, body), summaries, rows)
+
+
+def _summary(d: int, rows: Sequence[EstimateCheckRow], n_chosen: int, k: int, fit_s: float,
+             true_s: float, stage1_s: float) -> EstimateCheckSummary:
+    """Table 3's figures at projection dimension d over the (subset, task) pairs of ``rows``:
+    mean relative error of the loss, Spearman correlation of estimated and true losses, and
+    the compute ratios (fits alone; fits plus the amortized share of stage 1)."""
+    from scipy.stats import spearmanr
+
+    at = [x for x in rows if x.d == d]
+    est_l = np.array([x.estimated_loss for x in at])
+    true_l = np.array([x.true_loss for x in at])
+    rho = float(spearmanr(est_l, true_l).statistic) if len(at) > 2 else None
+    amortized = fit_s + stage1_s * n_chosen / max(k, 1)
+    return EstimateCheckSummary(
+        d=d, pairs=len(at), subsets=n_chosen,
+        mean_relative_error=float(np.mean([x.relative_error for x in at])), spearman=rho,
+        accuracy_abs_error=float(np.mean([abs(x.estimated_accuracy - x.true_accuracy)
+                                          for x in at])),
+        true_finetune_s=true_s, surrogate_fit_s=fit_s,
+        estimation_with_amortized_gradients_s=amortized,
+        compute_ratio_fits_only=true_s / max(fit_s, 1e-12),
+        compute_ratio_with_gradients=true_s / max(amortized, 1e-12),
+        k_subsets=k, stage1_s=stage1_s)

@@ -9,13 +9,19 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, Field, SerializeAsAny, ValidationError, field_validator,
+                      model_validator)
 
+from .adapter_kinds import AdapterConfig, validate_adapter
+from .baselines import BASELINES
+from .boosting import BOOSTING_MODES
+from .clustering import ClusteringConfig, validate_clustering
 from .data import TaskConfig
+from .registry import StrictModel
 
 
 class ConfigError(ValueError):
@@ -90,8 +96,7 @@ def load_yaml(text: str, source: str):
         raise ConfigError(f"config file {source}: nested too deeply") from None
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+_Strict = StrictModel
 
 
 class ModelConfig(_Strict):
@@ -108,32 +113,6 @@ class ModelConfig(_Strict):
     tiny_hidden_size: int = Field(64, ge=8)
     tiny_layers: int = Field(2, ge=1)
     tiny_seed: int = 0
-
-
-class AdapterConfig(_Strict):
-    # "lora" (LoRA; QLoRA on an nf4 base) or "bottleneck" (Houlsby adapters; QAdapter on an nf4
-    # base; ensemble_core/bottleneck.py) — the paper's four base methods (Figure 2, Table 2)
-    kind: Literal["lora", "bottleneck"] = "lora"
-    r: int = Field(8, ge=1)  # LoRA rank
-    alpha: float = 16.0  # LoRA scale alpha / r
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    # the modules adapted: LoRA's wrapped Linears, or the modules a bottleneck adapter follows
-    # (default for "bottleneck": o_proj and down_proj, i.e. after attention and after the MLP)
-    target_modules: list[str] = ["q_proj", "v_proj"]
-    # PEFT init_lora_weights: "true" (B = 0, the standard), "false" (B random), "gaussian", "pissa"…
-    init: str = "true"
-    # bottleneck only: out_features // reduction_factor units (the paper uses 256 on 7B models,
-    # hidden size 4096: 16 units; SmolLM2's 576 at 16 gives 36), and the nonlinearity between
-    reduction_factor: int = Field(16, ge=1)
-    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _bottleneck_targets(cls, data):
-        if isinstance(data, dict) and data.get("kind") == "bottleneck" \
-                and "target_modules" not in data:
-            data = dict(data, target_modules=["o_proj", "down_proj"])
-        return data
 
 
 class EstimationConfig(_Strict):
@@ -217,22 +196,6 @@ class EstimationConfig(_Strict):
         return self.fit_dim if self.fit_dim is not None else self.stored_dim
 
 
-class ClusteringConfig(_Strict):
-    method: Literal["sdp", "spectral"] = "sdp"
-    n_groups: int | Literal["auto"] = "auto"  # m
-    m_selection: Literal["trace", "density"] = "trace"
-    lam: float | None = None  # λ of the trace term (None: an automatic grid for m = "auto")
-    threshold_c: float = Field(0.5, gt=0.0)  # round X̂_uv >= c/n
-    max_groups: int | None = Field(None, ge=1)  # largest m considered by m_selection=density
-    solver: str | None = None  # a cvxpy solver name; default Clarabel, then SCS
-    # incremental grouping (issue 14): when tasks were added to a run directory's previous
-    # grouping, each new task joins the group of highest affinity and the other groups stay as
-    # they were (their adapters are reused) — unless that grouping's objective falls more than
-    # regroup_below (a fraction) below a fresh SDP's; false: every run groups afresh
-    incremental: bool = False
-    regroup_below: float = Field(0.1, ge=0.0)
-
-
 class TrainingConfig(_Strict):
     learning_rate: float = Field(5e-4, gt=0.0)  # the peak learning rate (after warm-up)
     epochs: int = Field(2, ge=1)
@@ -251,18 +214,35 @@ class TrainingConfig(_Strict):
 class BoostingConfig(_Strict):
     steps: int = Field(1, ge=0)  # b
     eta: float = Field(0.1, gt=0.0)  # η
-    # how a boosting adapter is fitted to the residuals (ensemble_core/boosting.py):
-    # "first-order" (ridge regression on the projected gradients, restored as θ* + η·P x̂;
-    # docs/design.md, "Stage 5"), "exact" (the adapter fine-tuned on the residuals, squared
-    # error, added with scale η) or "adaboost" (AdaBoost.M1: sample weights from the members'
-    # errors, α = log((1 − err)/err)); exact and adaboost train with `training`
-    mode: Literal["first-order", "exact", "adaboost"] = "first-order"
+    # how a boosting adapter is fitted to the residuals (a registered boosting mode,
+    # ensemble_core/boosting/): "first-order" (ridge regression on the projected gradients,
+    # restored as θ* + η·P x̂; docs/design.md, "Stage 5"), "exact" (the adapter fine-tuned on
+    # the residuals, squared error, added with scale η) or "adaboost" (AdaBoost.M1: sample
+    # weights from the members' errors, α = log((1 − err)/err)); exact and adaboost train with
+    # `training`
+    mode: str = "first-order"
+
+    @field_validator("mode")
+    @classmethod
+    def _registered(cls, v):
+        if v not in BOOSTING_MODES:
+            raise ValueError(f"{v!r} is not a registered boosting mode; registered: "
+                             f"{', '.join(BOOSTING_MODES.names())}")
+        return v
+
+
+def _registered_baseline(name: str) -> str:
+    if name not in BASELINES:
+        raise ValueError(f"{name!r} is not a registered baseline; registered: "
+                         f"{', '.join(BASELINES.names())}")
+    return name
 
 
 class EvaluationConfig(_Strict):
-    # the paper's baselines trained and evaluated beside the ensemble (ensemble_core/baselines.py;
-    # the single adapter on all tasks always is): per-task, mtl-ft, random-groups, gradient-groups
-    baselines: list[Literal["per-task", "mtl-ft", "random-groups", "gradient-groups"]] = []
+    # the paper's baselines trained and evaluated beside the ensemble (registered in
+    # ensemble_core/baselines/; the single adapter on all tasks always is): per-task, mtl-ft,
+    # random-groups, gradient-groups
+    baselines: list[Annotated[str, AfterValidator(_registered_baseline)]] = []
     # a finished run's ensemble becomes the current version unless its validation accuracy on
     # some task is lower than the current version's by more than this (ensemble_core/versions.py)
     promote_tolerance: float = Field(0.02, ge=0.0, le=1.0)
@@ -289,14 +269,27 @@ class RunConfig(_Strict):
     output_dir: str = "runs/{name}"  # any fsspec URL
     cache_dir: str | None = None  # model cache (default ~/.cache/ensemble-lora)
     model: ModelConfig = ModelConfig()
-    adapter: AdapterConfig = AdapterConfig()
+    # a registered adapter kind's section (ensemble_core/adapter_kinds/): `kind` selects it
+    adapter: SerializeAsAny[AdapterConfig] = Field(default_factory=lambda: validate_adapter({}))
     tasks: list[TaskConfig]
     estimation: EstimationConfig = EstimationConfig()
-    clustering: ClusteringConfig = ClusteringConfig()
+    # a registered clustering method's section (ensemble_core/clustering/): `method` selects it
+    clustering: SerializeAsAny[ClusteringConfig] = Field(
+        default_factory=lambda: validate_clustering({}))
     training: TrainingConfig = TrainingConfig()
     boosting: BoostingConfig = BoostingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     runner: RunnerConfig = RunnerConfig()
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _adapter_kind(cls, v):
+        return validate_adapter(v)
+
+    @field_validator("clustering", mode="before")
+    @classmethod
+    def _clustering_method(cls, v):
+        return validate_clustering(v)
 
     @field_validator("tasks")
     @classmethod

@@ -41,7 +41,8 @@ from .storage import positive_env
 
 __all__ = [
     "DataError", "Example", "CarveSpec", "TaskConfig", "TaskData", "SPLITS",
-    "builtin_tasks", "resolve_task", "load_task", "load_tasks", "read_records",
+    "builtin_tasks", "resolve_task", "load_task", "read_records", "format_record",
+    "preprocess_records",
 ]
 
 SPLITS = ("train", "validation", "test")
@@ -673,6 +674,35 @@ def fill_template(template: str, values, what: str, where: str) -> str:
         raise DataError(f"{where}: cannot fill {what} {template!r}: {e}") from None
 
 
+def format_record(template: str, choices, choice_fields, choice_template: str, record,
+                  where: str) -> tuple[str, tuple[str, ...]]:
+    """A record's prompt and answer choices, as training and prediction format them: the
+    template filled from its fields, and the verbalizers (``choices``) or its per-example
+    candidates (``choice_fields``, each through ``choice_template``). Errors name ``where``
+    (file and line, or task and record) and the field."""
+    prompt = fill_template(template, record, "template", where)
+    if choices is not None:
+        return prompt, tuple(choices)
+    out = []
+    for f in choice_fields:
+        if f not in record:
+            raise DataError(f"{where}: choice_fields names field {f!r}, which the record lacks "
+                            f"(available fields: {sorted(record)})")
+        out.append(fill_template(choice_template, {**record, "choice": record[f]},
+                                 "choice_template", where))
+    return prompt, tuple(out)
+
+
+def preprocess_records(builtin: str | None, records: list[dict]) -> list[dict]:
+    """A builtin task's record preprocessing (e.g. COPA's connective, MultiRC's flattening)
+    applied to raw records in the dataset's own format; records are numbered from 1 in its
+    errors ("line <n>: ...")."""
+    spec = _BUILTINS.get(builtin) if builtin else None
+    if spec is None or spec.preprocess is None:
+        return records
+    return [r.data for r in spec.preprocess([_Record(i, dict(r)) for i, r in enumerate(records)])]
+
+
 def _examples(cfg: TaskConfig, split: str, file: _File) -> list[Example]:
     n_choices = len(cfg.choices if cfg.choices is not None else cfg.choice_fields)
     labels = _label_map(cfg, n_choices)
@@ -682,18 +712,8 @@ def _examples(cfg: TaskConfig, split: str, file: _File) -> list[Example]:
     for rec in file.records:
         where = file.where(rec)
         data = rec.data
-        prompt = fill_template(cfg.template, data, "template", where)
-        if cfg.choices is not None:
-            choices = tuple(cfg.choices)
-        else:
-            choices = []
-            for f in cfg.choice_fields:
-                if f not in data:
-                    raise DataError(f"{where}: choice_fields names field {f!r}, which the "
-                                    f"record lacks (available fields: {sorted(data)})")
-                choices.append(fill_template(cfg.choice_template, {**data, "choice": data[f]},
-                                     "choice_template", where))
-            choices = tuple(choices)
+        prompt, choices = format_record(cfg.template, cfg.choices, cfg.choice_fields,
+                                        cfg.choice_template, data, where)
         if cfg.label_field not in data:
             raise DataError(f"{where}: label_field {cfg.label_field!r} is not in the record "
                             f"(available fields: {sorted(data)})")
@@ -812,15 +832,3 @@ def _load(cfg: TaskConfig, data_root: str) -> TaskData:
             source = prov["splits"].get(split, {}).get("source", "no file and no carve")
             raise DataError(f"task {cfg.name!r}: split {split!r} is empty ({source})")
     return TaskData(config=cfg, splits=splits, provenance=prov)
-
-
-def load_tasks(cfgs: list[TaskConfig], data_root: str) -> dict[str, TaskData]:
-    """Load several tasks, keyed by name in the given order; names must be unique."""
-    names = [c.name for c in cfgs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise DataError(f"duplicate task name(s) {dup}: every task in a run needs a "
-                        f"unique name")
-    if not cfgs:
-        raise DataError("no tasks given")
-    return {c.name: load_task(c, data_root) for c in cfgs}

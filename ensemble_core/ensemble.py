@@ -55,14 +55,11 @@ from .scoring import predict_scores
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "EnsembleError", "ENSEMBLE_FILE", "probabilities", "combine_probabilities",
+    "EnsembleError", "probabilities", "combine_probabilities",
     "ensemble_log_loss", "fit_ensemble_weights", "validate_ensemble_spec",
     "task_entry", "write_ensemble_json", "read_ensemble_json", "records_to_examples",
     "EnsembleModel",
 ]
-
-ENSEMBLE_FILE = "ensemble.json"
-
 
 class EnsembleError(ValueError):
     """A malformed ensemble specification or an ensemble that cannot be used; the message names
@@ -316,25 +313,13 @@ def read_ensemble_json(path) -> dict:
 # Raw records -> examples
 # ----------------------------------------------------------------------------------------------
 
-def _fill(template: str, record: Mapping, task: str, i: int, what: str) -> str:
-    from .data import fill_template
-
-    return fill_template(template, record, what, f"task {task!r}: record {i}")
-
-
 def _preprocess_builtin(builtin: str | None, records: list[dict], task: str) -> list[dict]:
-    """Apply a builtin task's record preprocessing (e.g. COPA's connective) so raw records
-    in the dataset's own format work. MultiRC flattens one record into one per answer."""
-    if not builtin:
-        return records
-    from . import data as _data
+    """A builtin task's record preprocessing (``data.preprocess_records``), its errors counted
+    in records."""
+    from .data import preprocess_records
 
-    spec = getattr(_data, "_BUILTINS", {}).get(builtin)
-    if spec is None or spec.preprocess is None:
-        return records
-    recs = [_data._Record(i, dict(r)) for i, r in enumerate(records)]
     try:
-        return [r.data for r in spec.preprocess(recs)]
+        return preprocess_records(builtin, records)
     except DataError as e:  # builtin messages start "line <number>: "; ours count records
         msg = str(e)
         msg = "record " + msg[len("line "):] if msg.startswith("line ") else msg
@@ -342,26 +327,20 @@ def _preprocess_builtin(builtin: str | None, records: list[dict], task: str) -> 
 
 
 def records_to_examples(task: str, entry: Mapping, records: Sequence[Mapping]) -> list[Example]:
-    """Format raw records (dicts) with a task's template and choices, as in training. The label
-    is a placeholder (0): predictions do not need it."""
+    """Format raw records (dicts) with a task's template and choices, as in training
+    (``data.format_record``). The label is a placeholder (0): predictions do not need it."""
+    from .data import format_record
+
     recs = _preprocess_builtin(entry.get("builtin"), [dict(r) for r in records], task)
     out = []
     for i, rec in enumerate(recs):
         if not isinstance(rec, Mapping):
             raise DataError(f"task {task!r}: record {i} is a {type(rec).__name__}, expected a "
                             "mapping of field names to values")
-        prompt = _fill(entry["template"], rec, task, i, "template")
-        if entry.get("choices") is not None:
-            choices = tuple(entry["choices"])
-        else:
-            choices = []
-            for f in entry["choice_fields"]:
-                if f not in rec:
-                    raise DataError(f"task {task!r}: record {i} lacks field {f!r}, which "
-                                    f"choice_fields names (record fields: {sorted(rec)})")
-                choices.append(_fill(entry.get("choice_template", " {choice}"),
-                                     {**rec, "choice": rec[f]}, task, i, "choice_template"))
-            choices = tuple(choices)
+        prompt, choices = format_record(entry["template"], entry.get("choices"),
+                                        entry.get("choice_fields"),
+                                        entry.get("choice_template", " {choice}"), rec,
+                                        f"task {task!r}: record {i}")
         out.append(Example(task, "predict", str(i), prompt, choices, 0))
     return out
 
@@ -378,6 +357,50 @@ def _adapter_name(path: str, taken: set[str]) -> str:
         name = f"{base}_{k}"
     taken.add(name)
     return name
+
+
+def _member_paths(rd: RunDir, spec: dict) -> list[str]:
+    """The member adapters ensemble.json names (its paths, each once, in order), each checked:
+    inside the run directory, a PEFT adapter, and its weights the ones the ensemble was fitted
+    with (their sha256)."""
+    from .storage import file_sha256
+
+    paths = []
+    for g, grp in enumerate(spec["groups"]):
+        where = f"groups[{g}] ({grp.get('name', g)})"
+        for mem in grp["members"]:
+            try:
+                p = rd.local(rd.resolve(mem["adapter"]))
+            except RunDirError as e:
+                raise EnsembleError(f"{rd.ensemble}: {where}: {e}") from None
+            if not (p / "adapter_config.json").is_file():
+                raise EnsembleError(f"{where}: adapter {mem['adapter']!r} not found at {p}")
+            if mem.get("sha256") is not None:  # the weights the ensemble was fitted with
+                w = p / ADAPTER_WEIGHTS
+                found = file_sha256(str(w)) if w.is_file() else None
+                if found != mem["sha256"]:
+                    raise EnsembleError(
+                        f"{rd.ensemble}: {where}: adapter {mem['adapter']!r}: {w} "
+                        + ("is missing" if found is None else "has changed since the "
+                           "ensemble was fitted (sha256 differs)"))
+            if mem["adapter"] not in paths:
+                paths.append(mem["adapter"])
+    return paths
+
+
+def _check_base(rd: RunDir, mcfg, expected: dict, cache_dir) -> None:
+    """The base model's name and weights digest, as ``models.load_base`` records them, from
+    the materialized files, against those the ensemble was trained on."""
+    from .models import materialize_base, weights_digest
+
+    src, _ = materialize_base(mcfg, cache_dir)
+    found = {"name": mcfg.name, "weights_sha256": weights_digest(src)}
+    diff = [k for k in found if expected.get(k) is not None and found[k] is not None
+            and found[k] != expected[k]]
+    if diff:
+        raise EnsembleError(
+            f"{rd.ensemble}: the base model {mcfg.name!r} differs from the one the ensemble was "
+            f"trained on: " + ", ".join(f"{k} {found[k]!r} vs {expected[k]!r}" for k in diff))
 
 
 class EnsembleModel:
@@ -415,7 +438,7 @@ class EnsembleModel:
         A run directory with versions (``ensemble_core/versions.py``) loads its current
         version, or ``version`` when named; one without loads its own ensemble.json."""
         from .config import ModelConfig
-        from .models import _weights_digest, load_base, materialize_base
+        from .models import load_base
         from .versions import resolve
 
         vid, where = resolve(run_dir, version) if RunDir(str(run_dir)).is_local \
@@ -429,46 +452,13 @@ class EnsembleModel:
         mcfg.trust_remote_code = bool(trust_remote_code)
         if device is not None:
             mcfg.device = device
-        paths = []
-        for g, grp in enumerate(spec["groups"]):
-            for mem in grp["members"]:
-                try:
-                    p = rd.local(rd.resolve(mem["adapter"]))
-                except RunDirError as e:
-                    raise EnsembleError(f"{rd.ensemble}: groups[{g}] ({grp.get('name', g)}): "
-                                        f"{e}") from None
-                if not (p / "adapter_config.json").is_file():
-                    raise EnsembleError(f"groups[{g}] ({grp.get('name', g)}): adapter "
-                                        f"{mem['adapter']!r} not found at {p}")
-                if mem.get("sha256") is not None:  # the weights the ensemble was fitted with
-                    from .storage import file_sha256
-
-                    w = p / ADAPTER_WEIGHTS
-                    found = file_sha256(str(w)) if w.is_file() else None
-                    if found != mem["sha256"]:
-                        raise EnsembleError(
-                            f"{rd.ensemble}: groups[{g}] ({grp.get('name', g)}): adapter "
-                            f"{mem['adapter']!r}: {w} "
-                            + ("is missing" if found is None else "has changed since the "
-                               "ensemble was fitted (sha256 differs)"))
-                if mem["adapter"] not in paths:
-                    paths.append(mem["adapter"])
+        paths = _member_paths(rd, spec)
         expected = spec.get("base_fingerprint")
         if check_fingerprint and not expected:
             raise EnsembleError(f"{rd.ensemble}: no base_fingerprint: the base model cannot be "
                                 "checked (load with check_fingerprint=False to accept that)")
-
-        if check_fingerprint:  # before any of the model's files is loaded: the same name and
-            # digest load_base records (models.load_base), from the materialized files
-            src, _ = materialize_base(mcfg, cache_dir)
-            found = {"name": mcfg.name, "weights_sha256": _weights_digest(src)}
-            diff = [k for k in found if expected.get(k) is not None and found[k] is not None
-                    and found[k] != expected[k]]
-            if diff:
-                raise EnsembleError(
-                    f"{rd.ensemble}: the base model {mcfg.name!r} differs from the one the "
-                    f"ensemble was trained on: "
-                    + ", ".join(f"{k} {found[k]!r} vs {expected[k]!r}" for k in diff))
+        if check_fingerprint:  # before any of the model's files is loaded
+            _check_base(rd, mcfg, expected, cache_dir)
         base, tok, record = load_base(mcfg, cache_dir)
         fp = record if check_fingerprint else None
         taken: set[str] = set()

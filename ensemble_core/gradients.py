@@ -27,7 +27,7 @@ from .features import FeatureTable
 from .models import trainable_parameters
 from .projection import GaussianProjector
 from .records import Progress
-from .scoring import ChoiceScorer, EncodedBatch, _backbone_and_head, choice_outputs, model_device
+from .scoring import ChoiceScorer, EncodedBatch, backbone_and_head, choice_outputs, model_device
 
 
 class GradientError(ValueError):
@@ -58,8 +58,9 @@ class PerSampleLinearGrads:
         for name, p in self.params:
             if id(p) not in owner:
                 raise GradientError(f"trainable parameter {name} is not the weight or bias of an "
-                                    "nn.Linear; the fast path supports Linear adapters (LoRA) "
-                                    "only — use reference_gradients")
+                                    "nn.Linear; the fast path supports adapters made of "
+                                    "nn.Linear layers (LoRA, the bottleneck adapter) only — "
+                                    "use reference_gradients")
             self.slots.append(owner[id(p)])
         self.modules = list(dict.fromkeys(m for m, _ in self.slots))
         self.p = sum(p.numel() for _, p in self.params)
@@ -175,11 +176,11 @@ def reference_gradients(model, scorer: ChoiceScorer, examples: Sequence[Example]
     the model's standard causal attention — no packing, no padding, no block mask."""
     params = [p for _, p in trainable_parameters(model)]
     mode = mode or scorer.mode_for(examples)
-    backbone, W, b = _backbone_and_head(model)
+    backbone, W, b = backbone_and_head(model)
     device = model_device(model)
     outs, grads = [], []
     for ex in examples:
-        conts = [scorer._ids(c) for c in ex.choices]
+        conts = [scorer.token_ids(c) for c in ex.choices]
         prompt, _ = scorer.prompt_for(ex, mode)
         if mode == "token":  # one forward, then one backward per choice
             hidden = backbone(input_ids=torch.tensor([prompt], device=device),
@@ -225,7 +226,7 @@ def extract_features(model, scorer: ChoiceScorer, examples: Sequence[Example],
     if not examples:
         raise GradientError(f"task {task}: split {split} has no examples")
     mode = scorer.mode_for(examples)
-    lengths = [len(scorer._ids(ex.prompt)) + max(len(scorer._ids(c)) for c in ex.choices)
+    lengths = [len(scorer.token_ids(ex.prompt)) + max(len(scorer.token_ids(c)) for c in ex.choices)
                for ex in examples]
     order = np.argsort(lengths, kind="stable")
     n_rows = [len(ex.choices) for ex in examples]

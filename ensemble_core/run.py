@@ -109,7 +109,7 @@ class Run:
     def open(cls, cfg: RunConfig) -> "Run":
         """The run, with its directory claimed (``RunDir.claim``)."""
         run = cls(cfg)
-        run.dir.claim(run.identity, run.held_config)
+        run.dir.claim(run.identity, run.held_config, normalize=_identity_today)
         return run
 
     @property
@@ -146,6 +146,25 @@ class Run:
         paths; a section name allows the whole section) and the tasks in ``tasks`` (None:
         every task)."""
         return _StageRun(self, stage, frozenset(config), None if tasks is None else set(tasks))
+
+
+def _identity_today(stored: dict) -> dict:
+    """A stored run identity in today's form: an adapter section written when one config class
+    held every kind's fields (before the adapter-kind registry) keeps only its kind's."""
+    import warnings
+
+    from .adapter_kinds import validate_adapter
+
+    adapter = stored.get("adapter")
+    if not isinstance(adapter, dict):
+        return stored
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            adapter = validate_adapter(adapter).model_dump(mode="json")
+    except ValueError:
+        return stored  # not a config we know: compared as it is (and refused)
+    return dict(stored, adapter=adapter)
 
 
 class _StageRun(Run):
@@ -202,7 +221,7 @@ class ConfigView:
         if any(a.startswith(path + ".") for a in self._allowed) and isinstance(value, BaseModel):
             return ConfigView(value, self._allowed, self._stage, path + ".")
         raise StageInputError(f"stage {self._stage!r} reads config field {path!r}, which it does "
-                              "not declare (ensemble_core/stages.py): its cache would not see "
+                              "not declare (ensemble_core/stages/): its cache would not see "
                               "a change of it")
 
     def __setattr__(self, name, value):

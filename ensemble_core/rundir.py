@@ -227,7 +227,7 @@ class RunDir:
         return exists(url)
 
     # -- claiming ----------------------------------------------------------------------------
-    def claim(self, identity: dict, config: dict | None = None) -> dict:
+    def claim(self, identity: dict, config: dict | None = None, normalize=None) -> dict:
         """Mark the directory as this run's (``run.json``) or check that it is; leftovers of
         writes that a killed process did not finish are removed.
 
@@ -244,10 +244,13 @@ class RunDir:
         same config share it (the cache's locks keep them from computing one thing twice).
         The check and the first ``run.json`` are made under a short exclusive guard, so two
         processes starting together cannot both claim a fresh directory. (Remote run
-        directories have neither guard nor holders: one writer at a time is up to you.)"""
+        directories have neither guard nor holders: one writer at a time is up to you.)
+        ``normalize(stored)`` puts a stored identity in today's form before comparing."""
         with self._claim_guard():
             if exists(self.run_json):
                 have = read_json(self.run_json)
+                if normalize is not None:  # an identity written by an older release
+                    have = normalize(have)
                 diff = [k for k in identity if have.get(k) != identity[k]]
                 if diff:
                     raise RunDirError(

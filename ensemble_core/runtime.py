@@ -29,8 +29,9 @@ _SCORERS: dict = {}
 def code_version() -> str:
     """Package version + a hash of the library's source: part of every cache key."""
     h = hashlib.sha256(__version__.encode())
-    for f in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(f.name.encode())
+    root = Path(__file__).parent
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -115,7 +116,8 @@ def feature_table(path: str, sha256: str, dim: int | None = None):
 
 
 def release_models() -> None:
-    """Drop the process's θ* models and projection blocks (after stage 1)."""
+    """Drop the process's θ* models, projection blocks and scoring models (at the end of
+    stage 1, and of stages 5–6)."""
     with DEVICE_LOCK, _LOCK:
         _MODELS.clear()
         _PROJECTORS.clear()

@@ -70,7 +70,8 @@ class ChoiceScorer:
         self.mode = mode
         self._cache: dict[str, list[int]] = {}
 
-    def _ids(self, text: str) -> list[int]:
+    def token_ids(self, text: str) -> list[int]:
+        """The tokens of ``text`` without special tokens (cached per scorer)."""
         ids = self._cache.get(text)
         if ids is None:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -85,14 +86,14 @@ class ChoiceScorer:
                 and getattr(self.tokenizer, "add_bos_token", True) is not False)
 
     def _prompt_ids(self, text: str) -> list[int]:
-        ids = self._ids(text)
+        ids = self.token_ids(text)
         return [self.tokenizer.bos_token_id] + ids if self.adds_bos else ids
 
     def mode_for(self, examples: Sequence[Example]) -> str:
         """``token`` when every choice is a single token, else ``sequence``."""
         if self.mode != "auto":
             return self.mode
-        single = all(len(self._ids(c)) == 1 for ex in examples for c in ex.choices)
+        single = all(len(self.token_ids(c)) == 1 for ex in examples for c in ex.choices)
         return "token" if single else "sequence"
 
     def _fit(self, prompt: list[int], room: int) -> tuple[list[int], bool]:
@@ -109,7 +110,7 @@ class ChoiceScorer:
         leave room for the longest choice in sequence mode — and whether they were cut."""
         room = self.max_length
         if mode == "sequence":
-            room -= max(len(self._ids(c)) for c in ex.choices)
+            room -= max(len(self.token_ids(c)) for c in ex.choices)
         return self._fit(self._prompt_ids(ex.prompt), room)
 
     def padded_length(self, ex: Example, mode: str) -> int:
@@ -118,13 +119,13 @@ class ChoiceScorer:
         prompt = len(self.prompt_for(ex, mode)[0])
         if mode == "token":
             return prompt
-        return prompt + sum(len(self._ids(c)) for c in ex.choices)
+        return prompt + sum(len(self.token_ids(c)) for c in ex.choices)
 
     def sequence_costs(self, examples: Sequence[Example]) -> tuple[int, int]:
         """Token counts (padded) of a sequence-mode batch: (packed, one sequence per choice)."""
         packed, single, rows = 0, 0, 0
         for ex in examples:
-            conts = [len(self._ids(c)) for c in ex.choices]
+            conts = [len(self.token_ids(c)) for c in ex.choices]
             prompt = len(self.prompt_for(ex, "sequence")[0])
             packed = max(packed, prompt + sum(conts))
             single = max(single, prompt + max(conts))
@@ -143,7 +144,7 @@ class ChoiceScorer:
         if mode == "token":
             last, row_seq, row_tok = [], [], []
             for i, ex in enumerate(examples):
-                toks = [self._ids(c) for c in ex.choices]
+                toks = [self.token_ids(c) for c in ex.choices]
                 if any(len(t) != 1 for t in toks):
                     raise ValueError(f"task {ex.task}: example {ex.example_id} has a choice that "
                                      "is not a single token; use sequence mode")
@@ -164,7 +165,7 @@ class ChoiceScorer:
         tgt_seq, tgt_src, tgt_tok, tgt_row = [], [], [], []
         row = 0
         for ex in examples:
-            conts = [self._ids(c) for c in ex.choices]
+            conts = [self.token_ids(c) for c in ex.choices]
             if not all(conts):
                 raise ValueError(f"task {ex.task}: example {ex.example_id} has an empty choice")
             prompt, cut = self.prompt_for(ex, mode)
@@ -213,7 +214,7 @@ def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _backbone_and_head(model):
+def backbone_and_head(model):
     """(decoder backbone returning final hidden states, output embedding weight, bias)."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(causal_lm.config, "final_logit_softcapping", None):
@@ -249,7 +250,7 @@ def choice_outputs(model, batch: EncodedBatch) -> torch.Tensor:
     positions predicting a continuation token (sequence mode): the full [T, vocab] logits are
     never formed.
     """
-    backbone, W, b = _backbone_and_head(model)
+    backbone, W, b = backbone_and_head(model)
     if batch.mode == "token":
         hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                           use_cache=False).last_hidden_state

@@ -59,7 +59,7 @@ def positive_env(name: str, default: float, unit: str, error: type = ValueError)
     return value
 
 
-def temporary_dir(prefix: str, parent) -> "Path":
+def temporary_dir(prefix: str, parent):
     """A new empty directory under ``parent`` to be renamed into place when complete, with the
     permissions a plain ``mkdir`` gives (``tempfile.mkdtemp`` makes it owner-only, which the
     rename would keep: adapters other users of a shared run directory could not read)."""

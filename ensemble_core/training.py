@@ -20,7 +20,7 @@ import math
 import resource
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
@@ -185,7 +185,7 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example],
                   progress: Progress | None = None, *,
                   eval_batch_size: int | None = None, validate_initial: bool = True,
                   loss_fn=None) -> TrainResult:
-    """Fine-tune the trainable (LoRA / QLoRA) weights of a PeftModel on examples of several
+    """Fine-tune the trainable adapter weights (any adapter kind) of a PeftModel on examples of several
     tasks; return a TrainResult. The model is modified in place and ends holding the weights of
     the best epoch (lowest validation loss; the last epoch when there are no validation
     examples), in the train/eval mode it had before.
@@ -216,9 +216,7 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example],
     scorer = ChoiceScorer(tokenizer, max_length, choice_mode)
     train_modes = _task_modes(scorer, train_examples)
     sizes = [scorer.padded_length(ex, train_modes[ex.task]) for ex in train_examples]
-    length = sizes.__getitem__
     eval_bs = eval_batch_size or max(tcfg.batch_size, 16)
-    n_trainable = int(sum(p.numel() for p in params))
     n_forward = _forward_param_count(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -235,7 +233,7 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example],
     rng = np.random.default_rng(tcfg.seed)
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
-    n_steps = tokens = seen = 0
+    count = _Counts()
     best_epoch, best_loss, best_snap = 0, None, None
     try:
         with torch.random.fork_rng(devices=devices):
@@ -251,72 +249,89 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example],
             for epoch in range(1, tcfg.epochs + 1):
                 t_epoch = time.perf_counter()
                 model.train()
-                batches = _epoch_batches(rng, train_examples, tcfg.batch_size, length)
-                acc = tcfg.grad_accumulation
-                loss_sum, loss_n, epoch_steps = 0.0, 0, 0
-                for g in range(0, len(batches), acc):
-                    group = batches[g:g + acc]
-                    opt.zero_grad(set_to_none=True)
-                    for task, idx in group:
-                        exs = [train_examples[i] for i in idx]
-                        batch = scorer.encode(exs, mode=train_modes[task]).to(device)
-                        loss = (loss_fn or choice_loss)(model, batch, exs)
-                        (loss / len(group)).backward()
-                        lv = float(loss.detach())
-                        if not math.isfinite(lv):
-                            raise TrainingError(
-                                f"training diverged: the loss is {lv} in epoch {epoch} (step "
-                                f"{n_steps + 1}, task {task!r}); lower training.learning_rate "
-                                f"(now {tcfg.learning_rate}) or keep training.max_grad_norm")
-                        loss_sum += lv * len(exs)
-                        loss_n += len(exs)
-                        tokens += int(batch.attention_mask.sum())
-                        seen += len(exs)
-                    if tcfg.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
-                    opt.step()
-                    sched.step()
-                    if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-                        raise TrainingError(
-                            f"training diverged: adapter weights are not finite after step "
-                            f"{n_steps + 1} (epoch {epoch}); lower training.learning_rate "
-                            f"(now {tcfg.learning_rate})")
-                    n_steps += 1
-                    epoch_steps += 1
-                    if tcfg.max_steps is not None and n_steps >= tcfg.max_steps:
-                        break
-                opt.zero_grad(set_to_none=True)
+                batches = _epoch_batches(rng, train_examples, tcfg.batch_size,
+                                         sizes.__getitem__)
+                train_loss, epoch_steps = _train_epoch(
+                    model, params, opt, sched, scorer, train_examples, train_modes, batches,
+                    tcfg, device, loss_fn or choice_loss, epoch, count)
                 val, vloss = validate()
-                entry = {"epoch": epoch, "train_loss": loss_sum / max(loss_n, 1),
-                         "steps": epoch_steps, "seconds": time.perf_counter() - t_epoch,
-                         "val_loss": vloss, "val": val}
+                entry = {"epoch": epoch, "train_loss": train_loss, "steps": epoch_steps,
+                         "seconds": time.perf_counter() - t_epoch, "val_loss": vloss, "val": val}
                 history.append(entry)
-                log.info("epoch %d: train loss %.4f, val loss %s", epoch, entry["train_loss"],
-                         vloss)
+                log.info("epoch %d: train loss %.4f, val loss %s", epoch, train_loss, vloss)
                 if progress:
                     progress(epoch, tcfg.epochs,
-                             f"epoch {epoch}: train loss {entry['train_loss']:.4f}, val loss "
+                             f"epoch {epoch}: train loss {train_loss:.4f}, val loss "
                              + ("-" if vloss is None else f"{vloss:.4f}"))
                 # keep the best epoch (validation loss; ties keep the earlier epoch)
                 if vloss is None or best_loss is None or vloss < best_loss:
                     best_epoch, best_loss = epoch, vloss
                     best_snap = _snapshot(model) if val_examples else None
-                if tcfg.max_steps is not None and n_steps >= tcfg.max_steps:
+                if tcfg.max_steps is not None and count.steps >= tcfg.max_steps:
                     break
             last_epoch = history[-1]["epoch"]
             if best_snap is not None and best_epoch != last_epoch:
                 _restore(model, best_snap)
     finally:
         model.train(was_training)
-    wall = time.perf_counter() - t_start
     return TrainResult(
-        best_epoch=best_epoch, history=history, wall_seconds=wall, n_steps=n_steps,
-        tokens_seen=tokens, flops_estimate=6.0 * n_forward * tokens,
-        peak_memory_bytes=_peak_memory(device), trainable_parameters=n_trainable,
-        n_params_forward=n_forward, examples_seen=seen, best_val_loss=best_loss,
-        device=str(device),
+        best_epoch=best_epoch, history=history, wall_seconds=time.perf_counter() - t_start,
+        n_steps=count.steps, tokens_seen=count.tokens,
+        flops_estimate=6.0 * n_forward * count.tokens, peak_memory_bytes=_peak_memory(device),
+        trainable_parameters=int(sum(p.numel() for p in params)), n_params_forward=n_forward,
+        examples_seen=count.examples, best_val_loss=best_loss, device=str(device),
         config=dict(_config_dict(tcfg), max_length=max_length, choice_mode=choice_mode,
                     task_modes=train_modes))
+
+
+@dataclass
+class _Counts:
+    """What a training run has done so far: optimizer steps, tokens and examples seen."""
+    steps: int = 0
+    tokens: int = 0
+    examples: int = 0
+
+
+def _train_epoch(model, params, opt, sched, scorer, examples, modes, batches, tcfg, device,
+                 loss_fn, epoch: int, count: _Counts) -> tuple[float, int]:
+    """One epoch of optimizer steps over ``batches`` (a step every ``grad_accumulation``
+    batches, gradients averaged over the step's batches and clipped); stops at
+    ``max_steps``. Returns (the epoch's mean training loss per example, its steps)."""
+    acc = tcfg.grad_accumulation
+    loss_sum, loss_n, epoch_steps = 0.0, 0, 0
+    for g in range(0, len(batches), acc):
+        group = batches[g:g + acc]
+        opt.zero_grad(set_to_none=True)
+        for task, idx in group:
+            exs = [examples[i] for i in idx]
+            batch = scorer.encode(exs, mode=modes[task]).to(device)
+            loss = loss_fn(model, batch, exs)
+            (loss / len(group)).backward()
+            lv = float(loss.detach())
+            if not math.isfinite(lv):
+                raise TrainingError(
+                    f"training diverged: the loss is {lv} in epoch {epoch} (step "
+                    f"{count.steps + 1}, task {task!r}); lower training.learning_rate "
+                    f"(now {tcfg.learning_rate}) or keep training.max_grad_norm")
+            loss_sum += lv * len(exs)
+            loss_n += len(exs)
+            count.tokens += int(batch.attention_mask.sum())
+            count.examples += len(exs)
+        if tcfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise TrainingError(
+                f"training diverged: adapter weights are not finite after step "
+                f"{count.steps + 1} (epoch {epoch}); lower training.learning_rate "
+                f"(now {tcfg.learning_rate})")
+        count.steps += 1
+        epoch_steps += 1
+        if tcfg.max_steps is not None and count.steps >= tcfg.max_steps:
+            break
+    opt.zero_grad(set_to_none=True)
+    return loss_sum / max(loss_n, 1), epoch_steps
 
 
 def _config_dict(tcfg) -> dict:

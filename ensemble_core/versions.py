@@ -35,7 +35,7 @@ from .rundir import RunDir
 from .storage import atomic_write_bytes, dumps_json, file_sha256, temporary_dir, temporary_prefix
 
 __all__ = ["VersionError", "publish", "promote", "rollback", "list_versions", "current",
-           "version_dir", "resolve"]
+           "version_dir", "resolve", "ensemble_ref"]
 
 _ID = re.compile(r"^v(\d{4,})-([0-9a-f]{8})$")
 
@@ -98,6 +98,15 @@ def version_dir(run_dir, vid: str) -> Path:
     return d
 
 
+def ensemble_ref(run_dir, vid: str):
+    """The ``records.FileRef`` of version ``vid``'s ensemble.json (a record of the published
+    version names it, so a cached record of a version that was removed is not served)."""
+    from .records import FileRef
+
+    path = version_dir(run_dir, vid) / "ensemble.json"
+    return FileRef(str(path), file_sha256(str(path)))
+
+
 def current(run_dir) -> str | None:
     """The id of the current version, or None (no version published)."""
     return _state(run_dir)["current"]
@@ -135,6 +144,41 @@ def worse_tasks(new: dict, old: dict, tolerance: float) -> list[str]:
     return out
 
 
+def _copy_files(rd: RunDir, base: Path, spec: dict, tmp: Path, config: dict | None) -> None:
+    """The version's files into ``tmp``: ensemble.json, the member adapters it names (their
+    weights checked against the sha256 the ensemble was fitted with), metrics, manifest,
+    report and the config."""
+    _place(base / "ensemble.json", tmp / "ensemble.json")
+    for g in spec["groups"]:
+        for mem in g["members"]:
+            src = rd.local(rd.resolve(mem["adapter"]))
+            for f in sorted(src.iterdir()):
+                if f.is_file():
+                    _place(f, tmp / mem["adapter"] / f.name)
+            want = mem.get("sha256")
+            got = file_sha256(str(tmp / mem["adapter"] / "adapter_model.safetensors"))
+            if want is not None and got != want:
+                raise VersionError(f"{src}: the adapter changed after the ensemble was "
+                                   "fitted; run again")
+    for name in ("metrics.json", "manifest.json", "report.md"):
+        if (base / name).is_file():
+            _place(base / name, tmp / name)
+    if config is not None:
+        (tmp / "config.json").write_bytes(dumps_json(config))
+
+
+def _promotion(run_dir, cur: str | None, validation: dict, tolerance: float,
+               force: bool) -> tuple[bool, str]:
+    """Whether a version with these validation metrics becomes current, and why."""
+    if cur is None or force:
+        return True, "forced" if force else "first version"
+    worse = worse_tasks(validation, _info(run_dir, cur).get("validation") or {}, tolerance)
+    if not worse:
+        return True, f"not worse than {cur} on validation (tolerance {tolerance})"
+    return False, (f"worse than {cur} on validation by more than {tolerance}: "
+                   + "; ".join(worse))
+
+
 def publish(run_dir, config: dict | None = None, *, tolerance: float = 0.02,
             force: bool = False) -> dict:
     """Publish the run directory's ensemble as a version and promote it if it is not worse
@@ -160,35 +204,11 @@ def publish(run_dir, config: dict | None = None, *, tolerance: float = 0.02,
     vid = f"v{n:04d}-{sha[:8]}"
     tmp = temporary_dir(temporary_prefix(f".{vid}"), root)
     try:
-        _place(ens_path, tmp / "ensemble.json")
-        for g in spec["groups"]:
-            for mem in g["members"]:
-                src = rd.local(rd.resolve(mem["adapter"]))
-                for f in sorted(src.iterdir()):
-                    if f.is_file():
-                        _place(f, tmp / mem["adapter"] / f.name)
-                want = mem.get("sha256")
-                got = file_sha256(str(tmp / mem["adapter"] / "adapter_model.safetensors"))
-                if want is not None and got != want:
-                    raise VersionError(f"{src}: the adapter changed after the ensemble was "
-                                       "fitted; run again")
-        for name in ("metrics.json", "manifest.json", "report.md"):
-            if (base / name).is_file():
-                _place(base / name, tmp / name)
-        if config is not None:
-            (tmp / "config.json").write_bytes(dumps_json(config))
+        _copy_files(rd, base, spec, tmp, config)
         state = _state(rd.url)
         cur = state["current"]
         validation = spec.get("validation") or {}
-        if cur is None or force:
-            promoted, why = True, "forced" if force else "first version"
-        else:
-            worse = worse_tasks(validation, _info(rd.url, cur).get("validation") or {},
-                                tolerance)
-            promoted = not worse
-            why = (f"not worse than {cur} on validation (tolerance {tolerance})" if promoted
-                   else f"worse than {cur} on validation by more than {tolerance}: "
-                        + "; ".join(worse))
+        promoted, why = _promotion(rd.url, cur, validation, tolerance, force)
         metrics = {}
         if (base / "metrics.json").is_file():
             metrics = json.loads((base / "metrics.json").read_bytes()).get("average", {})

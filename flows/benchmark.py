@@ -1,23 +1,23 @@
 """The benchmark as a flow: the whole pipeline (with the configured baselines) once per seed,
 each seed in its own run directory below the config's (reusing whatever each has cached), then
 mean ± std over seeds and the paired difference ensemble − single adapter with its bootstrap CI
-(ensemble_core/benchmark.py): benchmark.md, benchmark.png, benchmark.json, and Prefect
+(ensemble_core/comparison.py): benchmark.md, benchmark.png, benchmark.json, and Prefect
 artifacts."""
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from ensemble_core import benchmark as bench
-from ensemble_core.report import BASELINE_NAMES
+from ensemble_core import comparison as bench
+from ensemble_core.baselines import baseline_label
 from ensemble_core.rundir import RunDir
 from ensemble_core.storage import read_json
 
-from .common import resolve_config
-from .pipeline import _key, ensemble_lora
+from .common import artifact_key, resolve_config
+from .pipeline import ensemble_lora
 
-NAMES = dict(BASELINE_NAMES, group="our groups, own group's adapter",
-             ensemble="ensemble (groups, boosting, weights)")
+NAMES = {"group": "our groups, own group's adapter",
+         "ensemble": "ensemble (groups, boosting, weights)"}
 
 
 @flow(name="benchmark", log_prints=True)
@@ -55,16 +55,17 @@ def benchmark_flow(config, overrides: list[str] | None = None,
                 "wall_s": sum(r.wall_s for r in rs) / len(rs),
                 "peak_memory_bytes": max(r.peak_memory_bytes for r in rs),
                 "adapter_parameters": rs[0].adapter_parameters} for m, rs in compute.items()}
-    text = bench.benchmark_markdown(summary, majority, NAMES, ci, seeds, cost or None)
+    names = {m: NAMES.get(m) or baseline_label(m) for m in order}
+    text = bench.benchmark_markdown(summary, majority, names, ci, seeds, cost or None)
     md = parent.write_bytes(parent.benchmark_md, text.encode())
-    png = parent.write_bytes(parent.benchmark_png, bench.benchmark_png(summary, majority, NAMES))
+    png = parent.write_bytes(parent.benchmark_png, bench.benchmark_png(summary, majority, names))
     out = {"seeds": seeds, "methods": order, "summary": summary, "majority": majority,
            "ensemble_minus_single": {"difference": ci[0], "low": ci[1], "high": ci[2]},
            "compute": cost, "runs": [parent.seed_run(s) for s in seeds],
            "markdown": md.path, "chart": png.path}
     parent.write_json(parent.benchmark_json, out)
     try:
-        create_markdown_artifact(text, key=_key(cfg.name, "benchmark"),
+        create_markdown_artifact(text, key=artifact_key(cfg.name, "benchmark"),
                                  description="EnsembleLoRA benchmark over seeds")
     except Exception as e:  # artifacts are a convenience
         log.warning("could not create the benchmark artifact: %s", e)

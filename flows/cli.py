@@ -61,30 +61,21 @@ def preflight(cfg, stage2: bool = False, adapters: bool = False) -> None:
 
 
 def check_model_source(spec, cache_dir=None) -> None:
-    """The model name resolves to something loadable, without loading or converting it: a
-    builtin name, a GGUF file (present, with the GGUF magic bytes), a local model directory
-    (with config.json) or a hub id."""
-    from pathlib import Path
+    """The model name resolves to something loadable, without loading or converting it
+    (``models.model_source``); a GGUF file must start with the GGUF magic bytes."""
+    from ensemble_core.models import ModelError, model_source
 
-    from ensemble_core.models import ModelError, materialize_base
-
-    name = spec.name
-    if name in ("tiny-llama", "smollm2-135m"):
+    kind, where = model_source(spec)
+    if kind != "gguf":
         return
-    if name.endswith(".gguf") or spec.gguf_file:
-        path = Path(name if name.endswith(".gguf") else Path(name) / spec.gguf_file).expanduser()
-        if not path.is_file():
-            raise ModelError(f"model {name!r}: GGUF file not found: {path}")
-        try:
-            with open(path, "rb") as f:
-                magic = f.read(4)
-        except OSError as e:
-            raise ModelError(f"model {name!r}: cannot read GGUF file {path}: {e}") from None
-        if magic != b"GGUF":
-            raise ModelError(f"model {name!r}: {path} is not a GGUF file (it does not start "
-                             f"with the GGUF magic bytes)")
-        return
-    materialize_base(spec, cache_dir and Path(cache_dir))  # dirs and hub ids: nothing is built
+    try:
+        with open(where, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelError(f"model {spec.name!r}: cannot read GGUF file {where}: {e}") from None
+    if magic != b"GGUF":
+        raise ModelError(f"model {spec.name!r}: {where} is not a GGUF file (it does not start "
+                         f"with the GGUF magic bytes)")
 
 
 def check_writable(run_dir: str) -> None:

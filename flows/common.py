@@ -28,6 +28,13 @@ def config_dict(cfg: RunConfig) -> dict:
     return cfg.model_dump(mode="json", exclude_unset=True)
 
 
+def artifact_key(name: str, what: str) -> str:
+    """A Prefect artifact key for a run's ``what`` (lowercase letters, digits and dashes)."""
+    import re
+
+    return re.sub(r"[^a-z0-9-]+", "-", f"{name}-{what}".lower()).strip("-")
+
+
 def task_runner_for(cfg: RunConfig):
     """A DaskTaskRunner when the config asks for Dask (a scheduler address, or a local
     cluster of runner.n_workers processes); None keeps the flow's default thread pool."""

@@ -32,14 +32,14 @@ def stage_key(stage_fn, parameters: dict) -> str:
     return f"{spec.name}-{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
 
 
-def keyed(stage_fn, record) -> CachePolicy:
-    """The cache policy of a task wrapping ``stage_fn`` and returning ``record`` (its JSON),
-    configured per run by :func:`for_run`: a cached result is served only while every file
-    the record names is there with its recorded sha256."""
+def keyed(stage_fn) -> CachePolicy:
+    """The cache policy of a task wrapping ``stage_fn`` (and returning the JSON of the record
+    the stage declares), configured per run by :func:`for_run`: a cached result is served only
+    while every file the record names is there with its recorded sha256."""
     def key_fn(context, parameters):
         return stage_key(stage_fn, parameters)
 
-    key_fn.record = record
+    key_fn.record = stage_fn.stage.returns
     return CachePolicy.from_cache_key_fn(key_fn)
 
 

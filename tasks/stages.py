@@ -3,17 +3,17 @@
 Each task runs one ``ensemble_core.stages`` function with the same parameters, under a cache
 key derived from what that stage declares it depends on (``common.keyed``), tagged with the
 kind of worker it needs (``gpu``/``cpu``) and returning the stage's record as JSON
-(``Record.to_json``; flows read it back with ``Record.from_json``). No math here.
+(``Record.to_json``; ``tasks.runner.TaskRunner`` reads it back with the record type the stage
+declares). No math here. :data:`TASKS` maps each stage function to its task.
 """
 from __future__ import annotations
 
 from prefect import task
 
 from ensemble_core import stages
-from ensemble_core.records import (AdapterRecord, AdaptersResult, BaselinesRecord, BoostRecord,
-                                   Compute, EnsembleRecord, EvaluationRecord, FeaturesRecord,
-                                   GroupEnsemble, GroupsRecord, LinearityRecord, ScoresRecord,
-                                   SubsetBatch, SubsetEstimate)
+from ensemble_core.records import (AdapterRecord, AdaptersResult, BaselinePlan, BoostRecord,
+                                   Compute, EnsembleRecord, FeaturesRecord, GroupEnsemble,
+                                   GroupsRecord, ScoresRecord, SubsetEstimate)
 from ensemble_core.run import Run
 
 from .common import ProgressReporter, gpu_slot, keyed, retry_unless_input_error
@@ -24,7 +24,7 @@ RETRY = dict(retries=1, retry_condition_fn=retry_unless_input_error)
 
 # -- stage 1: gradient features -------------------------------------------------------------
 
-@task(name="compute_gradients", tags=["gpu"], cache_policy=keyed(stages.gradient_features, FeaturesRecord),
+@task(name="compute_gradients", tags=["gpu"], cache_policy=keyed(stages.gradient_features),
       retry_delay_seconds=5, task_run_name="gradients[{task}]", **JSON, **RETRY)
 def compute_gradients(run: Run, task: str) -> dict:
     """Outputs and projected gradients of one task's train and validation examples at θ*."""
@@ -40,7 +40,7 @@ def compute_gradients(run: Run, task: str) -> dict:
     return rec.to_json()
 
 
-@task(name="linearity_check", tags=["gpu"], cache_policy=keyed(stages.linearity, LinearityRecord),
+@task(name="linearity_check", tags=["gpu"], cache_policy=keyed(stages.linearity),
       task_run_name="linearity[{task}]", **JSON)
 def linearity_check(run: Run, task: str) -> dict:
     """First-order check: true outputs vs h0 + g̃ᵀx at relative distances 0.05%–0.25%."""
@@ -50,7 +50,14 @@ def linearity_check(run: Run, task: str) -> dict:
 
 # -- stage 2: subset regressions ------------------------------------------------------------
 
-@task(name="fit_subsets", tags=["cpu"], cache_policy=keyed(stages.fit_subsets, SubsetBatch),
+@task(name="save_subset_plan", tags=["cpu"], cache_policy=keyed(stages.save_subset_plan),
+      task_run_name="subset-plan", **JSON)
+def save_subset_plan(run: Run, batches: list) -> dict:
+    """estimation/plan.json: the sampled subsets in their batches."""
+    return stages.save_subset_plan(run, batches).to_json()
+
+
+@task(name="fit_subsets", tags=["cpu"], cache_policy=keyed(stages.fit_subsets),
       task_run_name="subsets[{batch}]", **JSON, **RETRY)
 def fit_subsets(run: Run, features: dict[str, FeaturesRecord], batch: int, subsets: list,
                 tasks: list[str]) -> dict:
@@ -60,20 +67,27 @@ def fit_subsets(run: Run, features: dict[str, FeaturesRecord], batch: int, subse
 
 # -- stage 3: affinity and groups -----------------------------------------------------------
 
-@task(name="affinity_and_groups", tags=["cpu"], cache_policy=keyed(stages.affinity_and_groups, GroupsRecord),
+@task(name="affinity_and_groups", tags=["cpu"], cache_policy=keyed(stages.affinity_and_groups),
       task_run_name="affinity-and-groups", **JSON)
 def affinity_and_groups(run: Run, results: list[SubsetEstimate], tasks: list[str],
                         previous: list[list[str]] | None = None) -> dict:
-    """Task affinity (eq. 1) and the SDP grouping (Appendix A.1), or the previous groups with
-    the new tasks joined (clustering.incremental)."""
+    """Task affinity (eq. 1) and the groups (the SDP of Appendix A.1, or another registered
+    clustering method), or the previous groups with the new tasks joined."""
     return stages.affinity_and_groups(run, results, tasks, previous).to_json()
+
+
+@task(name="plan_baselines", tags=["cpu"], cache_policy=keyed(stages.plan_baselines),
+      task_run_name="baseline-plan", **JSON)
+def plan_baselines(run: Run, groups: GroupsRecord, features: dict[str, FeaturesRecord]) -> dict:
+    """The adapters of the configured baselines."""
+    return stages.plan_baselines(run, groups, features).to_json()
 
 
 # -- stage 4: group adapters ----------------------------------------------------------------
 
-@task(name="train_adapter", tags=["gpu"], cache_policy=keyed(stages.train_group, AdapterRecord),
+@task(name="train_group", tags=["gpu"], cache_policy=keyed(stages.train_group),
       task_run_name="train[{name}]", **JSON, **RETRY)
-def train_adapter(run: Run, name: str, tasks: list[str], start: AdapterRecord | None = None
+def train_group(run: Run, name: str, tasks: list[str], start: AdapterRecord | None = None
                   ) -> dict:
     """Fine-tune one adapter on the union of its tasks (a group, all tasks: the single-adapter
     baseline, or a baseline's), from θ* or from ``start``'s weights."""
@@ -84,7 +98,7 @@ def train_adapter(run: Run, name: str, tasks: list[str], start: AdapterRecord | 
     return rec.to_json()
 
 
-@task(name="save_theta_star", tags=["gpu"], cache_policy=keyed(stages.save_theta_star, AdapterRecord),
+@task(name="save_theta_star", tags=["gpu"], cache_policy=keyed(stages.save_theta_star),
       task_run_name="theta-star", **JSON)
 def save_theta_star(run: Run) -> dict:
     with gpu_slot():
@@ -93,7 +107,7 @@ def save_theta_star(run: Run) -> dict:
 
 # -- stage 5: boosting and weights ----------------------------------------------------------
 
-@task(name="score_member", tags=["gpu"], cache_policy=keyed(stages.score_member, ScoresRecord),
+@task(name="score_member", tags=["gpu"], cache_policy=keyed(stages.score_member),
       task_run_name="scores-{phase}[{adapter.name}/{task}]", **JSON)
 def score_member(run: Run, adapter: AdapterRecord, task: str, splits: list[str],
                  phase: str = "fit") -> dict:
@@ -102,16 +116,23 @@ def score_member(run: Run, adapter: AdapterRecord, task: str, splits: list[str],
         return stages.score_member(run, adapter, task, splits, phase).to_json()
 
 
-@task(name="boost_group", tags=["gpu"], cache_policy=keyed(stages.boost_group, BoostRecord),
+@task(name="boost_group", tags=["gpu"], cache_policy=keyed(stages.boost_group),
       task_run_name="boost[{group.name}-{step}]", **JSON)
 def boost_group(run: Run, group: GroupEnsemble, features: dict[str, FeaturesRecord],
                 scores: dict[str, ScoresRecord], step: int) -> dict:
-    """One boosting step: residual fit on projected gradients, restored as a PEFT adapter."""
+    """One boosting step in the configured boosting mode, saved as a PEFT adapter."""
     with gpu_slot():
         return stages.boost_group(run, group, features, scores, step).to_json()
 
 
-@task(name="fit_weights", tags=["cpu"], cache_policy=keyed(stages.fit_weights, EnsembleRecord),
+@task(name="record_boosting", tags=["cpu"], cache_policy=keyed(stages.record_boosting),
+      task_run_name="boosting-record", **JSON)
+def record_boosting(run: Run, steps: list[BoostRecord]) -> dict:
+    """boosting.json: the steps taken."""
+    return stages.record_boosting(run, steps).to_json()
+
+
+@task(name="fit_weights", tags=["cpu"], cache_policy=keyed(stages.fit_weights),
       task_run_name="weights", **JSON)
 def fit_weights(run: Run, groups: list[GroupEnsemble], scores: dict[str, ScoresRecord]) -> dict:
     """Ensemble weights per task over the group ensembles (validation); ensemble.json."""
@@ -120,17 +141,45 @@ def fit_weights(run: Run, groups: list[GroupEnsemble], scores: dict[str, ScoresR
 
 # -- stage 6: evaluation --------------------------------------------------------------------
 
-@task(name="evaluate_baselines", tags=["cpu"], cache_policy=keyed(stages.evaluate_baselines, BaselinesRecord),
+@task(name="evaluate_baselines", tags=["cpu"], cache_policy=keyed(stages.evaluate_baselines),
       task_run_name="baselines", **JSON)
-def evaluate_baselines(run: Run, plan: dict, adapters: AdaptersResult,
+def evaluate_baselines(run: Run, plan: BaselinePlan, adapters: AdaptersResult,
                        scores: dict[str, ScoresRecord]) -> dict:
     """Test accuracy and compute of the paper's baselines; baselines.json."""
     return stages.evaluate_baselines(run, plan, adapters, scores).to_json()
 
 
-@task(name="evaluate", tags=["cpu"], cache_policy=keyed(stages.evaluate, EvaluationRecord),
+@task(name="evaluate", tags=["cpu"], cache_policy=keyed(stages.evaluate),
       task_run_name="evaluation", **JSON)
 def evaluate(run: Run, ensemble: EnsembleRecord, scores: dict[str, ScoresRecord], baseline: str,
              compute: Compute) -> dict:
     """Test accuracy of the ensemble, the own-group ensembles and the baseline; metrics.json."""
     return stages.evaluate(run, ensemble, scores, baseline, compute).to_json()
+
+
+@task(name="finish", tags=["cpu"], cache_policy=keyed(stages.finish), task_run_name="report",
+      **JSON)
+def finish(run: Run, features, groups, adapters, boosting, ensemble, evaluation, linearity,
+           config: dict, config_sha256: str, baselines=None) -> dict:
+    """The report (report.md, affinity.png) and manifest.json."""
+    return stages.finish(run, features, groups, adapters, boosting, ensemble, evaluation,
+                         linearity, config, config_sha256, baselines).to_json()
+
+
+@task(name="publish_version", tags=["cpu"], cache_policy=keyed(stages.publish_version),
+      task_run_name="publish", **JSON)
+def publish_version(run: Run, ensemble: EnsembleRecord, config: dict) -> dict:
+    """The ensemble published as a version, current unless worse on validation."""
+    return stages.publish_version(run, ensemble, config).to_json()
+
+
+# the task of each stage function (tasks.runner.TaskRunner)
+TASKS = {stages.gradient_features: compute_gradients, stages.linearity: linearity_check,
+         stages.save_subset_plan: save_subset_plan, stages.fit_subsets: fit_subsets,
+         stages.affinity_and_groups: affinity_and_groups,
+         stages.plan_baselines: plan_baselines, stages.train_group: train_group,
+         stages.save_theta_star: save_theta_star, stages.score_member: score_member,
+         stages.boost_group: boost_group, stages.record_boosting: record_boosting,
+         stages.fit_weights: fit_weights, stages.evaluate: evaluate,
+         stages.evaluate_baselines: evaluate_baselines, stages.finish: finish,
+         stages.publish_version: publish_version}

@@ -10,7 +10,7 @@ import torch
 
 from ensemble_core.baselines import (gradient_grouping, gradient_similarity, random_grouping,
                                      task_gradient)
-from ensemble_core.benchmark import majority_rates, paired_bootstrap, summarize_seeds
+from ensemble_core.comparison import majority_rates, paired_bootstrap, summarize_seeds
 from ensemble_core.features import FeatureTable
 
 TASKS = ["a", "b", "c", "d", "e", "f", "g"]
@@ -77,7 +77,7 @@ def test_learning_rate_warms_up_then_decays():
 
 
 def _by_hand(a, b, n_boot, seed):
-    """The bootstrap of ensemble_core.benchmark written plainly: seeds, then each task's
+    """The bootstrap of ensemble_core.comparison written plainly: seeds, then each task's
     examples, drawn with replacement in the same order from the same generator."""
     rng = np.random.default_rng(seed)
     tasks = sorted(a[0])

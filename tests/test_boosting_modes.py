@@ -1,4 +1,4 @@
-"""The three boosting modes (boosting.mode; ensemble_core/boosting.py, issue 13): AdaBoost's
+"""The three boosting modes (boosting.mode; ensemble_core/boosting/, issue 13): AdaBoost's
 weights and α against the formula on a constructed case, and every mode lowering the chosen
 group's exact training loss on the tiny model — the loss recomputed here from the saved
 adapter's own scores and the step's members, independently of the step's bookkeeping."""

@@ -17,7 +17,7 @@ import pydantic
 import pytest
 
 from ensemble_core.data import (
-    DataError, Example, TaskConfig, TaskData, builtin_tasks, load_task, load_tasks,
+    DataError, Example, TaskConfig, TaskData, builtin_tasks, load_task,
     read_records, resolve_task,
 )
 
@@ -354,10 +354,13 @@ def test_empty_task_and_empty_split(tmp_path, jsonl):
 
 
 def test_duplicate_task_names(jsonl):
-    cfg = _user_cfg(jsonl)
-    with pytest.raises(DataError, match=r"duplicate task name.*'mine'"):
-        load_tasks([cfg, cfg.model_copy()], "")
-    assert list(load_tasks([cfg, cfg.model_copy(update={"name": "two"})], "")) == ["mine", "two"]
+    from ensemble_core.config import ConfigError, parse_config
+
+    cfg = _user_cfg(jsonl).model_dump(exclude_unset=True)
+    with pytest.raises(ConfigError, match=r"duplicate task name.*'mine'"):
+        parse_config({"tasks": [cfg, cfg]})
+    two = parse_config({"tasks": [cfg, dict(cfg, name="two")]})
+    assert [t.name for t in two.tasks] == ["mine", "two"]
 
 
 def test_non_utf8(tmp_path):

@@ -175,7 +175,7 @@ def test_packed_choices_equal_separate_sequences(loaded, attn, cut, pack):
     scorer = ChoiceScorer(lm.tokenizer, max_length=1024)
     if cut:  # room for the longest choice and 3 prompt tokens
         scorer = ChoiceScorer(lm.tokenizer, max_length=3 + max(
-            len(scorer._ids(c)) for e in examples for c in e.choices))
+            len(scorer.token_ids(c)) for e in examples for c in e.choices))
     lm.model.get_base_model().set_attn_implementation(attn)
     try:
         batch = scorer.encode(examples, pack=pack)

@@ -9,8 +9,7 @@ import torch
 
 from ensemble_core.config import parse_config
 from ensemble_core.data import load_task
-from ensemble_core.adapters import (AdapterMismatchError, load_adapter, read_train_result,
-                                    save_adapter)
+from ensemble_core.adapters import TRAINING_FILE, AdapterMismatchError, load_adapter, save_adapter
 from ensemble_core.models import adapter_vector, load_base, load_model, set_adapter_vector
 from ensemble_core.scoring import ChoiceScorer, choice_outputs, predict_scores
 from ensemble_core.training import TrainingError, TrainResult, evaluate, train_adapter
@@ -174,7 +173,8 @@ def test_save_and_peft_round_trip(setup, saved, cache_dir):
         "README.md", "adapter_config.json", "adapter_model.safetensors", "base_model.json",
         "training.json"]
     assert [p.name for p in out.parent.iterdir()] == ["group-0"]  # no temporaries left
-    assert read_train_result(out).to_json() == res.to_json()
+    stored = TrainResult.from_json(json.loads((out / TRAINING_FILE).read_text()))
+    assert stored.to_json() == res.to_json()
 
     set_adapter_vector(lm.model, theta)
     base, _, _ = load_base(cfg.model, cache_dir)

@@ -1,5 +1,5 @@
-"""Partitioning tasks into groups from the task affinity T (stage 3; Appendix A.1 of
-the paper; docs/design.md, "Stage 3").
+"""The SDP clustering of the paper (``clustering.method: sdp``; stage 3, Appendix A.1;
+docs/design.md, "Stage 3").
 
 SDP relaxation of "maximize the total within-group affinity" (each group normalized by its size):
 
@@ -39,12 +39,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
+from pydantic import Field
 
-__all__ = ["SDPClustering", "SpectralClustering", "SDPSolveError", "solve_sdp",
-           "round_solution", "spectral_cluster", "groups_to_json", "labels_to_groups"]
+from .base import (ClusteringConfig, ClusteringMethod, Estimator, _as_matrix, _check_m,
+                   _groups_to_labels, centered_affinity, labels_to_groups,
+                   register_clustering_method)
+
+__all__ = ["SDPClustering", "SDPSolveError", "solve_sdp", "round_solution", "SDPConfig"]
 
 _OK = ("optimal", "optimal_inaccurate")
 # Clarabel's interior-point KKT system for an n×n PSD cone is dense in n(n+1)/2 unknowns, so its
@@ -60,52 +64,6 @@ class SDPSolveError(RuntimeError):
 
 # --------------------------------------------------------------------------------------------
 # Input handling
-# --------------------------------------------------------------------------------------------
-def _as_matrix(T) -> np.ndarray:
-    mat = getattr(T, "matrix", T)  # accepts affinity.Affinity
-    mat = np.asarray(mat, dtype=np.float64)
-    if mat.ndim != 2 or mat.shape[0] != mat.shape[1]:
-        raise ValueError(f"affinity must be a square matrix, got shape {mat.shape}")
-    if mat.shape[0] < 2:
-        raise ValueError(f"clustering needs at least 2 tasks, got {mat.shape[0]}")
-    if not np.all(np.isfinite(mat)):
-        i, j = (int(v) for v in np.argwhere(~np.isfinite(mat))[0])
-        raise ValueError(f"affinity contains NaN/inf (first at [{i}, {j}] = {mat[i, j]})")
-    return mat
-
-
-def _check_m(m, n: int) -> None:
-    if m is None:
-        return
-    if int(m) != m or m < 1:
-        raise ValueError(f"number of groups m must be a positive integer, got {m!r}")
-    if m > n:
-        raise ValueError(f"number of groups m={m} exceeds the number of tasks n={n}")
-
-
-def centered_affinity(T) -> np.ndarray:
-    """A = sym(T_ij − T_ii), zero diagonal. Same SDP optimum as T (row shifts are constant)."""
-    mat = _as_matrix(T)
-    rel = mat - np.diag(mat)[:, None]
-    return (rel + rel.T) / 2.0
-
-
-def labels_to_groups(labels: Sequence[int]) -> list[list[int]]:
-    labels = np.asarray(labels)
-    groups = [sorted(int(i) for i in np.flatnonzero(labels == g)) for g in np.unique(labels)]
-    return sorted((g for g in groups if g), key=lambda g: g[0])
-
-
-def _groups_to_labels(groups: list[list[int]], n: int) -> np.ndarray:
-    labels = np.full(n, -1, dtype=np.int64)
-    for k, g in enumerate(sorted((sorted(g) for g in groups), key=lambda g: g[0])):
-        labels[g] = k
-    assert (labels >= 0).all(), "every task must be in exactly one group"
-    return labels
-
-
-# --------------------------------------------------------------------------------------------
-# The SDP (Appendix A.1)
 # --------------------------------------------------------------------------------------------
 def _solver_order(solver, n: int) -> list[str]:
     if solver is None:
@@ -302,7 +260,7 @@ def _density(A: np.ndarray, labels: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------
 # Estimators
 # --------------------------------------------------------------------------------------------
-class SDPClustering:
+class SDPClustering(Estimator):
     """Task grouping by the SDP relaxation (Appendix A.1), scikit-learn style.
 
     Parameters
@@ -332,10 +290,6 @@ class SDPClustering:
         self.max_groups = max_groups
         self.solver = solver
         self.refine = refine
-
-    def get_params(self, deep: bool = True) -> dict:
-        return {"m": self.m, "lam": self.lam, "c": self.c, "m_selection": self.m_selection,
-                "max_groups": self.max_groups, "solver": self.solver, "refine": self.refine}
 
     def _lam_grid(self, A_scale: float, n: int) -> list[float]:
         if self.lam is None:
@@ -454,105 +408,24 @@ def _leading(width: dict[int, float], n: int, top: int) -> list[int]:
     return sorted(nontrivial, key=lambda k: (-nontrivial[k], k))[:top]
 
 
-def spectral_cluster(T, m: int, seed: int = 0, n_init: int = 10) -> np.ndarray:
-    """Spectral-clustering baseline: normalized affinity → top-m eigenvectors → k-means.
-
-    The row-centered symmetric affinity is min-max scaled to [0, 1] off the diagonal (W_uu = 0),
-    normalized as D^{-1/2} W D^{-1/2}; the rows of its top-m eigenvectors are unit-normalized
-    (Ng–Jordan–Weiss) and clustered with scipy's k-means (k-means++ init, ``n_init`` seeded
-    restarts, lowest distortion wins). Deterministic for a given seed; canonical labels.
-    """
-    from scipy.cluster.vq import kmeans2, ClusterError
-
-    mat = _as_matrix(T)
-    n = mat.shape[0]
-    _check_m(m, n)
-    if m == 1:
-        return np.zeros(n, np.int64)
-    if m == n:
-        return np.arange(n, dtype=np.int64)
-    A = centered_affinity(mat)
-    off = ~np.eye(n, dtype=bool)
-    lo, hi = float(A[off].min()), float(A[off].max())
-    W = np.zeros((n, n)) if hi == lo else (A - lo) / (hi - lo)
-    W[~off] = 0.0
-    deg = W.sum(axis=1) + 1e-12
-    L = W / np.sqrt(deg)[:, None] / np.sqrt(deg)[None, :]
-    _, vecs = np.linalg.eigh(L)
-    U = vecs[:, -m:]
-    U = U / np.maximum(np.linalg.norm(U, axis=1, keepdims=True), 1e-12)
-    # fix eigenvector signs so the embedding (hence k-means) is reproducible across LAPACKs
-    U = U * np.where(U[np.argmax(np.abs(U), axis=0), np.arange(m)] < 0, -1.0, 1.0)
-    rng = np.random.default_rng(seed)
-    best, best_labels = math.inf, None
-    for _ in range(n_init):
-        sub = np.random.default_rng(int(rng.integers(2**63 - 1)))
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                cent, lab = kmeans2(U, m, iter=50, minit="++", missing="raise", rng=sub)
-        except ClusterError:
-            continue
-        if len(np.unique(lab)) != m:
-            continue
-        inertia = float(((U - cent[lab]) ** 2).sum())
-        if inertia < best - 1e-12:
-            best, best_labels = inertia, lab
-    if best_labels is None:
-        raise RuntimeError(f"k-means found no partition into m={m} non-empty groups of n={n} "
-                           "tasks")
-    return _groups_to_labels(labels_to_groups(best_labels), n)
+class SDPConfig(ClusteringConfig):
+    method: Literal["sdp"] = "sdp"
+    m_selection: Literal["trace", "density"] = "trace"
+    lam: float | None = None  # λ of the trace term (None: an automatic grid for m = "auto")
+    threshold_c: float = Field(0.5, gt=0.0)  # round X̂_uv >= c/n
+    max_groups: int | None = Field(None, ge=1)  # largest m considered by m_selection=density
+    solver: str | None = None  # a cvxpy solver name; default Clarabel, then SCS
 
 
-class SpectralClustering:
-    """Estimator wrapper of :func:`spectral_cluster` (baseline to the SDP)."""
+@register_clustering_method
+class SDP(ClusteringMethod):
+    name = "sdp"
+    config = SDPConfig
 
-    def __init__(self, m: int, seed: int = 0, n_init: int = 10):
-        self.m = m
-        self.seed = seed
-        self.n_init = n_init
-
-    def get_params(self, deep: bool = True) -> dict:
-        return {"m": self.m, "seed": self.seed, "n_init": self.n_init}
-
-    def fit(self, T) -> "SpectralClustering":
-        self.labels_ = spectral_cluster(T, self.m, seed=self.seed, n_init=self.n_init)
-        self.groups_ = labels_to_groups(self.labels_)
-        self.m_ = int(self.m)
-        return self
-
-
-
-def groups_to_json(groups: Sequence[Sequence[int]], names: Sequence[str]) -> dict:
-    """JSON-able record for groups.json: task names and indices per group."""
-    names = [str(x) for x in names]
-    groups = sorted((sorted(int(i) for i in g) for g in groups), key=lambda g: g[0])
-    seen = [i for g in groups for i in g]
-    if sorted(seen) != list(range(len(names))):
-        raise ValueError(f"groups must place each of the {len(names)} tasks in exactly one "
-                         f"group, got {groups}")
-    return {"n_tasks": len(names), "n_groups": len(groups),
-            "groups": [{"id": k, "tasks": [names[i] for i in g], "indices": g}
-                       for k, g in enumerate(groups)]}
-
-
-def partition_objective(T, groups: Sequence[Sequence[int]]) -> float:
-    """⟨A, X⟩ of a partition (the SDP's objective at the partition's X: X_uv = 1/|g| for u, v
-    in one group g, 0 otherwise; A = ``centered_affinity(T)``): Σ_g (1/|g|) Σ_{u,v ∈ g} A_uv.
-    Comparable between any two partitions of the same tasks."""
-    A = centered_affinity(T)
-    return float(sum(A[np.ix_(g, g)].sum() / len(g) for g in groups if len(g)))
-
-
-def join_by_affinity(T, groups: Sequence[Sequence[int]], new: Sequence[int]) -> list[list[int]]:
-    """Incremental grouping (issue 14, item 2): each task of ``new``, in order, joins the group
-    with which its mean affinity (``centered_affinity``, both directions) is highest (ties: the
-    first group); the groups keep their order and their other tasks."""
-    A = centered_affinity(T)
-    out = [list(g) for g in groups]
-    if not out:
-        raise ValueError("incremental grouping needs at least one existing group")
-    for t in new:
-        k = int(np.argmax([A[t, g].mean() for g in out]))
-        out[k].append(int(t))
-    return out
+    def group(self, T, m, cfg: SDPConfig, seed: int):
+        est = SDPClustering(m=m, lam=cfg.lam, c=cfg.threshold_c, m_selection=cfg.m_selection,
+                            max_groups=cfg.max_groups, solver=cfg.solver).fit(T)
+        return [list(g) for g in est.groups_], {
+            "method": "sdp", "status": est.status_, "solver": est.solver_,
+            "objective": float(est.objective_), "selection": est.selection_,
+            "X": est.X_.tolist()}

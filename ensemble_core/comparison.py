@@ -1,5 +1,6 @@
-"""The benchmark: the pipeline and the baselines for several seeds, measured like a paper would
-(docs/design.md, "Benchmark"): mean ± standard deviation over seeds per task and on average,
+"""Comparing methods over seeds, for ``ensemble-lora benchmark`` (flows/benchmark.py; the
+pipeline and the baselines for several seeds, measured like a paper would; docs/design.md,
+"Benchmark"): mean ± standard deviation over seeds per task and on average,
 the majority-class rate beside every accuracy, and the paired difference ensemble − single
 adapter with a 95% bootstrap confidence interval over test examples and seeds.
 

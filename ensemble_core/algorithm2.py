@@ -1,0 +1,207 @@
+"""The order the stages run in: the paper's Algorithm 2 as plain functions (docs/design.md, "The
+stages in order").
+
+Each function runs one group of stages through a :class:`Runner`: the default runs the stage
+functions in this process, one after another (a notebook, a test, plain Python, no Prefect);
+``tasks.runner.TaskRunner`` runs each call as its Prefect task (cached, locked, on the pool
+its tag names) and the calls of a ``map`` concurrently. Both take the same calls, so the
+algorithm is written once, here, and the flows only choose the runner:
+
+    features = gradient_features(run, runner)                       # stage 1
+    grouping = affinity_and_groups(run, runner, features.features)  # stages 2–3
+    plan = runner.call(stages.plan_baselines, grouping.groups, features.features)
+    adapters = group_adapters(run, runner, grouping.groups.group_tasks, plan)   # stage 4
+    result = boosting_and_weights(run, runner, adapters, features.features, ...) # stages 5–6
+    report, version = finish(run, runner, ...)
+
+Every write to the run directory happens inside a stage function; the functions here read
+only records (and, between boosting steps, the members' score files, to choose the group).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any, Sequence
+
+from . import stages
+from .records import (AdaptersResult, BaselinePlan, BoostRecord,
+                      EnsembleResult, FeaturesRecord, FeaturesResult, GroupEnsemble,
+                      GroupingResult, Member, ScoresRecord)
+from .rundir import BASELINE
+
+__all__ = ["Runner", "gradient_features", "affinity_and_groups", "group_adapters",
+           "boosting_and_weights", "finish", "pipeline"]
+
+_log = logging.getLogger("ensemble_lora")
+
+
+class Runner:
+    """Runs stage functions of one run in this process. ``call`` runs one and returns its
+    record; ``map`` runs several (``calls``: argument tuples) and returns their records in
+    order. ``tasks.runner.TaskRunner`` does the same as Prefect tasks."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def call(self, stage_fn, *args, **kwargs):
+        return stage_fn(self.run, *args, **kwargs)
+
+    def map(self, stage_fn, calls: Sequence[tuple]) -> list:
+        return [self.call(stage_fn, *args) for args in calls]
+
+
+def gradient_features(run, runner: Runner | None = None) -> FeaturesResult:
+    """Stage 1: the outputs and projected gradients at θ* of every task, and the first-order
+    check on the first task (Table 5 / Figure 2)."""
+    runner = runner or Runner(run)
+    records = runner.map(stages.gradient_features, [(t,) for t in run.task_names])
+    features = {t: rec for t, rec in zip(run.task_names, records)}
+    linearity = None
+    if run.cfg.estimation.linearity_check:
+        linearity = runner.call(stages.linearity, run.task_names[0])
+    return FeaturesResult(features, linearity)
+
+
+def affinity_and_groups(run, runner: Runner | None = None,
+                        features: dict[str, FeaturesRecord] | None = None,
+                        log=None) -> GroupingResult:
+    """Stages 2–3: the k sampled subsets (this directory's plan, extended when tasks
+    changed), the first-order surrogate fitted on each (batches of subsets, concurrently),
+    the affinity T (eq. 1) and the groups; with ``clustering.incremental``, the directory's
+    previous groups are the starting point."""
+    runner, log = runner or Runner(run), log or _log
+    features = features if features is not None else gradient_features(run, runner).features
+    batches = stages.plan_batches(run.cfg, stages.previous_plan(run.dir))
+    runner.call(stages.save_subset_plan, [[list(s) for s in b] for b in batches])
+    log.info("%d subsets of size %d over %d tasks, in %d task runs",
+             sum(len(b) for b in batches), run.cfg.estimation.subset_size,
+             len(run.task_names), len(batches))
+    done = runner.map(stages.fit_subsets, [(features, i, [list(s) for s in batch],
+                                            run.task_names)
+                                           for i, batch in enumerate(batches)])
+    previous = None  # the groups this directory had, for incremental grouping
+    if run.cfg.clustering.incremental and run.dir.exists(run.dir.groups):
+        previous = [g["tasks"] for g in run.dir.read_json(run.dir.groups)["groups"]]
+    groups = runner.call(stages.affinity_and_groups, [r for b in done for r in b.results],
+                         run.task_names, previous)
+    for k, g in enumerate(groups.group_tasks):
+        log.info("group %d: %s", k, ", ".join(g))
+    return GroupingResult(done, groups)
+
+
+def group_adapters(run, runner: Runner | None, groups: Sequence[Sequence[str]],
+                   baselines: BaselinePlan | None = None) -> AdaptersResult:
+    """Stage 4: one adapter per group, the single adapter on all tasks, θ*, and the
+    baselines' adapters; those of methods that start from the single adapter (MTL-FT) after
+    it, from its weights."""
+    runner = runner or Runner(run)
+    baselines = baselines or BaselinePlan({})
+    first = [(f"group-{k}", list(g)) for k, g in enumerate(groups)]
+    first.append((BASELINE, run.task_names))
+    first += [(name, tasks) for method, members in baselines.plans.items()
+              if method not in baselines.after_single for name, tasks in members.items()]
+    theta = runner.call(stages.save_theta_star)
+    trained = dict(zip([name for name, _ in first], runner.map(stages.train_group, first)))
+    single = trained[BASELINE]
+    after = [(name, tasks, single) for method in baselines.after_single
+             for name, tasks in baselines.plans[method].items()]
+    trained.update(zip([a[0] for a in after], runner.map(stages.train_group, after)))
+    group_names = [name for name, _ in first[:len(groups)]]
+    others = {k: v for k, v in trained.items() if k not in group_names and k != BASELINE}
+    return AdaptersResult({k: trained[k] for k in group_names}, single, theta, others)
+
+
+def boosting_and_weights(run, runner: Runner | None, adapters: AdaptersResult,
+                         features: dict[str, FeaturesRecord], estimation_s: float = 0.0,
+                         baselines: BaselinePlan | None = None, log=None) -> EnsembleResult:
+    """Stages 5–6 (Algorithm 2, from "for each boosting step"): score the members where a
+    later step reads them; b times, boost the group with the highest training loss and keep
+    the step only if the loss fell (the first rejected step ends boosting); fit the per-task
+    weights over the groups on validation; score the test split (only what the evaluation
+    reads) and evaluate against the single adapter and the baselines."""
+    from .boosting import choose_group
+
+    runner, log = runner or Runner(run), log or _log
+    groups = [GroupEnsemble(k, a.tasks, [Member(k, 1.0)]) for k, a in adapters.groups.items()]
+    known = adapters.all()
+
+    def score_all(plans: dict[str, dict[str, list[str]]], phase: str = "fit"
+                  ) -> dict[str, ScoresRecord]:
+        # one task run per member and task: a task added to the run is scored alone
+        calls = [(name, task, splits) for name, plan in plans.items()
+                 for task, splits in stages.by_task(plan).items()]
+        records = runner.map(stages.score_member,
+                             [(known[name], task, splits, phase) for name, task, splits in calls])
+        return {stages.scores_key(name, task, phase): rec
+                for (name, task, _), rec in zip(calls, records)}
+
+    steps_wanted = run.cfg.boosting.steps
+    scores = score_all(stages.score_plans(run.task_names, groups, steps_wanted,
+                                          run.cfg.boosting.mode))
+    boosting: list[BoostRecord] = []
+    for step in range(1, steps_wanted + 1):
+        losses = stages.group_losses(run, groups, features, scores)
+        chosen = choose_group(groups, losses)
+        log.info("boosting step %d: training losses %s; boosting %s", step,
+                 {k: round(v, 4) for k, v in losses.items()}, chosen.name)
+        rec = runner.call(stages.boost_group, chosen, features, scores, step)
+        boosting.append(rec)
+        log.info("boosting step %d (%s): train loss %.4f -> %.4f", step, chosen.name,
+                 rec.train_loss_before, rec.train_loss_after)
+        if not rec.accepted:
+            log.info("boosting stopped early: the training loss did not fall")
+            break
+        groups = [replace(g, members=rec.members) if g is chosen else g for g in groups]
+        known[rec.adapter.name] = rec.adapter
+        scores.update(score_all({rec.adapter.name: stages.boost_score_plan(run.task_names,
+                                                                           chosen)}))
+    runner.call(stages.record_boosting, boosting)
+    ensemble = runner.call(stages.fit_weights, groups, scores)
+    # the test split, after the weights: only the members the evaluation reads (test_plans),
+    # and each baseline adapter on its own tasks
+    plans = stages.test_plans(ensemble, BASELINE)
+    for members in (baselines.plans if baselines else {}).values():
+        plans.update({name: {"test": tasks} for name, tasks in members.items()})
+    scores.update(score_all(plans, "test"))
+    compute = stages.compute_summary(features, estimation_s, adapters, boosting)
+    evaluation = runner.call(stages.evaluate, ensemble, scores, BASELINE, compute)
+    baseline_results = None
+    if baselines and baselines.plans:
+        baseline_results = runner.call(stages.evaluate_baselines, baselines, adapters, scores)
+    return EnsembleResult(boosting, ensemble, evaluation, baseline_results)
+
+
+def finish(run, runner: Runner | None, features: FeaturesResult, grouping: GroupingResult,
+           adapters: AdaptersResult, result: EnsembleResult, config: dict[str, Any]):
+    """The report and manifest, then the version: returns (``records.ReportRecord``,
+    ``records.VersionRecord``)."""
+    runner = runner or Runner(run)
+    report = runner.call(stages.finish, features.features, grouping.groups, adapters,
+                         result.boosting, result.ensemble, result.evaluation,
+                         features.linearity, config, run.cfg.fingerprint(), result.baselines)
+    version = runner.call(stages.publish_version, result.ensemble, config)
+    return report, version
+
+
+def pipeline(run, runner: Runner | None = None, log=None):
+    """The whole pipeline in order (stages 1–6, the report and the version) on one runner:
+    ``pipeline(Run.open(load_config("configs/tiny.yaml")))`` runs it in this process, without
+    Prefect. Returns ``records.PipelineResult``. (The ``ensemble_lora`` flow runs the same
+    stage groups, each as a subflow or a deployment.)"""
+    from .records import PipelineResult
+    from .runtime import release_models
+
+    runner, log = runner or Runner(run), log or _log
+    config = run.cfg.model_dump(mode="json", exclude_unset=True)
+    s1 = gradient_features(run, runner)
+    release_models()
+    s23 = affinity_and_groups(run, runner, s1.features, log)
+    plan = runner.call(stages.plan_baselines, s23.groups, s1.features)
+    s4 = group_adapters(run, runner, s23.groups.group_tasks, plan)
+    s56 = boosting_and_weights(run, runner, s4, s1.features, s23.seconds, plan, log)
+    release_models()
+    report, version = finish(run, runner, s1, s23, s4, s56, config)
+    return PipelineResult(run.dir.url, s56.evaluation.metrics, s23.groups.group_tasks,
+                          report.report, report.manifest,
+                          {} if s56.baselines is None else s56.baselines.results,
+                          version.version, version.promoted, version.promotion)

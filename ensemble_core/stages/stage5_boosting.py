@@ -1,0 +1,198 @@
+"""Stage 5: boosting and weights — the members' scores, one boosting step of a group
+(Algorithm 2; Appendix A.2; the step itself is the configured boosting mode's), boosting.json,
+and the ensemble weights (ensemble.json). The loop that chooses a group, boosts and accepts is
+``algorithm2``."""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Sequence
+
+import numpy as np
+
+from ..records import (AdapterRecord, BoostRecord, EnsembleRecord, FeaturesRecord, FileRef,
+                       GroupEnsemble, ScoresRecord)
+from ..run import Run
+from ..rundir import THETA_STAR
+from ..runtime import cache_path, feature_table, on_device
+from .declaration import MODEL, stage
+from .planning import scores_of
+from .stage1_features import estimation_examples, scored_examples
+from .stage4_adapters import adapter_record
+
+__all__ = ["score_member", "read_scores", "group_losses", "boost_group", "record_boosting",
+           "fit_weights"]
+
+
+@stage(5, "scores", config=("model", "estimation.batch_size", "seed", "estimation.max_examples"),
+       reads=lambda adapter, task, splits, phase="fit": [task], returns=ScoresRecord)
+@on_device(release=False)
+def score_member(run: Run, adapter: AdapterRecord, task: str, splits: Sequence[str],
+                 phase: str = "fit") -> ScoresRecord:
+    """Scores h_c(s) of one member adapter on ``splits`` of one task:
+    scores/<member>/<task>.json (<task>.test.json for the test phase),
+    ``{"scores": {task: {split: [[h_c of example 0], ...]}}}``. "train" means the examples
+    stage 1 computed features of (``estimation_examples``), which is what boosting reads.
+    Which member is scored where: :func:`score_plans`, :func:`test_plans`, :func:`by_task`."""
+    from ..runtime import member_model
+    from ..scoring import predict_scores
+
+    t0 = time.perf_counter()
+    cfg = run.cfg
+    model, tok = member_model(cfg, run.dir.local(adapter.path), adapter.name, adapter.sha256)
+    out: dict = {}
+    for split in splits:
+        scores = predict_scores(model, tok, scored_examples(run, task, split),
+                                cfg.model.max_length, cfg.estimation.batch_size,
+                                cfg.model.choice_mode)
+        out[split] = [s.astype(float).tolist() for s in scores]
+    ref = run.dir.write_json(run.dir.scores(adapter.name, phase, task),
+                             {"adapter": adapter.name, "adapter_sha256": adapter.sha256,
+                              "phase": phase, "task": task, "scores": {task: out}})
+    return ScoresRecord(adapter.name, ref, time.perf_counter() - t0, phase, task)
+
+
+def read_scores(records: dict[str, ScoresRecord]) -> dict:
+    """member -> task -> split -> score vectors, from the members' score files (every phase
+    of a member merged)."""
+    from ..storage import read_json
+
+    out: dict = {}
+    for r in records.values():
+        for task, splits in read_json(r.file.path)["scores"].items():
+            out.setdefault(r.name, {}).setdefault(task, {}).update(splits)
+    return out
+
+
+def group_losses(run: Run, groups: Sequence[GroupEnsemble], features: dict[str, FeaturesRecord],
+                 scores: dict[str, ScoresRecord]) -> dict[str, float]:
+    """The exact training loss of every group's current ensemble."""
+    from ..boosting import group_train_loss
+
+    member = read_scores(scores)
+    return {g.name: group_train_loss(member, g, [feature_table(features[t].train.path,
+                                                               features[t].train.sha256)
+                                                 for t in g.tasks]) for g in groups}
+
+
+@stage(5, "boost", config=MODEL + ("boosting.eta", "boosting.mode", "estimation.l2",
+                                   "estimation.batch_size", "estimation.fit_dim",
+                                   "estimation.projection_dim", "estimation.max_examples",
+                                   "training"),
+       reads=lambda group, features, scores, step: group.tasks,
+       key_args=lambda group, features, scores, step: {
+           "group": group, "features": {t: features[t] for t in group.tasks},
+           # only the group's own tasks: a task added elsewhere leaves the step cached
+           "scores": scores_of(scores, [m.name for m in group.members], group.tasks),
+           "step": step}, returns=BoostRecord)
+@on_device
+def boost_group(run: Run, group: GroupEnsemble, features: dict[str, FeaturesRecord],
+                scores: dict[str, ScoresRecord], step: int) -> BoostRecord:
+    """One boosting step on ``group`` by ``boosting.mode`` (a registered boosting mode,
+    ``boosting``): the boosting adapter group-<k>-boost-<step> — restored from the residual
+    fit (first-order) or fine-tuned from θ* (exact, adaboost) — saved as a PEFT adapter."""
+    from ..adapters import save_adapter
+    from ..boosting import BoostContext, boosting_mode
+    from ..models import load_model
+    from ..scoring import predict_scores
+    from ..training import train_adapter
+
+    t0 = time.perf_counter()
+    cfg = run.cfg
+    d = cfg.estimation.surrogate_dim
+    tables = [feature_table(features[t].train.path, features[t].train.sha256, d)
+              for t in group.tasks]
+    member = read_scores(scores_of(scores, [m.name for m in group.members], group.tasks))
+    lm = load_model(cfg, cache_path(cfg))
+    train = [e for t in group.tasks for e in estimation_examples(run, t, "train")]
+
+    def score_train(model):
+        return np.concatenate(predict_scores(model, lm.tokenizer, train, cfg.model.max_length,
+                                             cfg.estimation.batch_size, cfg.model.choice_mode))
+
+    name = f"{group.name}-boost-{step}"
+
+    def save(model) -> AdapterRecord:
+        save_adapter(model, run.dir.local(run.dir.adapter(name)), None,
+                     base_fingerprint=lm.fingerprint["base"])
+        return adapter_record(run, name, group.tasks)
+
+    def train_on_sample(model, loss_fn):  # exact / adaboost: the sample the scores exist for
+        return train_adapter(model, lm.tokenizer, train, [], cfg.training, cfg.model.max_length,
+                             cfg.model.choice_mode, validate_initial=False, loss_fn=loss_fn)
+
+    ctx = BoostContext(group, step, lm.model, tables, member, score_train, save,
+                       train_on_sample, cfg.boosting.eta, cfg.estimation.l2,
+                       features[group.tasks[0]].projection.at_dim(d), THETA_STAR)
+    rec = boosting_mode(cfg.boosting.mode).step(ctx)
+    return replace(rec, seconds=time.perf_counter() - t0)  # the whole stage, loading included
+
+
+@stage(5, "boosting", config=(), key_args=lambda steps: {"steps": steps}, returns=FileRef)
+def record_boosting(run: Run, steps: Sequence[BoostRecord]) -> FileRef:
+    """boosting.json: the boosting steps taken (accepted or not)."""
+    return run.dir.write_json(run.dir.boosting, {"steps": [_flat_boost(b) for b in steps]})
+
+
+def _flat_boost(b: BoostRecord) -> dict:
+    a = b.adapter
+    return {"name": a.name, "tasks": a.tasks, "path": a.path, "sha256": a.sha256,
+            "group": b.group, "step": b.step, "eta": b.eta,
+            "train_loss_before": b.train_loss_before, "train_loss_after": b.train_loss_after,
+            "train_loss_first_order": b.train_loss_first_order, "x_norm": b.x_norm,
+            "relative_distance": b.relative_distance, "accepted": b.accepted,
+            "seconds": b.seconds, "mode": b.mode, "alpha": b.alpha, "error": b.error,
+            "members": [{"adapter": m.name, "scale": m.scale} for m in b.members]}
+
+
+def _base_fingerprint(run: Run, adapter: str) -> dict:
+    from ..adapters import read_base_fingerprint
+
+    return read_base_fingerprint(run.dir.local(run.dir.adapter(adapter)))
+
+
+def _members(groups, scores, *extra) -> dict:
+    return scores_of(scores, [m.name for g in groups for m in g.members] + list(extra))
+
+@stage(5, "weights", config=("model", "boosting.eta"),
+       reads=lambda groups, scores: [t for g in groups for t in g.tasks],
+       key_args=lambda groups, scores: {"groups": groups, "scores": _members(groups, scores)},
+       returns=EnsembleRecord)
+def fit_weights(run: Run, groups: Sequence[GroupEnsemble],
+                scores: dict[str, ScoresRecord]) -> EnsembleRecord:
+    """Per task, nonnegative weights summing to one over the m group ensembles, fitted on the
+    task's validation examples from its own group (``ensemble.fit_ensemble_weights``);
+    ensemble.json."""
+    from ..boosting import group_scores
+    from ..ensemble import (combine_probabilities, ensemble_log_loss, fit_ensemble_weights,
+                           probabilities, task_entry, write_ensemble_json)
+    from ..storage import file_sha256
+
+    member = read_scores(scores)
+    group_of = {t: k for k, g in enumerate(groups) for t in g.tasks}
+    entries, weights, validation = {}, {}, {}
+    for t in run.task_names:
+        val_gold = [e.label for e in run.task_data(t).splits["validation"]]
+        val_probs = [probabilities(group_scores(member, g, t, "validation")) for g in groups]
+        w = fit_ensemble_weights(val_probs, val_gold, start=group_of[t])
+        weights[t] = w.tolist()
+        entries[t] = task_entry(run.cfg.task(t), group_of[t], w)
+        # the ensemble's own validation metrics (what a new version is promoted on:
+        # ensemble_core/versions.py), on the examples the weights were fitted on
+        pred = [int(np.argmax(p)) for p in combine_probabilities(val_probs, w)]
+        validation[t] = {"n": len(val_gold),
+                         "accuracy": float(np.mean(np.equal(pred, val_gold))),
+                         "log_loss": ensemble_log_loss(val_probs, val_gold, w)}
+    spec_groups = [{"name": g.name, "tasks": list(g.tasks),
+                    "members": [{"adapter": run.dir.relative(run.dir.adapter(m.name)),
+                                 "scale": m.scale,
+                                 # what EnsembleModel checks before loading it
+                                 "sha256": file_sha256(run.dir.adapter_weights(m.name))}
+                                for m in g.members]} for g in groups]
+    cfg = run.cfg
+    sha = write_ensemble_json(run.dir.ensemble, base_model=cfg.model, tasks=entries,
+                              groups=spec_groups, max_length=cfg.model.max_length,
+                              choice_mode=cfg.model.choice_mode,
+                              base_fingerprint=_base_fingerprint(run, groups[0].name),
+                              eta=cfg.boosting.eta, validation=validation)
+    return EnsembleRecord(FileRef(run.dir.ensemble, sha), list(groups), weights)

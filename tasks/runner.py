@@ -1,0 +1,44 @@
+"""Running the library's stage functions as their Prefect tasks: the runner
+``ensemble_core.algorithm2`` takes when a flow runs it (docs/design.md, "The stages in order")."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from .common import for_run
+from .stages import TASKS
+
+
+class TaskRunner:
+    """``call`` runs a stage function's task and waits for its record; ``map`` submits one
+    task run per argument tuple (concurrently, on the flow's task runner) and returns their
+    records in order. Tasks are configured for the run (``common.for_run``: cache records
+    and locks in its directory)."""
+
+    def __init__(self, run):
+        self.run = run
+        self._tasks: dict = {}
+
+    def _task(self, stage_fn):
+        task = self._tasks.get(stage_fn)
+        if task is None:
+            task = self._tasks[stage_fn] = for_run(TASKS[stage_fn], self.run)
+        return task
+
+    def _record(self, stage_fn, value, args, kwargs):
+        rec = stage_fn.stage.returns.from_json(value)
+        # a cached record whose files are gone or changed: in a local run directory the cache
+        # key function has checked that before serving it (common.for_run); a remote one
+        # keeps Prefect's own storage, so it is checked here and recomputed
+        if self.run.dir.prefect is None and not rec.verified():
+            task = self._task(stage_fn).with_options(refresh_cache=True)
+            rec = stage_fn.stage.returns.from_json(task(self.run, *args, **kwargs))
+        return rec
+
+    def call(self, stage_fn, *args, **kwargs):
+        return self._record(stage_fn, self._task(stage_fn)(self.run, *args, **kwargs), args,
+                            kwargs)
+
+    def map(self, stage_fn, calls: Sequence[tuple]) -> list:
+        task = self._task(stage_fn)
+        futures = [task.submit(self.run, *args) for args in calls]
+        return [self._record(stage_fn, f.result(), args, {}) for f, args in zip(futures, calls)]
