@@ -68,7 +68,8 @@ def save_adapter(model, out_dir, result=None, *,
         for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             if not (tmp / f).is_file():
                 raise RuntimeError(f"save_adapter: PEFT did not write {f} for adapter {name!r}")
-        _canonical_adapter_config(tmp / ADAPTER_CONFIG)
+        _canonical_adapter_config(tmp / ADAPTER_CONFIG,
+                                  (base_fingerprint or {}).get("name"))
         if result is not None:
             _write_json_file(tmp / TRAINING_FILE, result.to_json())
         if base_fingerprint is not None:
@@ -80,19 +81,33 @@ def save_adapter(model, out_dir, result=None, *,
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            from .storage import named_os_error
+
+            raise named_os_error(e, f"cannot save the adapter {out_dir}") from e
         raise
     return out_dir
 
 
-def _canonical_adapter_config(path: Path) -> None:
-    """PEFT keeps ``target_modules`` as a set and writes it in set order, which follows Python's
-    per-process string hashing: the same adapter saved by two processes would differ in
-    adapter_config.json. Sort it (PEFT reads it back as a set), keeping PEFT's formatting."""
+def _canonical_adapter_config(path: Path, base_name: str | None = None) -> None:
+    """The same adapter saved by any process, on any machine, gives the same
+    adapter_config.json (ensemble.json and versions pin it by sha256): PEFT keeps
+    ``target_modules`` as a set and writes it in set order, which follows Python's
+    per-process string hashing, so it is sorted (PEFT reads it back as a set); and it records
+    ``base_model_name_or_path`` as the local directory the base model was loaded from (a
+    model cache path), which is replaced by the base model's name as configured
+    (``base_name``: "smollm2-135m", a hub id). PEFT's formatting is kept."""
     cfg = json.loads(path.read_text())
+    changed = False
     if isinstance(cfg.get("target_modules"), list):
         cfg["target_modules"] = sorted(cfg["target_modules"])
+        changed = True
+    if base_name is not None and cfg.get("base_model_name_or_path") != base_name:
+        cfg["base_model_name_or_path"] = base_name
+        changed = True
+    if changed:
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 

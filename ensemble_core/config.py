@@ -28,6 +28,10 @@ class ConfigError(ValueError):
     pass
 
 
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeds: non-negative, 32 bits here
+DIM_MAX = 1 << 20  # a projection dimension (d ≤ p is checked against the model in stage 1)
+MAX_EXAMPLES = 10 ** 8
+
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -106,13 +110,13 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     quantization: Literal["none", "nf4"] = "none"  # nf4 = QLoRA (bitsandbytes)
     device: str = "auto"
-    max_length: int = Field(256, ge=8)
+    max_length: int = Field(256, ge=8, le=1 << 20)
     choice_mode: Literal["auto", "token", "sequence"] = "auto"
     trust_remote_code: bool = False
     # tiny-llama only
-    tiny_hidden_size: int = Field(64, ge=8)
-    tiny_layers: int = Field(2, ge=1)
-    tiny_seed: int = 0
+    tiny_hidden_size: int = Field(64, ge=8, le=1 << 16)
+    tiny_layers: int = Field(2, ge=1, le=1024)
+    tiny_seed: int = Field(0, ge=0, le=SEED_MAX)
 
 
 class EstimationConfig(_Strict):
@@ -125,19 +129,19 @@ class EstimationConfig(_Strict):
     # per split ("train", "validation"): stage 1 and the surrogate use a seeded sample of this
     # many examples of each task (all when unset); fine-tuning uses every example
     max_examples: dict[str, int] = {}
-    projection_seed: int = 0
-    projection_block_rows: int = Field(32768, ge=1)
+    projection_seed: int = Field(0, ge=0, le=SEED_MAX)
+    projection_block_rows: int = Field(32768, ge=1, le=1 << 24)
     # memory for caching P's float64 blocks, in GiB; None: a quarter of the device's free memory
     # (P whole for SmolLM2-135M: 1.5 GB); 0: regenerate every block at each use (slower, no
     # memory). The features do not depend on it.
     projection_cache_gb: float | None = Field(None, ge=0.0)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, le=1 << 16)
     linearity_check: bool = True
-    linearity_examples: int = Field(16, ge=1)
+    linearity_examples: int = Field(16, ge=1, le=100_000)
     # stage 2
-    n_subsets: int = Field(60, ge=1)  # k
-    subset_size: int = Field(3, ge=2)  # s
-    min_pair_coverage: int = Field(1, ge=0)
+    n_subsets: int = Field(60, ge=1, le=1_000_000)  # k
+    subset_size: int = Field(3, ge=2, le=10_000)  # s
+    min_pair_coverage: int = Field(1, ge=0, le=10_000)
     l2: float = Field(1e-3, ge=0.0)  # λ
     max_norm: float | None = Field(None, gt=0.0)  # a bound on ‖x‖ (absolute)
     # Bound the surrogate's solution: ‖P x̂‖ ≤ this × ‖θ*‖ (the paper's Table 2 measure).
@@ -149,15 +153,18 @@ class EstimationConfig(_Strict):
     # 58% at 0.2 and 31% at 1.0. None = no bound (only max_norm and l2).
     max_relative_distance: float | None = Field(1.0, gt=0.0)
     metric: Literal["loss", "accuracy"] = "loss"
-    subsets_per_task_run: int = Field(10, ge=1)
+    subsets_per_task_run: int = Field(10, ge=1, le=1_000_000)
 
     @field_validator("projection_dim")
     @classmethod
     def _dims(cls, v):
         dims = [v] if isinstance(v, int) else list(v)
-        if not dims or any(d < 1 for d in dims) or len(set(dims)) != len(dims):
+        if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1
+                           for d in dims) or len(set(dims)) != len(dims):
             raise ValueError(f"projection_dim must be a positive integer or a list of distinct "
                              f"positive integers, got {v!r}")
+        if max(dims) > DIM_MAX:
+            raise ValueError(f"projection_dim {max(dims)} is larger than {DIM_MAX}")
         return v
 
     @field_validator("max_examples")
@@ -168,8 +175,9 @@ class EstimationConfig(_Strict):
             raise ValueError(f"max_examples has split(s) {bad}; stage 1 reads 'train' and "
                              "'validation'")
         for split, n in v.items():
-            if n < 1:
-                raise ValueError(f"max_examples.{split} = {n}, must be >= 1")
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_EXAMPLES:
+                raise ValueError(f"max_examples.{split} = {n!r}, must be an integer from 1 to "
+                                 f"{MAX_EXAMPLES}")
         return v
 
     @model_validator(mode="after")
@@ -198,21 +206,21 @@ class EstimationConfig(_Strict):
 
 class TrainingConfig(_Strict):
     learning_rate: float = Field(5e-4, gt=0.0)  # the peak learning rate (after warm-up)
-    epochs: int = Field(2, ge=1)
-    batch_size: int = Field(8, ge=1)
-    grad_accumulation: int = Field(1, ge=1)
+    epochs: int = Field(2, ge=1, le=10_000)
+    batch_size: int = Field(8, ge=1, le=1 << 16)
+    grad_accumulation: int = Field(1, ge=1, le=1 << 16)
     weight_decay: float = Field(0.0, ge=0.0)
-    max_steps: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1, le=10 ** 9)
     # the learning rate rises linearly over the first warmup_ratio of the optimizer steps, then
     # follows `schedule` down to 0 at the last step ("constant": stays at learning_rate)
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float | None = Field(1.0, gt=0.0)  # gradient clipping (None: none)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
 
 class BoostingConfig(_Strict):
-    steps: int = Field(1, ge=0)  # b
+    steps: int = Field(1, ge=0, le=1000)  # b
     eta: float = Field(0.1, gt=0.0)  # η
     # how a boosting adapter is fitted to the residuals (a registered boosting mode,
     # ensemble_core/boosting/): "first-order" (ridge regression on the projected gradients,
@@ -258,13 +266,13 @@ class EvaluationConfig(_Strict):
 class RunnerConfig(_Strict):
     kind: Literal["local", "dask"] = "local"
     address: str | None = None  # a Dask scheduler address; None = a local cluster
-    n_workers: int = Field(2, ge=1)
+    n_workers: int = Field(2, ge=1, le=4096)
     work_pools: dict[str, str] = {}  # stage kind ("gpu", "cpu") -> Prefect work pool name
 
 
 class RunConfig(_Strict):
     name: str = "ensemble-lora"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     data_root: str = "../shared/data"  # any fsspec URL; relative paths are relative to the config
     output_dir: str = "runs/{name}"  # any fsspec URL
     cache_dir: str | None = None  # model cache (default ~/.cache/ensemble-lora)

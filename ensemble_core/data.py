@@ -35,7 +35,9 @@ from typing import Any, Callable, Literal
 
 import fsspec
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from .registry import NoCoercion
 
 from .storage import positive_env
 
@@ -76,7 +78,7 @@ class Example:
                             f"{self.label}, outside 0..{len(self.choices) - 1}")
 
 
-class CarveSpec(BaseModel):
+class CarveSpec(NoCoercion):
     """Take ``n`` examples out of split ``from`` (they are removed from it)."""
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
@@ -84,7 +86,7 @@ class CarveSpec(BaseModel):
     n: int = Field(ge=1)
 
 
-class TaskConfig(BaseModel):
+class TaskConfig(NoCoercion):
     """One task of a run.  With ``builtin`` set, the builtin's defaults fill every field the
     user did not set explicitly (an explicitly set field replaces the builtin's value as a
     whole, dicts included).  Serialize unresolved configs with ``exclude_unset=True`` (or
@@ -114,7 +116,7 @@ class TaskConfig(BaseModel):
     label_thresholds: list[float] | None = None
     max_examples: dict[str, int] = {}  # per-split caps, seeded subsample, original order kept
     carve: dict[str, CarveSpec] = {}  # split -> where to carve it from
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
 
 
 @dataclass
@@ -523,9 +525,12 @@ def _choice_index(cfg: TaskConfig, target, n_choices: int) -> int:
 def choice_labels(cfg: TaskConfig) -> list:
     """What each choice is called in the task's own labels (predictions report it): its
     label_values entry; with a label_map, the first raw value that maps to it; with
-    thresholds, its range; else its index."""
+    thresholds, its range (or its label_values entry, which then names the ranges); else its
+    index."""
     n = len(cfg.choices if cfg.choices is not None else cfg.choice_fields)
     if cfg.label_thresholds is not None:
+        if cfg.label_values is not None:  # the ranges' own names
+            return list(cfg.label_values)
         th = cfg.label_thresholds
         return [f"< {th[0]:g}"] + [f"[{a:g}, {b:g})" for a, b in zip(th, th[1:])] \
             + [f">= {th[-1]:g}"]
@@ -638,6 +643,10 @@ def _check_config(cfg: TaskConfig) -> None:
         if cfg.choices is not None and len(th) + 1 != len(cfg.choices):
             raise DataError(f"task {name!r}: {len(th)} label_thresholds make {len(th) + 1} "
                             f"choices, but choices has {len(cfg.choices)}")
+        if cfg.label_values is not None and len(cfg.label_values) != len(th) + 1:
+            raise DataError(f"task {name!r}: with label_thresholds, label_values names the "
+                            f"{len(th) + 1} ranges the thresholds make (predictions report "
+                            f"them); it has {len(cfg.label_values)} entries")
     for tmpl in (cfg.template, cfg.choice_template):
         try:
             parts = list(string.Formatter().parse(tmpl))
@@ -664,7 +673,26 @@ def _resolve_url(path: str, data_root: str) -> str:
 
 def fill_template(template: str, values, what: str, where: str) -> str:
     """``template`` filled from a record's fields; a missing field or a bad format is a
-    DataError that names ``where`` (file and line, or task and record) and the field."""
+    DataError that names ``where`` (file and line, or task and record) and the field.
+
+    A field the template names must hold text: null, a list, an object or a boolean is an error
+    (it would become "None" or a Python repr in the prompt). A number is text only where the
+    template formats it on purpose, with a format spec (``{score:.1f}``, ``{year:d}``)."""
+    for _, name, spec, _ in _template_fields(template):
+        if name is None or name not in values:
+            continue
+        value = values[name]
+        if isinstance(value, str):
+            continue
+        number = isinstance(value, (int, float, np.integer, np.floating)) \
+            and not isinstance(value, (bool, np.bool_))
+        if number and spec:
+            continue
+        kind = "null" if value is None else type(value).__name__
+        hint = (f" (a number is allowed where the {what} formats it, e.g. {{{name}:g}})"
+                if number else "")
+        raise DataError(f"{where}: field {name!r} is {kind}, not text; the {what} puts it in "
+                        f"the prompt{hint}")
     try:
         return template.format(**values)
     except KeyError as e:
@@ -672,6 +700,22 @@ def fill_template(template: str, values, what: str, where: str) -> str:
                         f"lacks (available fields: {sorted(values)})") from None
     except (IndexError, ValueError, AttributeError, TypeError) as e:
         raise DataError(f"{where}: cannot fill {what} {template!r}: {e}") from None
+
+
+def _template_fields(template: str) -> list:
+    """The (literal, field name, format spec, conversion) parts of a template (cached)."""
+    hit = _FIELDS.get(template)
+    if hit is None:
+        try:
+            hit = list(string.Formatter().parse(template))
+        except ValueError:
+            hit = []  # a malformed template: format() below names the error
+        if len(_FIELDS) < 10_000:
+            _FIELDS[template] = hit
+    return hit
+
+
+_FIELDS: dict[str, list] = {}
 
 
 def format_record(template: str, choices, choice_fields, choice_template: str, record,

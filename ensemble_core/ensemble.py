@@ -205,10 +205,11 @@ def validate_ensemble_spec(spec: Mapping) -> None:
             if not isinstance(mem, Mapping) or not isinstance(mem.get("adapter"), str):
                 raise EnsembleError(f"ensemble spec: groups[{g}].members[{j}].adapter must be a "
                                     "path")
-            sha = mem.get("sha256")
-            if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
-                raise EnsembleError(f"ensemble spec: groups[{g}].members[{j}].sha256 must be "
-                                    "the 64 hex digits of the adapter weights' sha256")
+            for key, what in (("sha256", "weights"), ("config_sha256", "config")):
+                sha = mem.get(key)
+                if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
+                    raise EnsembleError(f"ensemble spec: groups[{g}].members[{j}].{key} must "
+                                        f"be the 64 hex digits of the adapter {what}' sha256")
             if not isinstance(mem.get("scale", 1.0), (int, float)):
                 raise EnsembleError(f"ensemble spec: groups[{g}].members[{j}].scale must be a "
                                     "number")
@@ -361,26 +362,33 @@ def _adapter_name(path: str, taken: set[str]) -> str:
 
 def _member_paths(rd: RunDir, spec: dict) -> list[str]:
     """The member adapters ensemble.json names (its paths, each once, in order), each checked:
-    inside the run directory, a PEFT adapter, and its weights the ones the ensemble was fitted
-    with (their sha256)."""
+    inside the run directory (no link out of it), a PEFT adapter, and its weights and config
+    the ones the ensemble was fitted with (their sha256, where ensemble.json pins them)."""
+    from .rundir import inside
     from .storage import file_sha256
 
+    root = rd.local(rd.url)
     paths = []
     for g, grp in enumerate(spec["groups"]):
         where = f"groups[{g}] ({grp.get('name', g)})"
         for mem in grp["members"]:
             try:
                 p = rd.local(rd.resolve(mem["adapter"]))
+                if p.exists():
+                    for f in (p, p / "adapter_config.json", p / ADAPTER_WEIGHTS):
+                        inside(f, root)
             except RunDirError as e:
                 raise EnsembleError(f"{rd.ensemble}: {where}: {e}") from None
             if not (p / "adapter_config.json").is_file():
                 raise EnsembleError(f"{where}: adapter {mem['adapter']!r} not found at {p}")
-            if mem.get("sha256") is not None:  # the weights the ensemble was fitted with
-                w = p / ADAPTER_WEIGHTS
-                found = file_sha256(str(w)) if w.is_file() else None
-                if found != mem["sha256"]:
+            for key, f in (("sha256", p / ADAPTER_WEIGHTS),
+                           ("config_sha256", p / "adapter_config.json")):
+                if mem.get(key) is None:  # the files the ensemble was fitted with
+                    continue
+                found = file_sha256(str(f)) if f.is_file() else None
+                if found != mem[key]:
                     raise EnsembleError(
-                        f"{rd.ensemble}: {where}: adapter {mem['adapter']!r}: {w} "
+                        f"{rd.ensemble}: {where}: adapter {mem['adapter']!r}: {f} "
                         + ("is missing" if found is None else "has changed since the "
                            "ensemble was fitted (sha256 differs)"))
             if mem["adapter"] not in paths:
@@ -441,9 +449,16 @@ class EnsembleModel:
         from .models import load_base
         from .versions import resolve
 
+        from .versions import VersionError, check_files
+
         vid, where = resolve(run_dir, version) if RunDir(str(run_dir)).is_local \
             else (None, str(run_dir))
         rd = RunDir(where)
+        if vid is not None:  # every file the version pins, before any is read
+            try:
+                check_files(where)
+            except VersionError as e:
+                raise EnsembleError(str(e)) from None
         spec = read_ensemble_json(rd.ensemble)
         try:
             mcfg = ModelConfig.model_validate(spec["base_model"])

@@ -27,6 +27,7 @@ from .features import FeatureTable
 from .models import trainable_parameters
 from .projection import GaussianProjector
 from .records import Progress
+from .runtime import check_stop
 from .scoring import ChoiceScorer, EncodedBatch, backbone_and_head, choice_outputs, model_device
 
 
@@ -248,6 +249,7 @@ def extract_features(model, scorer: ChoiceScorer, examples: Sequence[Example],
 
     done = 0
     for b in range(0, len(order), batch_size):
+        check_stop()
         idx = order[b:b + batch_size]
         chunk = [examples[i] for i in idx]
         pack = True

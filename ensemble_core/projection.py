@@ -28,6 +28,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .runtime import check_stop
+
 
 def _block_key(seed: int, block: int) -> int:
     digest = hashlib.sha256(f"ensemble-lora/projection/{seed}/{block}".encode()).digest()
@@ -106,6 +108,7 @@ class GaussianProjector:
         if hit is not None:
             self._cache.move_to_end(k)
             return hit.T
+        check_stop()  # a block of a large P takes seconds to draw
         t = self._generate(k)
         self._keep(k, t)
         return t.T

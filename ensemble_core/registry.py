@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-__all__ = ["Registry", "RegistryError", "StrictModel", "field_error", "check_section",
-           "section_of"]
+__all__ = ["Registry", "RegistryError", "StrictModel", "NoCoercion", "field_error",
+           "check_section", "section_of"]
 
 T = TypeVar("T")
 
@@ -24,9 +24,85 @@ class RegistryError(ValueError):
     """An unknown name, or an entry that does not say what the code needs of it."""
 
 
-class StrictModel(BaseModel):
+class NoCoercion(BaseModel):
+    """Numbers as they are written: an integer field takes an integer only (not a boolean,
+    ``"1"`` or ``1.0``: ``epochs: true`` or ``epochs: "1"`` is an error, not 1), a float field
+    takes a number, not a boolean (nor text, except a number YAML reads as text: PyYAML reads
+    ``2e-5`` as the string "2e-5")."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _as_written(cls, v, info):
+        field = cls.model_fields.get(info.field_name)
+        if field is None:
+            return v
+        kinds, literals, items = _scalars(field.annotation)
+        if isinstance(v, list) and items - {"str"}:
+            return [_number(x, items, set()) for x in v]
+        if isinstance(v, dict) and items - {"str"}:
+            return {k: _number(x, items, set()) for k, x in v.items()}
+        if not kinds - {"str"} or isinstance(v, (list, dict)):
+            return v
+        return _number(v, kinds, literals)
+
+
+def _number(v, kinds: set, literals: set):
+    """``v`` as a value of a field admitting ``kinds`` of numbers (module docstring rules)."""
+    if v is None or (not isinstance(v, (list, dict)) and v in literals):
+        return v
+    if isinstance(v, str) and "str" in kinds:
+        return v
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number, got {v!r}")
+    if "float" in kinds:
+        if isinstance(v, str):
+            try:
+                return float(v)
+            except ValueError:
+                raise ValueError(f"expected a number, got {v!r}") from None
+        return v
+    if isinstance(v, (str, float)):
+        raise ValueError(f"expected an integer, got {v!r}")
+    return v
+
+
+def _scalars(annotation) -> tuple[set, set, set]:
+    """The kinds ("int", "float", "str") an annotation admits at its top level (through
+    Optional, Union and Annotated), the Literal values beside them, and the kinds of the items
+    of a list or the values of a dict it admits."""
+    import types
+    import typing
+
+    kinds, literals, items = set(), set(), set()
+    todo = [(annotation, kinds)]
+    while todo:
+        a, into = todo.pop()
+        origin = typing.get_origin(a)
+        if a is bool:
+            continue
+        if a is str:
+            into.add("str")
+        elif a is int:
+            into.add("int")
+        elif a is float:
+            into.add("float")
+        elif origin is typing.Literal:
+            literals.update(typing.get_args(a))
+        elif origin is typing.Annotated:
+            todo.append((typing.get_args(a)[0], into))
+        elif origin is typing.Union or origin is types.UnionType:
+            todo.extend((x, into) for x in typing.get_args(a))
+        elif origin in (list, dict) and into is kinds:
+            args = typing.get_args(a)
+            if args:
+                todo.append((args[-1], items))
+    return kinds, literals, items
+
+
+class StrictModel(NoCoercion):
     """The base of every config section (and of the per-method sections an entry declares):
-    unknown keys are errors, assignments are validated."""
+    unknown keys are errors, assignments are validated, numbers are taken as written
+    (:class:`NoCoercion`)."""
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 

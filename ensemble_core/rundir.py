@@ -54,6 +54,17 @@ class RunDirError(ValueError):
     pass
 
 
+def inside(path, root) -> Path:
+    """``path`` (a local file or directory below ``root``) with every link resolved, checked to
+    stay inside ``root``: a run's or a version's files are read only where they are, never
+    through a link out of the directory (RunDirError naming the path and where it leads)."""
+    real, base = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    if real != base and base not in real.parents:
+        raise RunDirError(f"{path} leads out of {root} (to {real}) through a link; a run's and "
+                          "a version's files must be inside their directory")
+    return real
+
+
 class RunDir:
     """The paths and files of one run directory (a local path or an fsspec URL)."""
 

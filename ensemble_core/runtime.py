@@ -20,6 +20,36 @@ _LOCK = threading.Lock()
 # reproducible. Parallelism across devices comes from several worker processes.
 DEVICE_LOCK = threading.RLock()
 
+_STOP = threading.Event()
+
+
+class StopRequested(Exception):
+    """The process was asked to stop (SIGTERM, SIGINT, a Prefect cancellation): the work in
+    progress ends at its next step (a batch, a block, a subset) and writes nothing more; what
+    it had not yet renamed into place is removed with its temporary directory."""
+
+
+def request_stop() -> None:
+    """Ask every model loop of this process to stop at its next step (:func:`check_stop`)."""
+    _STOP.set()
+
+
+def clear_stop() -> None:
+    """A new run starts in this process: forget an earlier stop request."""
+    _STOP.clear()
+
+
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
+
+def check_stop() -> None:
+    """Raise :class:`StopRequested` if the process was asked to stop; the long loops (training
+    steps, scoring and gradient batches, projection blocks, subset fits) call it each step."""
+    if _STOP.is_set():
+        raise StopRequested("the run was asked to stop (a signal or a cancellation)")
+
+
 _MODELS: dict = {}
 _PROJECTORS: dict = {}
 _TABLES: dict = {}

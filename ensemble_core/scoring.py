@@ -18,6 +18,7 @@ import torch
 from .choices import segment_log_softmax
 from .data import Example
 from .models import ModelError
+from .runtime import check_stop
 
 
 @dataclass
@@ -347,6 +348,7 @@ def score_examples(model, scorer: ChoiceScorer, examples: Sequence[Example],
     try:
         with torch.inference_mode():
             for idx, mode in _eval_batches(scorer, examples, batch_size):
+                check_stop()
                 batch = scorer.encode([examples[i] for i in idx], mode=mode).to(device)
                 scores = choice_outputs(model, batch).float().cpu().numpy()
                 offs = np.concatenate([[0], np.cumsum(batch.n_choices)])
@@ -376,6 +378,7 @@ def score_rows(model, scorer: ChoiceScorer, examples: Sequence[Example], batch_s
     mode = mode or scorer.mode_for(examples)
     res = []
     for b in range(0, len(examples), batch_size):
+        check_stop()
         batch = scorer.encode(examples[b:b + batch_size], mode=mode).to(model_device(model))
         res.append(choice_outputs(model, batch).float().cpu())
     return torch.cat(res)

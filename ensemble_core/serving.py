@@ -40,9 +40,37 @@ from .rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-MAX_RECORDS = 1024  # records in one request
 MAX_BATCH = 64  # records of one task that go through the model together
 BATCH_WAIT_S = 0.005  # how long a batch waits for more requests once one has arrived
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the endpoint (``ensemble-lora serve --set ...``): a body of
+    at most ``max_body_bytes`` (413 otherwise, refused before it is read whole), at most
+    ``max_records`` records and ``max_field_chars`` characters in any one field (422), and at
+    most ``max_pending_records`` records waiting for the model over all requests (503: busy).
+    Together they bound the memory a request, and all of them at once, can take."""
+    max_body_bytes: int = 4 << 20
+    max_records: int = 1024
+    max_field_chars: int = 32_768
+    max_pending_records: int = 8192
+
+    def __post_init__(self):
+        for k, v in self.__dict__.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"serve: {k} must be a positive integer, got {v!r}")
+
+
+MAX_RECORDS = Limits.max_records
+
+
+class RequestTooLarge(ValueError):
+    """A request over one of the :class:`Limits` (the message names the limit)."""
+
+
+class Busy(RuntimeError):
+    """More records are waiting for the model than ``Limits.max_pending_records``."""
 
 
 def ensemble_version(run_dir) -> str:
@@ -87,14 +115,16 @@ class EnsembleService:
     def __init__(self, run_dir, cache_dir=None, *, device: str | None = None,
                  batch_size: int = 16, reload_s: float = 2.0, max_batch: int = MAX_BATCH,
                  batch_wait_s: float = BATCH_WAIT_S, check_fingerprint: bool = True,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, limits: Limits | None = None):
         self.run_dir = str(run_dir)
         self.load_args = dict(cache_dir=cache_dir, device=device,
                               check_fingerprint=check_fingerprint,
                               trust_remote_code=trust_remote_code)
         self.batch_size, self.reload_s = int(batch_size), float(reload_s)
         self.max_batch, self.batch_wait_s = int(max_batch), float(batch_wait_s)
+        self.limits = limits or Limits()
         self.stats = ServingStats()
+        self._pending = 0  # records accepted and not yet answered
         self.reload_error: str | None = None
         self._failed_version: str | None = None
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="ensemble-model")
@@ -145,20 +175,38 @@ class EnsembleService:
 
     # -- requests ----------------------------------------------------------------------------
     def prepare(self, task: str, records: list) -> tuple[Loaded, list]:
-        """The version that will answer and the records as examples; raises EnsembleError
-        (unknown task) or DataError (a record that does not fit the task's template)."""
+        """The version that will answer and the records as examples; raises RequestTooLarge
+        (too many records, a field too long), EnsembleError (unknown task) or DataError (a
+        record that does not fit the task's template)."""
+        lim = self.limits
+        if len(records) > lim.max_records:
+            raise RequestTooLarge(f"{len(records)} records in one request; the limit is "
+                                  f"{lim.max_records} (max_records)")
+        for i, rec in enumerate(records):
+            for name, value in rec.items():
+                if isinstance(value, str) and len(value) > lim.max_field_chars:
+                    raise RequestTooLarge(
+                        f"record {i}: field {str(name)[:100]!r} has {len(value)} characters; "
+                        f"the limit is {lim.max_field_chars} (max_field_chars)")
         loaded = self.current
         return loaded, loaded.model.examples(task, records)
 
     async def predict(self, task: str, records: list) -> tuple[str, list[dict]]:
         loaded, examples = self.prepare(task, records)
         self.stats.requests += 1
-        self.stats.records += len(examples)
         if not examples:
             return loaded.version, []
-        fut = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(task, examples, fut, loaded))
-        return loaded.version, await fut
+        if self._pending + len(examples) > self.limits.max_pending_records:
+            raise Busy(f"{self._pending} records are waiting for the model; the limit is "
+                       f"{self.limits.max_pending_records} (max_pending_records): retry later")
+        self.stats.records += len(examples)
+        self._pending += len(examples)
+        try:
+            fut = asyncio.get_running_loop().create_future()
+            await self._queue.put(_Pending(task, examples, fut, loaded))
+            return loaded.version, await fut
+        finally:
+            self._pending -= len(examples)
 
     async def _batches(self) -> None:
         loop = asyncio.get_running_loop()
@@ -196,9 +244,29 @@ class EnsembleService:
                         p.future.set_result(preds[at:at + len(p.examples)])
                     at += len(p.examples)
 
+    def problem(self) -> str | None:
+        """Why the endpoint is not what the run directory says it should serve, or None: the
+        current version (or the loaded one) is gone from the run directory."""
+        from .versions import VersionError, current, version_dir
+
+        if not RunDir(self.run_dir).is_local:
+            return None
+        try:
+            vid = current(self.run_dir)
+            if vid is None:
+                return None
+            d = version_dir(self.run_dir, vid)
+            if not (d / "ensemble.json").is_file() or not (d / "version.json").is_file():
+                return f"the current version {vid} is incomplete: {d} lacks its files"
+        except (VersionError, OSError) as e:
+            return f"the current version cannot be read: {e}"
+        return None
+
     def health(self) -> dict:
         cur = self.current
-        return {"status": "ok", "version": cur.version, "run_dir": self.run_dir,
+        problem = self.problem()
+        return {"status": "ok" if problem is None else "error", "problem": problem,
+                "version": cur.version, "run_dir": self.run_dir,
                 "tasks": cur.model.tasks, "loaded_at": cur.loaded_at,
                 "reload_error": self.reload_error,
                 "served": {"requests": self.stats.requests, "records": self.stats.records,
@@ -221,16 +289,68 @@ class EnsembleService:
 
 
 class PredictRequest(BaseModel):
-    """The body of ``POST /predict``."""
+    """The body of ``POST /predict`` (the number of records and the fields' lengths are
+    checked against the service's :class:`Limits`)."""
     task: str = Field(min_length=1, max_length=200)
-    records: list[dict[str, Any]] = Field(max_length=MAX_RECORDS)
+    records: list[dict[str, Any]]
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is answered 413 as soon as its
+    declared length (or what has arrived of it) says so, and is never held whole."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await _too_large(send, self.limit)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await _too_large(send, self.limit)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+async def _too_large(send, limit: int) -> None:
+    import json
+
+    body = json.dumps({"detail": f"the request body is larger than {limit} bytes "
+                                 "(max_body_bytes)"}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(service: EnsembleService):
-    """The FastAPI application of ``service``."""
+    """The FastAPI application of ``service``, its request bodies bounded by
+    ``service.limits.max_body_bytes``."""
     from contextlib import asynccontextmanager
 
     from fastapi import Body, FastAPI, HTTPException
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
 
     from .data import DataError
     from .ensemble import EnsembleError
@@ -245,19 +365,32 @@ def create_app(service: EnsembleService):
 
     app = FastAPI(title="EnsembleLoRA", lifespan=lifespan,
                   description="Predictions of a trained EnsembleLoRA ensemble")
+    app.add_middleware(_BodyLimit, limit=service.limits.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        # what was wrong and where, never the input itself (it can be megabytes)
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+                  for e in exc.errors()[:10]]
+        return JSONResponse(status_code=422, content={"detail": errors})
 
     @app.get("/health")
-    async def health() -> dict:
-        return service.health()
+    async def health():
+        body = service.health()  # 503 when the version it should serve is gone
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     @app.post("/predict")
     async def predict(req: PredictRequest = Body(...)) -> dict:
         try:
             version, preds = await service.predict(req.task, req.records)
+        except RequestTooLarge as e:  # too many records, a field too long
+            raise HTTPException(status_code=422, detail=str(e)) from None
         except EnsembleError as e:  # an unknown task
             raise HTTPException(status_code=404, detail=str(e)) from None
         except DataError as e:  # a record that does not fit the task
             raise HTTPException(status_code=422, detail=str(e)) from None
+        except Busy as e:
+            raise HTTPException(status_code=503, detail=str(e)) from None
         return {"task": req.task, "version": version, "predictions": preds}
 
     return app

@@ -83,19 +83,37 @@ def atomic_write_bytes(url: str, data: bytes) -> str:
     fs, path = fs_and_path(url)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
-        fs.makedirs(parent, exist_ok=True)
+        try:
+            fs.makedirs(parent, exist_ok=True)
+        except OSError as e:
+            raise named_os_error(e, f"cannot create the directory of {url}") from e
     tmp = temporary_name(path)
     try:
         with fs.open(tmp, "wb") as f:
             f.write(data)
         fs.mv(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             fs.rm(tmp)
         except Exception:
             pass
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            raise named_os_error(e, f"cannot write {url}") from e
         raise
     return hashlib.sha256(data).hexdigest()
+
+
+def named_os_error(e: OSError, what: str) -> OSError:
+    """An OSError (a full disk: ENOSPC, no permission, a read-only file system) whose message
+    says what was being done to which path (``what``): the bare "[Errno 28] No space left on
+    device" names nothing."""
+    import errno as _errno
+
+    reason = e.strerror or str(e) or type(e).__name__
+    hint = " (the disk is full: free space or choose another location)" \
+        if e.errno == _errno.ENOSPC else ""
+    out = OSError(e.errno, f"{what}: {reason}{hint}")
+    return out
 
 
 def jsonable(obj):

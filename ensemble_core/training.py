@@ -30,6 +30,7 @@ from .choices import flatten
 from .data import Example
 from .models import trainable_parameters
 from .records import Progress, TrainResult
+from .runtime import check_stop
 from .scoring import (ChoiceScorer, choice_loss, examples_by_task, model_device, predict_scores,
                       score_examples)
 
@@ -300,6 +301,7 @@ def _train_epoch(model, params, opt, sched, scorer, examples, modes, batches, tc
     acc = tcfg.grad_accumulation
     loss_sum, loss_n, epoch_steps = 0.0, 0, 0
     for g in range(0, len(batches), acc):
+        check_stop()
         group = batches[g:g + acc]
         opt.zero_grad(set_to_none=True)
         for task, idx in group:

@@ -8,10 +8,13 @@ Every completed run publishes its ensemble as an immutable version::
     versions/current.json     {"current": <id>, "history": [{version, at, why}, ...]}
 
 An id is ``v<n>-<first 8 hex of ensemble.json's sha256>``; a run whose ensemble is one that is
-already published (a rerun served from the cache) publishes nothing new. Files are hard-linked
-from the run directory where the file system allows (a retrained adapter is written under a
-new name and renamed, so the version keeps the old content) and copied otherwise; the version
-is built under a temporary name and renamed into place when complete.
+already published (a rerun served from the cache) publishes nothing new. A version owns its
+files: they are copied from the run directory (never hard-linked, so a working copy changed in
+place cannot change a version), each copy checked against the sha256 of what it was copied from,
+and ``version.json`` pins every file by its sha256 (``files``); loading a version checks them
+all before anything is read (:func:`check_files`). The version is built under a temporary name
+and renamed into place when complete. No path is followed through a link out of the run
+directory.
 
 Promotion: the new version becomes current unless, on some task, its ensemble's validation
 accuracy (``ensemble.json``'s ``validation``, computed where the weights are fitted, never on
@@ -123,12 +126,41 @@ def resolve(run_dir, version: str | None = None) -> tuple[str | None, str]:
     return vid, str(version_dir(run_dir, vid))
 
 
-def _place(src: Path, dst: Path) -> None:
+def _place(src: Path, dst: Path, root: Path) -> str:
+    """Copy ``src`` (a file of the run directory ``root``, not reached through a link out of
+    it) to ``dst``; returns the copy's sha256, checked against the source's."""
+    from .rundir import inside
+
+    inside(src, root)
+    want = file_sha256(str(src))
     dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or no hard links: a copy
-        shutil.copy2(src, dst)
+    shutil.copyfile(src, dst)
+    got = file_sha256(str(dst))
+    if got != want:
+        raise VersionError(f"{dst}: the copy of {src} differs from it (sha256 {got[:12]} vs "
+                           f"{want[:12]}); the file changed while it was published: run again")
+    return got
+
+
+def check_files(version_path) -> None:
+    """Every file ``version.json`` pins (``files``: relative path -> sha256) is there, inside
+    the version's directory (no link out of it), with that content; VersionError naming the
+    first that is not. A version published before pinning pins nothing here."""
+    from .rundir import RunDirError, inside
+
+    root = Path(version_path)
+    info = json.loads((root / "version.json").read_bytes())
+    for rel, sha in sorted((info.get("files") or {}).items()):
+        path = root / rel
+        try:
+            inside(path, root)
+        except RunDirError as e:
+            raise VersionError(str(e)) from None
+        if not path.is_file():
+            raise VersionError(f"{path}: missing from version {root.name}")
+        if file_sha256(str(path)) != sha:
+            raise VersionError(f"{path}: changed since version {root.name} was published "
+                               "(sha256 differs); versions are immutable: publish a new one")
 
 
 def worse_tasks(new: dict, old: dict, tolerance: float) -> list[str]:
@@ -144,27 +176,31 @@ def worse_tasks(new: dict, old: dict, tolerance: float) -> list[str]:
     return out
 
 
-def _copy_files(rd: RunDir, base: Path, spec: dict, tmp: Path, config: dict | None) -> None:
+def _copy_files(rd: RunDir, base: Path, spec: dict, tmp: Path,
+                config: dict | None) -> dict[str, str]:
     """The version's files into ``tmp``: ensemble.json, the member adapters it names (their
     weights checked against the sha256 the ensemble was fitted with), metrics, manifest,
-    report and the config."""
-    _place(base / "ensemble.json", tmp / "ensemble.json")
+    report and the config. Returns relative path -> sha256 of every file."""
+    files = {"ensemble.json": _place(base / "ensemble.json", tmp / "ensemble.json", base)}
     for g in spec["groups"]:
         for mem in g["members"]:
             src = rd.local(rd.resolve(mem["adapter"]))
             for f in sorted(src.iterdir()):
                 if f.is_file():
-                    _place(f, tmp / mem["adapter"] / f.name)
+                    rel = f"{mem['adapter']}/{f.name}"
+                    files[rel] = _place(f, tmp / rel, base)
             want = mem.get("sha256")
-            got = file_sha256(str(tmp / mem["adapter"] / "adapter_model.safetensors"))
-            if want is not None and got != want:
+            if want is not None and files[f"{mem['adapter']}/adapter_model.safetensors"] != want:
                 raise VersionError(f"{src}: the adapter changed after the ensemble was "
                                    "fitted; run again")
     for name in ("metrics.json", "manifest.json", "report.md"):
         if (base / name).is_file():
-            _place(base / name, tmp / name)
+            files[name] = _place(base / name, tmp / name, base)
     if config is not None:
-        (tmp / "config.json").write_bytes(dumps_json(config))
+        data = dumps_json(config)
+        (tmp / "config.json").write_bytes(data)
+        files["config.json"] = hashlib.sha256(data).hexdigest()
+    return files
 
 
 def _promotion(run_dir, cur: str | None, validation: dict, tolerance: float,
@@ -204,7 +240,9 @@ def publish(run_dir, config: dict | None = None, *, tolerance: float = 0.02,
     vid = f"v{n:04d}-{sha[:8]}"
     tmp = temporary_dir(temporary_prefix(f".{vid}"), root)
     try:
-        _copy_files(rd, base, spec, tmp, config)
+        files = _copy_files(rd, base, spec, tmp, config)
+        if files["ensemble.json"] != sha:
+            raise VersionError(f"{ens_path} changed while it was published; run again")
         state = _state(rd.url)
         cur = state["current"]
         validation = spec.get("validation") or {}
@@ -214,7 +252,7 @@ def publish(run_dir, config: dict | None = None, *, tolerance: float = 0.02,
             metrics = json.loads((base / "metrics.json").read_bytes()).get("average", {})
         info = {"version": vid, "created": _now(), "ensemble_sha256": sha,
                 "validation": validation, "test_average": metrics,
-                "promoted": promoted, "promotion": why}
+                "promoted": promoted, "promotion": why, "files": files}
         (tmp / "version.json").write_bytes(dumps_json(info))
         try:
             os.replace(tmp, root / vid)

@@ -12,7 +12,9 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 
 from .server import temporary_server
 
@@ -56,6 +58,7 @@ def preflight(cfg, stage2: bool = False, adapters: bool = False) -> None:
     for name in run.task_names:  # every task's data, and its estimation sample
         for split in ("train", "validation"):
             estimation_examples(run, name, split)
+    check_cache_dir(cfg.cache_dir)
     check_model_source(cfg.model, cfg.cache_dir)
     check_writable(cfg.run_dir)
 
@@ -76,6 +79,27 @@ def check_model_source(spec, cache_dir=None) -> None:
     if magic != b"GGUF":
         raise ModelError(f"model {spec.name!r}: {where} is not a GGUF file (it does not start "
                          f"with the GGUF magic bytes)")
+
+
+def check_cache_dir(cache_dir: str | None) -> None:
+    """The model cache (``cache_dir``, else ``ENSEMBLE_LORA_CACHE``, else
+    ~/.cache/ensemble-lora) can be created and written, or a ConfigError naming it."""
+    import tempfile
+    from pathlib import Path
+
+    from ensemble_core.config import ConfigError
+    from ensemble_core.models import default_cache_dir
+
+    path = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    key = "cache_dir" if cache_dir else ("ENSEMBLE_LORA_CACHE" if os.environ.get(
+        "ENSEMBLE_LORA_CACHE") else "the default cache_dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        why = e.strerror or str(e) or type(e).__name__
+        raise ConfigError(f"{key} {path} (the model cache) is not usable: {why}") from None
 
 
 def check_writable(run_dir: str) -> None:
@@ -175,10 +199,14 @@ def _config(args):
 
 
 PREDICT_SETTINGS = {"device": str, "cache_dir": str, "batch_size": int}
+# serve also takes the endpoint's limits (ensemble_core.serving.Limits)
+SERVE_SETTINGS = dict(PREDICT_SETTINGS, max_body_bytes=int, max_records=int, max_field_chars=int,
+                      max_pending_records=int)
 
 
-def _predict_settings(items: list[str]) -> dict:
-    """``--set`` for predict: the settings of loading and running the saved ensemble."""
+def _predict_settings(items: list[str], known: dict = PREDICT_SETTINGS) -> dict:
+    """``--set`` for predict and serve: the settings of loading and running the saved
+    ensemble (and, for serve, the endpoint's limits)."""
     import yaml
 
     from ensemble_core.config import ConfigError
@@ -189,14 +217,17 @@ def _predict_settings(items: list[str]) -> dict:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = (x.strip() for x in item.split("=", 1))
         key = key.removeprefix("model.")
-        if key not in PREDICT_SETTINGS:
-            raise ConfigError(f"predict: unknown --set key {key!r}; predict takes "
-                              f"{', '.join(sorted(PREDICT_SETTINGS))}")
+        command = "serve" if known is SERVE_SETTINGS else "predict"
+        if key not in known:
+            raise ConfigError(f"{command}: unknown --set key {key!r}; {command} takes "
+                              f"{', '.join(sorted(known))}")
         value = yaml.safe_load(raw)
+        if known[key] is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{command}: --set {key} needs an int, got {raw!r}")
         try:
-            out[key] = PREDICT_SETTINGS[key](value)
+            out[key] = known[key](value)
         except (TypeError, ValueError):
-            raise ConfigError(f"predict: --set {key} needs a {PREDICT_SETTINGS[key].__name__}, "
+            raise ConfigError(f"{command}: --set {key} needs a {known[key].__name__}, "
                               f"got {raw!r}") from None
     return out
 
@@ -245,20 +276,29 @@ def _cmd_versions(args) -> int:
                      "-" if acc is None else f"{100 * acc:.1f}",
                      "-" if test is None else f"{100 * test:.1f}",
                      "yes" if v["promoted"] else "no", v["promotion"]])
+    current = versions.current(args.run_dir)
+    listed = {r[1] for r in rows}
+    if rows:
+        print(_table(["", "version", "created", "validation acc. %", "test acc. %",
+                      "promoted", "why"], rows))
+    if current is not None and current not in listed:
+        print(f"ensemble-lora: error: {args.run_dir}: the current version {current} is "
+              f"missing (versions/{current} is gone); promote another (--promote) or roll back",
+              file=sys.stderr)
+        return 1
     if not rows:
         print(f"{args.run_dir}: no versions (a run from before versions, or not finished)")
-        return 0
-    print(_table(["", "version", "created", "validation acc. %", "test acc. %", "promoted",
-                  "why"], rows))
     return 0
 
 
 def _cmd_serve(args) -> int:
-    from ensemble_core.serving import serve
+    from ensemble_core.serving import Limits, serve
 
-    settings = _predict_settings(args.set)
+    settings = _predict_settings(args.set, SERVE_SETTINGS)
+    limits = Limits(**{k: settings.pop(k) for k in list(settings)
+                       if k in Limits.__dataclass_fields__})
     serve(args.run_dir, host=args.host, port=args.port,
-          batch_size=settings.pop("batch_size", args.batch_size), **settings)
+          batch_size=settings.pop("batch_size", args.batch_size), limits=limits, **settings)
     return 0
 
 
@@ -352,7 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int, default=8000)
     sp.add_argument("--batch-size", type=int, default=16)
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="loading settings: device=cpu, cache_dir=DIR, batch_size=N")
+                    help="loading settings: device=cpu, cache_dir=DIR, batch_size=N; limits: "
+                         "max_body_bytes (4 MiB), max_records (1024), max_field_chars "
+                         "(32768), max_pending_records (8192)")
     return p
 
 
@@ -384,6 +426,33 @@ def error_reason(exc: BaseException) -> str:
     return msg.splitlines()[0].strip()
 
 
+_SIGNALLED: list[int] = []
+
+
+def _on_signal(signum, frame) -> None:
+    """SIGINT or SIGTERM: ask the run's model loops to stop at their next step (every thread:
+    ``runtime.request_stop``) and unwind the main thread, whose flows end Crashed; a second
+    signal while stopping ends the process at once."""
+    from ensemble_core.runtime import request_stop
+
+    if _SIGNALLED:
+        os._exit(128 + signum)
+    _SIGNALLED.append(signum)
+    request_stop()
+    raise KeyboardInterrupt
+
+
+def _stop_on_signals() -> dict:
+    """One SIGTERM (``kill``, a Prefect cancellation of the process) or one SIGINT (Ctrl-C)
+    stops a command within seconds, training included. During a flow run Prefect's own SIGTERM
+    handler comes first (it marks the run Crashed or Cancelled, then passes the signal on to
+    this one). Returns the handlers it replaced (none outside the main thread)."""
+    _SIGNALLED.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -406,19 +475,27 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.set_verbosity_error()
     except Exception:
         pass
+    previous = _stop_on_signals()
     try:
         handler = {"predict": _cmd_predict, "serve": _cmd_serve,
                    "versions": _cmd_versions}.get(args.command) \
             or COMMANDS[args.command][0]
         return handler(args)
-    except KeyboardInterrupt:
-        print("ensemble-lora: interrupted", file=sys.stderr)
-        return 130
     except Exception as e:  # one line, naming what failed
         if os.environ.get("ENSEMBLE_LORA_DEBUG"):
             raise
         print(f"ensemble-lora: error: {error_reason(e)}", file=sys.stderr)
         return 1
+    except BaseException as e:  # Ctrl-C, SIGTERM (Prefect's TerminationSignal), a cancellation
+        if isinstance(e, (SystemExit, GeneratorExit)):
+            raise
+        signum = _SIGNALLED[0] if _SIGNALLED else getattr(e, "signal", signal.SIGINT)
+        print(f"ensemble-lora: stopped by {signal.Signals(signum).name}; what finished is "
+              "cached: run the same command to resume", file=sys.stderr)
+        return 128 + int(signum)
+    finally:
+        for sig, old in previous.items():  # main() called in-process (tests) leaves no trace
+            signal.signal(sig, old)
 
 
 if __name__ == "__main__":

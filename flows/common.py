@@ -18,7 +18,11 @@ def resolve_config(config, overrides: list[str] | None = None) -> RunConfig:
 
 
 def open_run(config, overrides: list[str] | None = None) -> Run:
-    """The run of a flow's ``config`` parameter, its directory claimed."""
+    """The run of a flow's ``config`` parameter, its directory claimed (and an earlier stop
+    request of this process forgotten: a new flow run starts)."""
+    from ensemble_core.runtime import clear_stop
+
+    clear_stop()
     return Run.open(resolve_config(config, overrides))
 
 

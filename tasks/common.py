@@ -20,6 +20,8 @@ from prefect import get_run_logger
 from prefect.cache_policies import CachePolicy
 from prefect.transactions import IsolationLevel
 
+from ensemble_core.runtime import StopRequested
+
 from .locking import LockWaitInterrupted, LockWaitTimeout, RunLockManager, checked_key_fn
 
 
@@ -44,9 +46,11 @@ def keyed(stage_fn) -> CachePolicy:
 
 
 def for_run(task_obj, run):
-    """The task with its cache records stored in the run directory and a file lock per key, so
-    an interrupted run resumes from its own directory and two runs never compute one key at
-    once. (A remote run directory keeps Prefect's default result storage.)"""
+    """The task with its cache records and their result payloads stored in the run directory
+    (``.prefect/cache``, ``.prefect/results``) and a file lock per key, so an interrupted run
+    resumes from its own directory, two runs never compute one key at once, and processes with
+    different ``PREFECT_HOME``s share the results. (A remote run directory keeps Prefect's
+    default result storage.)"""
     base = run.dir.prefect
     if base is None:
         return task_obj
@@ -58,8 +62,10 @@ def for_run(task_obj, run):
     # a record whose result payload is gone, or whose files are gone or changed, is
     # recomputed, not served or a task failure
     policy.cache_key_fn = checked_key_fn(policy.cache_key_fn, base / "cache", _logger(),
-                                         getattr(policy.cache_key_fn, "record", None))
-    return task_obj.with_options(cache_policy=policy)
+                                         getattr(policy.cache_key_fn, "record", None),
+                                         base / "results")
+    # a Path: Prefect's LocalFileSystem at that base path (no saved block needed)
+    return task_obj.with_options(cache_policy=policy, result_storage=base / "results")
 
 
 def retry_unless_input_error(task, task_run, state) -> bool:
@@ -71,7 +77,8 @@ def retry_unless_input_error(task, task_run, state) -> bool:
     except Exception:
         return True
     # nor is a task whose cache lock stayed held past its bound, or that was stopped
-    return not isinstance(exc, (ValueError, LockWaitTimeout, LockWaitInterrupted))
+    return not isinstance(exc, (ValueError, LockWaitTimeout, LockWaitInterrupted,
+                                StopRequested))
 
 
 class ProgressReporter:

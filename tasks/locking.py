@@ -20,18 +20,18 @@ it), so a concurrent reader can find an empty, unparseable lock file.
 A lock held by a live process on another host cannot be checked from here and is waited for,
 as with Prefect's own manager, but not forever: a wait longer than ``ENSEMBLE_LORA_LOCK_WAIT_S``
 (default 4 hours) fails the task with :class:`LockWaitTimeout`, naming the holder's host and
-process and the lock file. A wait also ends when the process is stopping (Ctrl-C, SIGTERM: see
+process and the lock file. A wait also ends when the process is stopping (Ctrl-C, SIGTERM, a cancellation: see
 ``_stopping``), so a run waiting on a lock can be interrupted instead of hanging in the join of
 its worker threads.
 
 :func:`checked_key_fn` guards the other half of a cache record: Prefect keeps the record's
-metadata under the run directory (``key_storage``) but its payload in Prefect's result storage
-(``PREFECT_LOCAL_STORAGE_PATH``, by default ``~/.prefect/storage``). A record whose payload is
-gone or unreadable — another ``PREFECT_HOME``, a cleaned storage directory, a write cut short —
-would make Prefect fail the task ("Path ... does not exist") instead of recomputing it, and
-leave the key's lock held; such a record is removed before the cache is consulted. A payload
-that is there but outside this process's result storage (a resume under another
-``PREFECT_HOME``) is copied into it, since Prefect refuses to read it where it is. And a record
+metadata under the run directory (``key_storage``) and its payload in the task's result storage,
+the run directory's ``.prefect/results`` (``common.for_run``). A record whose payload is gone or
+unreadable — a cleaned directory, a write cut short — would make Prefect fail the task ("Path
+... does not exist") instead of recomputing it, and leave the key's lock held; such a record is
+removed before the cache is consulted. A payload outside the run directory's result storage (a
+record written by an older release into a ``PREFECT_HOME``'s storage) is copied into it, since
+Prefect refuses to read it where it is. And a record
 is data about files: one that names a file which is missing or differs from the sha256 it was
 written with is removed too, so the stage is computed again instead of being served stale
 (docs/design.md, "Caching").
@@ -73,14 +73,18 @@ def lock_wait_bound() -> float:
 
 
 def _stopping() -> bool:
-    """The process is stopping, so a lock wait in a worker thread must end: the main thread
-    has ended (the interpreter is shutting down and joins the worker threads), or it is
-    leaving a ``with`` block because of Ctrl-C or a termination signal (KeyboardInterrupt,
-    SystemExit, Prefect's TerminationSignal for SIGTERM: a BaseException that is not an
-    Exception) — the task runner's exit, which joins the worker threads, one of which may be
-    waiting here. The main thread's stack is read with ``sys._current_frames``."""
+    """The process is stopping, so a lock wait in a worker thread must end: a signal or a
+    cancellation asked the run to stop (``runtime.request_stop``, set where the flows' main
+    thread waits for task runs: tasks/runner.py); the main thread has ended (the interpreter is
+    shutting down and joins the worker threads); or the main thread is leaving a ``with`` block
+    because of Ctrl-C or a termination signal (KeyboardInterrupt, SystemExit, Prefect's
+    TerminationSignal: a BaseException that is not an Exception) — a thread pool's exit, which
+    joins its worker threads, one of which may be waiting here, in a process that is not a
+    flow's. The main thread's stack is read with ``sys._current_frames``."""
+    from ensemble_core.runtime import stop_requested
+
     main = threading.main_thread()
-    if not main.is_alive():
+    if stop_requested() or not main.is_alive():
         return True
     if threading.current_thread() is main:
         return False
@@ -284,10 +288,11 @@ class RunLockManager(FileSystemLockManager):
             await anyio.sleep(0.05)
 
 
-def checked_key_fn(key_fn, key_dir: Path, log=None, record=None):
+def checked_key_fn(key_fn, key_dir: Path, log=None, record=None,
+                   results_dir: Path | None = None):
     """``key_fn`` (a Prefect cache key function), checking the cache record under ``key_dir``
-    before returning its key: an orphaned record is removed, a record whose payload lies in
-    another ``PREFECT_HOME``'s storage is moved into this one's, and — when the task returns a
+    before returning its key: an orphaned record is removed, a record whose payload lies outside
+    ``results_dir`` (the task's result storage) is moved into it, and — when the task returns a
     ``record`` (an ``ensemble_core.records`` class) — a record naming a file that is missing
     or changed is removed, so the task is computed again (see the module docstring)."""
     import functools
@@ -296,32 +301,20 @@ def checked_key_fn(key_fn, key_dir: Path, log=None, record=None):
     def wrapper(context, parameters):
         key = key_fn(context, parameters)
         if key:
-            drop_orphaned_record(Path(key_dir) / key, log, record)
+            drop_orphaned_record(Path(key_dir) / key, log, record, results_dir)
         return key
     return wrapper
 
 
-def _local_storage() -> Path | None:
-    """Where this process's Prefect keeps result payloads on local disk (None: elsewhere)."""
-    try:
-        from prefect.settings import get_current_settings
-
-        settings = get_current_settings().results
-        if settings.default_storage_block:
-            return None
-        return Path(settings.local_storage_path).expanduser().resolve()
-    except Exception:
-        return None
-
-
-def _adopt_payload(meta_path: Path, meta: dict, payload: Path, data: bytes, log=None) -> None:
-    """A record written under another ``PREFECT_HOME`` points at a payload outside this
-    process's result storage, which Prefect refuses to read ("outside of the base path"):
-    copy the payload into this storage and point the record at the copy (both written through
-    a temporary file renamed into place)."""
-    base = _local_storage()
+def _adopt_payload(meta_path: Path, meta: dict, payload: Path, data: bytes, log=None,
+                   base: Path | None = None) -> None:
+    """A record whose payload lies outside the task's result storage ``base`` (written by an
+    older release into a ``PREFECT_HOME``'s storage), which Prefect refuses to read ("outside
+    of the base path"): copy the payload into ``base`` and point the record at the copy (both
+    written through a temporary file renamed into place)."""
     if base is None:
         return
+    base = Path(base).resolve()
     try:
         payload.resolve().relative_to(base)
         return  # already ours
@@ -339,7 +332,8 @@ def _adopt_payload(meta_path: Path, meta: dict, payload: Path, data: bytes, log=
                  payload.parent, base)
 
 
-def drop_orphaned_record(meta_path: Path, log=None, record=None) -> bool:
+def drop_orphaned_record(meta_path: Path, log=None, record=None,
+                         results_dir: Path | None = None) -> bool:
     """Remove the cache record metadata at ``meta_path`` when the payload it points to is
     missing or (for JSON results) unreadable, or when it is a ``record`` naming files that are
     missing or changed. Returns True when it was removed.
@@ -379,7 +373,7 @@ def drop_orphaned_record(meta_path: Path, log=None, record=None) -> bool:
         except (ValueError, OSError) as e:
             why = f"its result payload is unreadable ({type(e).__name__})"
         if why is None:
-            _adopt_payload(meta_path, meta, payload, data, log)
+            _adopt_payload(meta_path, meta, payload, data, log, results_dir)
             return False
     meta_path.unlink(missing_ok=True)
     if log is not None:

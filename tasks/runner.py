@@ -2,7 +2,10 @@
 ``ensemble_core.algorithm2`` takes when a flow runs it (docs/design.md, "The stages in order")."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Sequence
+
+from ensemble_core.runtime import request_stop
 
 from .common import for_run
 from .stages import TASKS
@@ -35,10 +38,29 @@ class TaskRunner:
         return rec
 
     def call(self, stage_fn, *args, **kwargs):
-        return self._record(stage_fn, self._task(stage_fn)(self.run, *args, **kwargs), args,
-                            kwargs)
+        with _stop_on_interrupt():
+            return self._record(stage_fn, self._task(stage_fn)(self.run, *args, **kwargs),
+                                args, kwargs)
 
     def map(self, stage_fn, calls: Sequence[tuple]) -> list:
         task = self._task(stage_fn)
-        futures = [task.submit(self.run, *args) for args in calls]
-        return [self._record(stage_fn, f.result(), args, {}) for f, args in zip(futures, calls)]
+        with _stop_on_interrupt():
+            futures = [task.submit(self.run, *args) for args in calls]
+            return [self._record(stage_fn, f.result(), args, {})
+                    for f, args in zip(futures, calls)]
+
+
+@contextmanager
+def _stop_on_interrupt():
+    """A signal or a cancellation reaches the main thread while it waits for task runs (Ctrl-C:
+    KeyboardInterrupt; SIGTERM, a cancellation: Prefect's TerminationSignal): the task runs of
+    this process are told to stop at their next step (``runtime.request_stop``), so the
+    flow's thread pool, which joins them on the way out, is not held for the rest of their
+    work."""
+    try:
+        yield
+    except Exception:
+        raise
+    except BaseException:
+        request_stop()
+        raise

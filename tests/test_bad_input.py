@@ -552,11 +552,10 @@ def test_a_cached_record_naming_a_changed_file_is_dropped(tmp_path):
 
 
 def test_a_record_of_another_prefect_home_is_adopted(tmp_path):
-    """Item 5: a cache record whose payload lies in another PREFECT_HOME's storage (which
-    Prefect refuses to read: "outside of the base path") is copied into this one's, and the
-    record points at the copy."""
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-
+    """Item 5 (and issue 36, item 5): a cache record whose payload lies outside the run
+    directory's result storage — in a PREFECT_HOME's storage, where an older release kept it,
+    which Prefect refuses to read from the run directory's ("outside of the base path") — is
+    copied into the run directory's, and the record points at the copy."""
     from tasks.locking import checked_key_fn
 
     old = tmp_path / "old-home" / "storage"
@@ -566,11 +565,11 @@ def test_a_record_of_another_prefect_home_is_adopted(tmp_path):
     meta.parent.mkdir()
     meta.write_text(json.dumps({"storage_key": str(old / "k1"), "storage_block_id": None,
                                 "serializer": {"type": "json"}}))
-    new = tmp_path / "new-home" / "storage"
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(new)}):
-        assert checked_key_fn(lambda c, p: "k1", tmp_path / "cache")(None, {}) == "k1"
-    assert json.loads(meta.read_text())["storage_key"] == str(new.resolve() / "k1")
-    assert (new / "k1").read_text() == '{"task": "rte"}'
+    results = tmp_path / "results"
+    assert checked_key_fn(lambda c, p: "k1", tmp_path / "cache", None, None,
+                          results)(None, {}) == "k1"
+    assert json.loads(meta.read_text())["storage_key"] == str(results.resolve() / "k1")
+    assert (results / "k1").read_text() == '{"task": "rte"}'
 
 
 def test_a_killed_command_leaves_no_prefect_server_behind(tmp_path, data_root, cache_dir):

@@ -48,6 +48,20 @@ def test_paper_protocol_is_the_demo_but_for_the_protocol():
     ({"training": {"schedule": "step"}}, "'training.schedule'"),
     ({"tasks": []}, "'tasks'"),
     ({"clustering": {"n_groups": 9}}, "n_groups = 9 is larger than the number of tasks"),
+    # issue 36, item 7: numbers as written, bounds where a value can run away
+    ({"training": {"epochs": True}}, r"'training.epochs': expected a number, got True"),
+    ({"training": {"epochs": "1"}}, r"'training.epochs': expected an integer, got '1'"),
+    ({"training": {"epochs": "1e9"}}, r"'training.epochs': expected an integer, got '1e9'"),
+    ({"training": {"epochs": 10 ** 9}}, r"'training.epochs': Input should be less than or "
+                                        r"equal to 10000"),
+    ({"adapter": {"alpha": -1}}, r"'adapter.alpha': Input should be greater than 0"),
+    ({"estimation": {"n_subsets": "1e8"}}, r"'estimation.n_subsets': expected an integer"),
+    ({"estimation": {"n_subsets": 10 ** 8}}, r"'estimation.n_subsets': Input should be less"),
+    ({"estimation": {"projection_dim": [8, True]}}, r"'estimation.projection_dim'"),
+    ({"estimation": {"projection_dim": 10 ** 7}}, r"'estimation.projection_dim'.* larger than"),
+    ({"seed": -1}, r"'seed': Input should be greater than or equal to 0"),
+    ({"training": {"seed": 2 ** 40}}, r"'training.seed': Input should be less than"),
+    ({"boosting": {"steps": 10 ** 6}}, r"'boosting.steps'"),
 ])
 def test_config_errors_name_the_key(patch, match, tmp_path):
     cfg = tiny_config("/data", tmp_path)
@@ -120,3 +134,15 @@ def test_task_names_unique_regardless_of_case(tmp_path):
     cfg["tasks"][1] = dict(cfg["tasks"][1], name="RTE")
     with pytest.raises(ConfigError, match=r"duplicate task name 'RTE' \(the same as 'rte'"):
         parse_config(cfg)
+
+
+def test_numbers_yaml_reads_as_text_still_count(tmp_path):
+    """PyYAML reads `learning_rate: 2e-5` as the string "2e-5": a float field takes it (an
+    integer field does not: an exponent is not an integer as written)."""
+    import yaml
+
+    cfg = tiny_config("/data", tmp_path)
+    cfg["training"] = yaml.safe_load("learning_rate: 2e-5\nweight_decay: 1e-2")
+    assert isinstance(cfg["training"]["learning_rate"], str)  # the quirk itself
+    parsed = parse_config(cfg)
+    assert parsed.training.learning_rate == 2e-5 and parsed.training.weight_decay == 0.01

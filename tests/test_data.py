@@ -400,3 +400,40 @@ def test_other_config_errors(jsonl, tmp_path):
     bad_tsv = tmp_path / "ragged.tsv"
     bad_tsv.write_text("text\tlabel\na\tneg\nb\tpos\textra\n")
     _raises(_user_cfg(bad_tsv), tmp_path, "ragged.tsv line 3", "3 fields")
+
+
+def test_text_fields_must_be_text(tmp_path):
+    """Issue 36, item 6: a field a template puts in the prompt that is null, a number, a
+    boolean, a list or an object is an error naming the file, line and field (it used to become
+    "None", "5" or a Python repr in the prompt); a number the template formats on purpose
+    (a format spec) is text."""
+    rows = [dict(ROWS[0]), dict(ROWS[1], text=None)]
+    path = tmp_path / "nulls.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _raises(_user_cfg(path, carve={}, files={"train": str(path), "validation": str(path)}),
+            tmp_path, "nulls.jsonl line 2", "field 'text' is null, not text")
+    for bad, kind in ((5, "int"), (True, "bool"), (["a"], "list"), ({"a": 1}, "dict")):
+        path.write_text(json.dumps(dict(ROWS[0], text=bad)) + "\n")
+        _raises(_user_cfg(path, carve={}, files={"train": str(path), "validation": str(path)}),
+                tmp_path, "nulls.jsonl line 1", f"field 'text' is {kind}, not text")
+    path.write_text("".join(json.dumps(dict(r, score=2.5 + i)) + "\n"
+                            for i, r in enumerate(ROWS)))
+    data = load_task(_user_cfg(path, template="{text} ({score:.1f})", carve={},
+                               files={"train": str(path), "validation": str(path)}),
+                     str(tmp_path))
+    assert data.splits["train"][0].prompt.endswith("(2.5)")
+
+
+def test_label_values_name_the_threshold_ranges(tmp_path):
+    """Issue 36, item 7: with label_thresholds, label_values names the ranges (predictions
+    report them), and must have one entry per range."""
+    from ensemble_core.data import choice_labels
+
+    cfg = _user_cfg("x.jsonl", label_thresholds=[2.5], label_values=["low", "high"])
+    assert choice_labels(cfg) == ["low", "high"]
+    assert choice_labels(_user_cfg("x.jsonl", label_thresholds=[2.5],
+                                   label_values=None)) == ["< 2.5", ">= 2.5"]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(dict(r, label=i)) + "\n" for i, r in enumerate(ROWS)))
+    _raises(_user_cfg(path, label_thresholds=[2.5], label_values=["a", "b", "c"]), tmp_path,
+            "label_values names the 2 ranges", "it has 3 entries")

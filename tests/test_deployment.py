@@ -170,3 +170,42 @@ def test_stages_on_work_pools(service):
     assert len(list((run_dir / "adapters").glob("group-*"))) >= 2
     with _client(env) as client:  # GPU tasks took and gave back slots of the `gpu` limit
         assert client.read_global_concurrency_limit_by_name("gpu").active_slots == 0
+
+
+def test_a_cancelled_deployment_run_stops_during_training(service):
+    """Issue 36, item 2: a run of the ensemble-lora deployment cancelled through the API (as
+    the UI's Cancel button does) while stage 4 trains: the worker's SIGTERM stops the training
+    at its next step, and the flow run ends Cancelled within 30 s, on its own terms (not killed
+    after the worker's grace period)."""
+    env, tmp = service
+    run_dir = tmp / "run-cancelled"
+    out = subprocess.run(
+        ["prefect", "--no-prompt", "deployment", "run", "ensemble_lora/ensemble-lora",
+         "--params", json.dumps({"config": str(TINY), "overrides": [
+             f"output_dir={run_dir}", "training.epochs=400"]})],
+        cwd=tmp, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        timeout=120)
+    assert out.returncode == 0, out.stdout
+    run_id = next(line.split("UUID:")[1].strip() for line in out.stdout.splitlines()
+                  if "UUID:" in line)
+    deadline = time.monotonic() + 300
+    while not list(run_dir.glob(".prefect/cache/theta-star-*")):  # stage 4 under way
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.5)
+    time.sleep(2)
+    from prefect.states import Cancelling
+
+    with _client(env) as client:
+        client.set_flow_run_state(run_id, Cancelling(), force=True)
+        sent = time.monotonic()
+        while True:
+            run = client.read_flow_run(run_id)
+            if run.state.is_final():
+                break
+            assert time.monotonic() - sent < 60, f"still {run.state.name} after 60 s"
+            time.sleep(0.5)
+    took = time.monotonic() - sent
+    logs = (tmp / "worker-gpu.log").read_text()[-4000:]
+    assert run.state.is_cancelled(), f"{run.state.name}: {run.state.message}\n{logs}"
+    assert took < 30, f"{took:.0f} s\n{logs}"
+    assert not list(run_dir.glob("adapters/group-*/training.json"))  # 400 epochs: none done

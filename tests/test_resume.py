@@ -158,7 +158,7 @@ def comparable(run_dir: Path) -> dict[str, object]:
     metrics.json, compared as content minus the wall-clock fields of ``compute`` (timings and
     peak memory are measurements of the machine, not results; they stay in metrics.json, where
     the report and the compute ratio read them, and are checked here for presence only), and
-    adapter_config.json, minus the local path of the model cache PEFT records in it."""
+    adapter_config.json, compared as bytes too."""
     out: dict[str, object] = {}
     patterns = ["adapters/*/adapter_model.safetensors", "adapters/*/adapter_config.json",
                 "gradients/*/*.parquet", "estimation/*.json", "scores/*/*.json", "affinity.json",
@@ -167,9 +167,9 @@ def comparable(run_dir: Path) -> dict[str, object]:
         for f in sorted(glob.glob(str(run_dir / pat))):
             out[str(Path(f).relative_to(run_dir))] = Path(f).read_bytes()
     for name in [k for k in out if k.endswith("adapter_config.json")]:
-        cfg = json.loads(out[name])  # PEFT records where the base model was loaded from: the
-        cfg.pop("base_model_name_or_path")  # model cache of the machine (differs in one test)
-        out[name] = cfg
+        # the same bytes whatever model cache the base was loaded from (one test differs in
+        # it): adapters.save_adapter names the base model, not PEFT's local path
+        assert json.loads(out[name])["base_model_name_or_path"] == "tiny-llama", name
     metrics = json.loads((run_dir / "metrics.json").read_text())
     compute = metrics.pop("compute")
     assert TIMING_FIELDS <= set(compute), sorted(compute)
@@ -406,7 +406,7 @@ def test_bottleneck_pipeline_runs_and_resumes_after_a_kill(ops, cache_dir):
         if name in done:  # the adapter written before the kill is the one the run used
             assert s["after"][name] == s["records"][name]
     outputs = s["outputs"]
-    configs = [v for k, v in outputs.items() if k.endswith("adapter_config.json")]
+    configs = [json.loads(v) for k, v in outputs.items() if k.endswith("adapter_config.json")]
     assert len(configs) == 5 and all(c["peft_type"] == "BOTTLENECK" for c in configs)
     assert all(c["target_modules"] == ["down_proj", "o_proj"] for c in configs)
     assert outputs["metrics.json"]["average"]["ensemble_accuracy"] >= 0
@@ -520,6 +520,16 @@ def test_ensemble_model_refuses_a_changed_adapter(ops, tmp_path, cache_dir):
     member = spec["groups"][0]["members"][0]
     assert len(member["sha256"]) == 64
     weights = Path(where) / member["adapter"] / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    # the version pins every file it holds (issue 36): the changed file is named
+    with pytest.raises(EnsembleError, match=r"adapter_model.safetensors: changed since "
+                                            r"version v\d+-[0-9a-f]{8} was published"):
+        EnsembleModel.from_pretrained(run_dir, cache_dir, check_fingerprint=False)
+    # and a run directory without versions checks the weights ensemble.json pins
+    shutil.rmtree(run_dir / "versions")
+    weights = run_dir / member["adapter"] / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))

@@ -158,3 +158,77 @@ def test_a_new_ensemble_is_picked_up_without_a_restart(served):
     assert r.json()["predictions"] == json.loads(json.dumps(fresh.predict("rte", records)))
     assert r.json()["predictions"] != json.loads(json.dumps(served["reference"].predict(
         "rte", records)))
+
+
+def _vm(pid: int, key: str) -> int:
+    """A /proc/<pid>/status memory figure (VmRSS, VmHWM) in bytes."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def test_the_endpoint_bounds_what_it_reads(run, tmp_path):
+    """Issue 36, item 1: `ensemble-lora serve` as its own process; a 20 MB body is refused 413
+    before it is read whole, too many records and a too-long field 422 naming the limit, none
+    of them echoing the input, and 16 concurrent requests of nearly 1 MB leave the server's peak
+    memory within 300 MB of where it started; a good request is answered after all of them."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", str(run["run_dir"]), "--port", str(port),
+         "--set", f"cache_dir={run['cache_dir']}", "--set", "max_body_bytes=1000000",
+         "--set", "max_records=64", "--set", "max_field_chars=2000"],
+        cwd=REPO, env=env, stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() - t0 < 120, \
+                (tmp_path / "serve.log").read_text()[-2000:]
+            time.sleep(0.2)
+        start = _vm(proc.pid, "VmRSS")
+        word = "rain " * 4_000_000  # 20 MB in one field
+        t0 = time.monotonic()
+        r = httpx.post(f"{url}/predict", json={"task": "rte", "records": [
+            {"premise": word, "hypothesis": "It rained."}]}, timeout=60)
+        assert r.status_code == 413 and time.monotonic() - t0 < 10, (r.status_code, r.text[:300])
+        assert "max_body_bytes" in r.text and len(r.content) < 1000
+        many = [{"premise": "p", "hypothesis": "h"}] * 65
+        r = httpx.post(f"{url}/predict", json={"task": "rte", "records": many}, timeout=60)
+        assert r.status_code == 422 and "max_records" in r.text and len(r.content) < 1000
+        r = httpx.post(f"{url}/predict", json={"task": "rte", "records": [
+            {"premise": "x" * 2001, "hypothesis": "h"}]}, timeout=60)
+        assert r.status_code == 422 and "max_field_chars" in r.text and "premise" in r.text
+        assert len(r.content) < 1000
+        r = httpx.post(f"{url}/predict", json={"task": "rte", "records": "x" * 900_000},
+                       timeout=60)
+        assert r.status_code == 422 and len(r.content) < 1000, r.text[:300]  # not echoed
+
+        async def flood():
+            body = {"task": "rte", "records": [{"premise": "y" * 990_000, "hypothesis": "h"}]}
+            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+                return await asyncio.gather(*(client.post("/predict", json=body)
+                                              for _ in range(16)))
+
+        assert {r.status_code for r in asyncio.run(flood())} == {422}  # parsed, refused
+        assert _vm(proc.pid, "VmHWM") - start < 300 << 20, (start, _vm(proc.pid, "VmHWM"))
+        good = run["records"]["rte"][:2]
+        r = httpx.post(f"{url}/predict", json={"task": "rte", "records": good}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -106,3 +106,61 @@ def test_the_endpoint_follows_a_rollback(run):
     versions.rollback(run_dir)
     assert service.check_for_new_version() and service.current.version == v1
     assert service.current.model.weights("rte").tolist() == [0.7, 0.3]
+
+
+def test_a_version_owns_its_files_and_pins_them(run):
+    """Issue 36, items 3-4: a published version shares no inode with the run directory (a
+    working copy damaged in place leaves it intact), and every file it reads is pinned and
+    found without following a link out of it: an adapter_config.json edited in the version, or
+    an adapter directory replaced by a link to one outside, is refused naming the file."""
+    import shutil
+
+    run_dir, cache = run["run_dir"], run["cache_dir"]
+    _ensemble(run, [0.7, 0.3], 0.75)
+    vid = versions.publish(run_dir)["version"]
+    vdir = run_dir / "versions" / vid
+    work = run_dir / "adapters" / "group-0" / "adapter_model.safetensors"
+    mine = vdir / "adapters" / "group-0" / "adapter_model.safetensors"
+    assert os.stat(work).st_ino != os.stat(mine).st_ino
+    kept = mine.read_bytes()
+    with open(work, "r+b") as f:  # damaged in place: same inode
+        f.seek(200)
+        f.write(b"\x00" * 64)
+    assert mine.read_bytes() == kept
+    info = json.loads((vdir / "version.json").read_text())
+    assert {"ensemble.json", "adapters/group-0/adapter_config.json",
+            "adapters/group-0/adapter_model.safetensors"} <= set(info["files"])
+    EnsembleModel.from_pretrained(run_dir, cache)  # the version is intact
+
+    cfg = vdir / "adapters" / "group-0" / "adapter_config.json"
+    original = cfg.read_text()
+    cfg.write_text(original.replace('"lora_alpha": 8', '"lora_alpha": 800'))
+    with pytest.raises(ValueError, match=r"adapter_config.json: changed since version"):
+        EnsembleModel.from_pretrained(run_dir, cache)
+    cfg.write_text(original)
+
+    outside = run_dir.parent / "elsewhere"
+    shutil.copytree(vdir / "adapters" / "group-1", outside)
+    shutil.rmtree(vdir / "adapters" / "group-1")
+    os.symlink(outside, vdir / "adapters" / "group-1")
+    with pytest.raises(ValueError, match=r"group-1.* leads out of .* through a link"):
+        EnsembleModel.from_pretrained(run_dir, cache)
+
+
+def test_versions_and_health_tell_the_truth_when_the_current_version_is_missing(run, capsys):
+    """Issue 36, item 9: with the current version's directory deleted, `ensemble-lora
+    versions` says so and exits 1, and the endpoint's /health reports an error."""
+    import shutil
+
+    from flows.cli import main
+
+    run_dir, cache = run["run_dir"], run["cache_dir"]
+    _ensemble(run, [0.7, 0.3], 0.75)
+    vid = versions.publish(run_dir)["version"]
+    service = EnsembleService(run_dir, cache, reload_s=0)
+    assert service.health()["status"] == "ok"
+    shutil.rmtree(run_dir / "versions" / vid)
+    assert main(["versions", str(run_dir)]) == 1
+    assert f"the current version {vid} is missing" in capsys.readouterr().err
+    health = service.health()
+    assert health["status"] == "error" and vid in health["problem"]

@@ -19,7 +19,7 @@ class BottleneckAdapterConfig(AdapterConfig):
     target_modules: list[str] = list(DEFAULT_TARGETS)
     # out_features // reduction_factor units (the paper uses 256 on 7B models, hidden size
     # 4096: 16 units; SmolLM2's 576 at 16 gives 36), and the nonlinearity between
-    reduction_factor: int = Field(16, ge=1)
+    reduction_factor: int = Field(16, ge=1, le=1 << 16)
     non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
 
 

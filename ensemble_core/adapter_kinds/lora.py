@@ -12,8 +12,8 @@ from . import AdapterConfig, AdapterKind, WeightShape, register_adapter_kind
 class LoraAdapterConfig(AdapterConfig):
     kind: Literal["lora"] = "lora"
     target_modules: list[str] = ["q_proj", "v_proj"]
-    r: int = Field(8, ge=1)  # LoRA rank
-    alpha: float = 16.0  # LoRA scale alpha / r
+    r: int = Field(8, ge=1, le=1 << 16)  # LoRA rank
+    alpha: float = Field(16.0, gt=0.0)  # LoRA scale alpha / r
     # PEFT init_lora_weights: "true" (B = 0, the standard), "false" (B random), "gaussian", "pissa"…
     init: str = "true"
 

@@ -413,7 +413,7 @@ class SDPConfig(ClusteringConfig):
     m_selection: Literal["trace", "density"] = "trace"
     lam: float | None = None  # λ of the trace term (None: an automatic grid for m = "auto")
     threshold_c: float = Field(0.5, gt=0.0)  # round X̂_uv >= c/n
-    max_groups: int | None = Field(None, ge=1)  # largest m considered by m_selection=density
+    max_groups: int | None = Field(None, ge=1, le=10_000)  # largest m for m_selection=density
     solver: str | None = None  # a cvxpy solver name; default Clarabel, then SCS
 
 

@@ -6,6 +6,7 @@ records: they read no file but a run directory's stored plan, and write none.
 """
 from __future__ import annotations
 
+import logging
 from math import comb
 from typing import Sequence
 
@@ -34,6 +35,10 @@ def plan_subsets(cfg) -> list[tuple[int, ...]]:
         raise ValueError(f"estimation.subset_size = {e.subset_size} is larger than the number "
                          f"of tasks ({n})")
     k = min(e.n_subsets, comb(n, e.subset_size))
+    if k < e.n_subsets:  # said, not silent: the plan holds every subset there is
+        logging.getLogger("ensemble_lora").warning(
+            "estimation.n_subsets = %d, but %d tasks have only %d subsets of size %d: all %d "
+            "are used", e.n_subsets, n, k, e.subset_size, k)
     return sample_subsets(n, k, e.subset_size, e.min_pair_coverage, seed=cfg.seed)
 
 

@@ -10,7 +10,7 @@ from typing import Sequence
 from ..records import (FeaturesRecord, FileRef, SubsetBatch, SubsetEstimate, SurrogateFit,
                        TaskEstimate)
 from ..run import Run
-from ..runtime import feature_table
+from ..runtime import check_stop, feature_table
 from .declaration import stage
 from .planning import subset_plan
 
@@ -58,6 +58,7 @@ def fit_subsets(run: Run, features: dict[str, FeaturesRecord], batch: int,
     bound = norm_bound(e.max_norm, e.max_relative_distance, info)
     results = []
     for s in subsets:
+        check_stop()
         names = [tasks[i] for i in s]
         if len(set(names)) != len(names) or not names:
             raise ValueError(f"subset {list(s)} must be distinct task indices")

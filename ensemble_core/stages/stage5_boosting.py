@@ -166,7 +166,8 @@ def fit_weights(run: Run, groups: Sequence[GroupEnsemble],
     from ..boosting import group_scores
     from ..ensemble import (combine_probabilities, ensemble_log_loss, fit_ensemble_weights,
                            probabilities, task_entry, write_ensemble_json)
-    from ..storage import file_sha256
+    from ..adapters import ADAPTER_CONFIG
+    from ..storage import file_sha256, join
 
     member = read_scores(scores)
     group_of = {t: k for k, g in enumerate(groups) for t in g.tasks}
@@ -186,8 +187,11 @@ def fit_weights(run: Run, groups: Sequence[GroupEnsemble],
     spec_groups = [{"name": g.name, "tasks": list(g.tasks),
                     "members": [{"adapter": run.dir.relative(run.dir.adapter(m.name)),
                                  "scale": m.scale,
-                                 # what EnsembleModel checks before loading it
-                                 "sha256": file_sha256(run.dir.adapter_weights(m.name))}
+                                 # what EnsembleModel checks before loading it: the weights
+                                 # and the PEFT config (scale, targets) they are read with
+                                 "sha256": file_sha256(run.dir.adapter_weights(m.name)),
+                                 "config_sha256": file_sha256(join(run.dir.adapter(m.name),
+                                                                   ADAPTER_CONFIG))}
                                 for m in g.members]} for g in groups]
     cfg = run.cfg
     sha = write_ensemble_json(run.dir.ensemble, base_model=cfg.model, tasks=entries,
