@@ -183,9 +183,9 @@ def real_tables(model: str, d: int, data_root: str, out_dir: str, n_train: int, 
           f"{time.perf_counter() - t0:.0f} s: {model}, d = {d}, {n_train} train + {n_val} "
           f"validation examples per task)")
     runtime.release_models()
-    # the pipeline's default bound on the solution (estimation.max_relative_distance = 1.0)
+    # the pipeline's default bound on the solution (estimation.max_adapter_distance = 1.0)
     e = cfg.estimation
-    return tables, norm_bound(e.max_norm, e.max_relative_distance, rec.projection)
+    return tables, norm_bound(e.max_norm, e.max_adapter_distance, rec.projection)
 
 
 def bench_subsets(k: int, n_tasks: int = 10, size: int = 4, d: int = 400, tables=None,

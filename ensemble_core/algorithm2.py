@@ -108,7 +108,15 @@ def group_adapters(run, runner: Runner | None, groups: Sequence[Sequence[str]],
     trained.update(zip([a[0] for a in after], runner.map(stages.train_group, after)))
     group_names = [name for name, _ in first[:len(groups)]]
     others = {k: v for k, v in trained.items() if k not in group_names and k != BASELINE}
-    return AdaptersResult({k: trained[k] for k in group_names}, single, theta, others)
+    linearity = None
+    if run.cfg.estimation.linearity_check:  # the check again, at the distances they moved
+        moved = sorted({round(a.train.relative_distance, 6) for a in
+                        [*(trained[k] for k in group_names), single]
+                        if a.train and a.train.relative_distance})
+        if moved:
+            linearity = runner.call(stages.linearity, run.task_names[0], moved)
+    return AdaptersResult({k: trained[k] for k in group_names}, single, theta, others,
+                          linearity)
 
 
 def boosting_and_weights(run, runner: Runner | None, adapters: AdaptersResult,
@@ -163,7 +171,7 @@ def boosting_and_weights(run, runner: Runner | None, adapters: AdaptersResult,
     for members in (baselines.plans if baselines else {}).values():
         plans.update({name: {"test": tasks} for name, tasks in members.items()})
     scores.update(score_all(plans, "test"))
-    compute = stages.compute_summary(features, estimation_s, adapters, boosting)
+    compute = stages.compute_summary(features, estimation_s, adapters, boosting, scores)
     evaluation = runner.call(stages.evaluate, ensemble, scores, BASELINE, compute)
     baseline_results = None
     if baselines and baselines.plans:

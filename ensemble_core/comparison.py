@@ -66,6 +66,33 @@ def paired_bootstrap(a: Sequence[Mapping[str, np.ndarray]], b: Sequence[Mapping[
     return point, float(lo), float(hi)
 
 
+def adjusted_rand_index(a: Sequence[Sequence[str]], b: Sequence[Sequence[str]]) -> float:
+    """The adjusted Rand index (Hubert and Arabie, 1985) between two groupings of the same
+    tasks (lists of groups of task names): 1 for the same partition, about 0 for partitions as
+    alike as chance makes them. Two partitions that put every task alone, or all together,
+    agree completely: 1."""
+    from math import comb
+
+    label_a = {t: k for k, g in enumerate(a) for t in g}
+    label_b = {t: k for k, g in enumerate(b) for t in g}
+    if set(label_a) != set(label_b):
+        raise ValueError(f"the groupings cover different tasks: {sorted(set(label_a) ^ set(label_b))}")
+    n = len(label_a)
+    table: dict[tuple[int, int], int] = {}
+    for t in label_a:
+        key = (label_a[t], label_b[t])
+        table[key] = table.get(key, 0) + 1
+    rows = [sum(v for (i, _), v in table.items() if i == k) for k in range(len(a))]
+    cols = [sum(v for (_, j), v in table.items() if j == k) for k in range(len(b))]
+    index = sum(comb(v, 2) for v in table.values())
+    sum_a, sum_b = sum(comb(v, 2) for v in rows), sum(comb(v, 2) for v in cols)
+    expected = sum_a * sum_b / comb(n, 2) if n > 1 else 0.0
+    best = (sum_a + sum_b) / 2
+    if best == expected:
+        return 1.0
+    return float((index - expected) / (best - expected))
+
+
 def majority_rates(predictions: Mapping) -> dict[str, float]:
     """task -> the test split's majority-class rate (the accuracy of always answering the most
     frequent gold choice)."""
@@ -93,7 +120,8 @@ def summarize_seeds(accuracies: Sequence[Mapping[str, Mapping[str, float]]]
 
 def benchmark_markdown(summary: Mapping, majority: Mapping[str, float], names: Mapping[str, str],
                        ci: tuple[float, float, float], seeds: Sequence[int],
-                       compute: Mapping[str, Mapping[str, float]] | None = None) -> str:
+                       compute: Mapping[str, Mapping[str, float]] | None = None,
+                       stability: Mapping | None = None) -> str:
     """The benchmark table: mean ± std (percent) per task and on average, majority rates,
     the paired difference with its CI, and (optionally) compute per method."""
     methods = list(summary)
@@ -120,7 +148,21 @@ def benchmark_markdown(summary: Mapping, majority: Mapping[str, float], names: M
             lines.append(f"| {names.get(m, m)} | {c['flops']:.3g} | {c['wall_s']:.0f} | "
                          f"{c['peak_memory_bytes'] / 2**30:.2f} | "
                          f"{c.get('adapter_parameters', '')} |")
+    if stability:
+        lines += ["", "Group stability (adjusted Rand index between groupings: 1 = the same "
+                      "groups, about 0 = as alike as chance):", "",
+                  "| groupings compared | pairs | mean ARI | lowest |", "|---|---|---|---|"]
+        for what, aris in stability.items():
+            if aris:
+                lines.append(f"| {what} | {len(aris)} | {float(np.mean(aris)):.2f} | "
+                             f"{float(np.min(aris)):.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def pairwise_ari(groupings: Sequence[Sequence[Sequence[str]]]) -> list[float]:
+    """The adjusted Rand index of every pair of ``groupings``."""
+    return [adjusted_rand_index(a, b) for i, a in enumerate(groupings)
+            for b in groupings[i + 1:]]
 
 
 def benchmark_png(summary: Mapping, majority: Mapping[str, float], names: Mapping[str, str]

@@ -144,16 +144,35 @@ class EstimationConfig(_Strict):
     min_pair_coverage: int = Field(1, ge=0, le=10_000)
     l2: float = Field(1e-3, ge=0.0)  # λ
     max_norm: float | None = Field(None, gt=0.0)  # a bound on ‖x‖ (absolute)
-    # Bound the surrogate's solution: ‖P x̂‖ ≤ this × ‖θ*‖ (the paper's Table 2 measure).
-    # Without a bound, a subset with fewer train examples than d is interpolated far outside the
-    # first-order regime (SmolLM2 demo: ‖P x̂‖ ≈ 15–23 ‖θ*‖, train loss 0.05, useless estimates).
-    # Real fine-tuning moved the adapter 0.13–0.27 ‖θ*‖ there, but the surrogate moves inside a
-    # random d-dimensional subspace and needs more distance for the same effect; against the
-    # demo's real fine-tuned groups the mean relative error of validation loss was 76% unbounded,
-    # 58% at 0.2 and 31% at 1.0. None = no bound (only max_norm and l2).
-    max_relative_distance: float | None = Field(1.0, gt=0.0)
+    # Bound the surrogate's solution: ‖P x̂‖ ≤ this × ‖θ*‖, the adapter's own norm at θ* — not
+    # the paper's relative distance, which divides by the whole pretrained model's norm
+    # (ProjectionInfo.relative_distance; on SmolLM2-135M with LoRA r 8 on q, v, 1.0 here is
+    # about 0.6% of ‖θ*_Full‖). Without a bound, a subset with fewer train examples than d is
+    # interpolated far outside the first-order regime (SmolLM2 demo: ‖P x̂‖ ≈ 15–23 ‖θ*‖, train
+    # loss 0.05, useless estimates). Real fine-tuning moved the adapter 0.13–0.27 ‖θ*‖ there,
+    # but the surrogate moves inside a random d-dimensional subspace and needs more distance
+    # for the same effect; against the demo's real fine-tuned groups the mean relative error
+    # of validation loss was 76% unbounded, 58% at 0.2 and 31% at 1.0. None = no bound (only
+    # max_norm and l2). (Called max_relative_distance before; that key is still read.)
+    max_adapter_distance: float | None = Field(1.0, gt=0.0)
     metric: Literal["loss", "accuracy"] = "loss"
     subsets_per_task_run: int = Field(10, ge=1, le=1_000_000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "max_relative_distance" in data:
+            if "max_adapter_distance" in data:
+                raise ValueError("estimation.max_relative_distance is the old name of "
+                                 "max_adapter_distance: set one of them")
+            import warnings
+
+            warnings.warn("estimation.max_relative_distance is now max_adapter_distance (it "
+                          "is relative to the adapter's norm, not the paper's distance)",
+                          stacklevel=2)
+            data = dict(data)
+            data["max_adapter_distance"] = data.pop("max_relative_distance")
+        return data
 
     @field_validator("projection_dim")
     @classmethod
@@ -239,6 +258,17 @@ class BoostingConfig(_Strict):
         return v
 
 
+class WeightsConfig(_Strict):
+    """How the ensemble weights over the m group ensembles are fitted (stage 5; docs/design.md,
+    "Stage 5"): ``form`` per-task (a simplex per task, on its validation examples, from its
+    own group) or per-group (one simplex for all tasks, the paper's Algorithm 2); ``guard``
+    cross-fit (a task's fitted weights kept only if they beat its own group alone on held-out
+    folds of its validation examples: ensemble.cross_fitted_weights) or none."""
+    form: Literal["per-task", "per-group"] = "per-task"
+    guard: Literal["cross-fit", "none"] = "cross-fit"
+    folds: int = Field(5, ge=2, le=1000)
+
+
 def _registered_baseline(name: str) -> str:
     if name not in BASELINES:
         raise ValueError(f"{name!r} is not a registered baseline; registered: "
@@ -286,6 +316,7 @@ class RunConfig(_Strict):
         default_factory=lambda: validate_clustering({}))
     training: TrainingConfig = TrainingConfig()
     boosting: BoostingConfig = BoostingConfig()
+    weights: WeightsConfig = WeightsConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     runner: RunnerConfig = RunnerConfig()
 

@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "EnsembleError", "probabilities", "combine_probabilities",
-    "ensemble_log_loss", "fit_ensemble_weights", "validate_ensemble_spec",
+    "ensemble_log_loss", "fit_ensemble_weights", "cross_fitted_weights", "fit_group_weights",
+    "validate_ensemble_spec",
     "task_entry", "write_ensemble_json", "read_ensemble_json", "records_to_examples",
     "EnsembleModel",
 ]
@@ -180,6 +181,67 @@ def fit_ensemble_weights(member_probs: Sequence[Sequence[np.ndarray]], gold: Seq
     w[w < 1e-12] = 0.0
     w /= w.sum()
     return w if loss(w) <= loss(w0) + 1e-12 else w0
+
+
+def cross_fitted_weights(member_probs: Sequence[Sequence[np.ndarray]], gold: Sequence[int],
+                         start: int, folds: int = 5, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """The weights of :func:`fit_ensemble_weights`, kept only if they predict examples they
+    were not fitted on better than the task's own group alone: the validation examples are cut
+    into ``folds`` seeded folds, weights are fitted on all but one and scored (log loss) on it,
+    and the held-out losses summed over the folds are compared with the own group's (the
+    one-hot on ``start``). The fitted weights win only with a lower held-out loss; otherwise
+    the one-hot is returned. A handful of validation examples can make any mixture look good
+    in-sample (a member that is pure noise included); held out, it does not.
+
+    Returns (weights, a JSON-able record: the held-out losses and which won)."""
+    m, n = len(member_probs), len(gold)
+    onehot = np.zeros(m)
+    onehot[start] = 1.0
+    fitted = fit_ensemble_weights(member_probs, gold, start)
+    k = min(folds, n)
+    if m == 1 or k < 2 or np.array_equal(fitted, onehot):
+        return fitted, {"folds": k, "kept": "fitted" if m > 1 else "one group"}
+    order = np.random.default_rng(seed).permutation(n)
+    held_fit = held_own = 0.0
+    for f in range(k):
+        out = order[f::k]
+        keep = np.setdiff1d(order, out)
+        w = fit_ensemble_weights([[p[i] for i in keep] for p in member_probs],
+                                 [gold[i] for i in keep], start)
+        part = [[p[i] for i in out] for p in member_probs]
+        g = [gold[i] for i in out]
+        held_fit += ensemble_log_loss(part, g, w) * len(out)
+        held_own += ensemble_log_loss(part, g, onehot) * len(out)
+    win = held_fit < held_own
+    return (fitted if win else onehot), {
+        "folds": k, "held_out_loss_fitted": held_fit / n, "held_out_loss_own": held_own / n,
+        "kept": "fitted" if win else "own group"}
+
+
+def fit_group_weights(member_probs: Mapping[str, Sequence[Sequence[np.ndarray]]],
+                      gold: Mapping[str, Sequence[int]], m: int) -> np.ndarray:
+    """One weight per group for all tasks, as the paper's Algorithm 2 returns: w on the
+    simplex minimizing the mean over every task's validation examples of −log Σ_k w_k p_k.
+    ``member_probs[task][k]`` are group k's probability vectors on the task's examples. Starts
+    from uniform weights (no task's own group is everyone's)."""
+    from scipy.optimize import minimize
+
+    rows = np.concatenate([_gold_matrix(member_probs[t], gold[t]) for t in member_probs
+                           if len(gold[t])], axis=0)
+    if rows.shape[0] == 0 or m == 1:
+        return np.full(m, 1.0 / m)
+    n = rows.shape[0]
+    loss = lambda w: float(-np.mean(np.log(np.maximum(rows @ w, 1e-12))))  # noqa: E731
+    grad = lambda w: -(rows / np.maximum(rows @ w, 1e-12)[:, None]).sum(0) / n  # noqa: E731
+    res = minimize(loss, np.full(m, 1.0 / m), jac=grad, method="SLSQP",
+                   bounds=[(0.0, 1.0)] * m,
+                   constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0,
+                                 "jac": lambda w: np.ones_like(w)}],
+                   options={"maxiter": 500, "ftol": 1e-10})
+    w = np.clip(np.nan_to_num(res.x, nan=0.0), 0.0, None)
+    w = w / w.sum() if w.sum() > 0 else np.full(m, 1.0 / m)
+    w[w < 1e-12] = 0.0
+    return w / w.sum()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -222,7 +222,8 @@ def extract_features(model, scorer: ChoiceScorer, examples: Sequence[Example],
     Examples are batched by token length (less padding); rows come back in the input order.
     In sequence mode a batch is packed when its token counts say that is cheaper: packed, one
     forward and C − 1 backwards over the packed tokens; unpacked, one forward and one backward
-    over a sequence per choice (a backward costs about two forwards).
+    over a sequence per choice (a backward costs about two forwards). ``timings`` gets the
+    seconds and the work: tokens forwarded and tokens backpropagated (``backward_tokens``).
     """
     if not examples:
         raise GradientError(f"task {task}: split {split} has no examples")
@@ -248,6 +249,7 @@ def extract_features(model, scorer: ChoiceScorer, examples: Sequence[Example],
         return res
 
     done = 0
+    work = {"tokens": 0, "backward_tokens": 0}
     for b in range(0, len(order), batch_size):
         check_stop()
         idx = order[b:b + batch_size]
@@ -257,6 +259,13 @@ def extract_features(model, scorer: ChoiceScorer, examples: Sequence[Example],
             packed, single = scorer.sequence_costs(chunk)
             pack = packed * (1 + 2 * (max(len(e.choices) for e in chunk) - 1)) < 3 * single
         batch = scorer.encode(chunk, mode=mode, pack=pack).to(device)
+        # the work of this batch: one forward, and one backward per choice slot c >= 1 (one
+        # backward in all when every choice has its own sequence)
+        passes = 1 if (mode == "sequence" and not pack) else \
+            max(len(e.choices) for e in chunk) - 1
+        tokens = int(batch.attention_mask.sum())
+        work["tokens"] += tokens
+        work["backward_tokens"] += tokens * passes
         t0 = time.perf_counter()
         out, Gp = batched_gradients(model, batch, project=timed_project)
         _sync(device)
@@ -274,7 +283,8 @@ def extract_features(model, scorer: ChoiceScorer, examples: Sequence[Example],
         if progress:
             progress(done, len(examples), split)
     if timings is not None:
-        timings.update(gradient_s=t_grad - proj_s[0], projection_s=proj_s[0], mode=mode)
+        timings.update(gradient_s=t_grad - proj_s[0], projection_s=proj_s[0], mode=mode,
+                       **work)
     choice = np.concatenate([np.arange(n) for n in n_rows]).astype(np.int32)
     is_gold = np.concatenate([np.arange(len(ex.choices)) == ex.label for ex in examples])
     example_id = np.array([ex.example_id for ex in examples for _ in ex.choices], dtype=object)

@@ -380,5 +380,25 @@ def set_adapter_vector(model, theta: torch.Tensor) -> None:
         raise ValueError(f"adapter vector has {theta.numel()} entries, the model has {i}")
 
 
+@torch.no_grad()
+def base_norm(model) -> float:
+    """‖θ*_Full‖: the Frobenius norm of the whole pretrained model's parameters (every
+    parameter but the adapter's; 4-bit weights dequantized), the denominator of the paper's
+    relative distance ‖X − θ*‖/‖θ*_Full‖ (§2.2, Table 2, Figure 2)."""
+    total = 0.0
+    for p in model.parameters():
+        if p.requires_grad:
+            continue
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            import bitsandbytes.functional as bnbf
+
+            w = bnbf.dequantize_4bit(p.data, qs).float()
+        else:
+            w = p.detach().float()
+        total += float(w.pow(2).sum())
+    return total ** 0.5
+
+
 def adapter_digest(model) -> str:
     return hashlib.sha256(adapter_vector(model).numpy().tobytes()).hexdigest()

@@ -130,12 +130,14 @@ class FileRef(Record):
 class ProjectionInfo(Record):
     """The projection of stage 1: P is p × d with N(0, 1/d) entries, generated from ``seed``
     in blocks of ``block_rows`` rows (``projection.GaussianProjector``), taken at the adapter θ*
-    of norm ``theta_norm``."""
+    of norm ``theta_norm``, on a pretrained model of norm ``full_norm`` (‖θ*_Full‖, the whole
+    base model's parameters: ``models.base_norm``)."""
     p: int
     d: int
     seed: int
     block_rows: int
     theta_norm: float
+    full_norm: float = 0.0
 
     def at_dim(self, d: int) -> "ProjectionInfo":
         """The projection at d ≤ self.d (the first d columns of the same Z, ``projection``)."""
@@ -144,11 +146,21 @@ class ProjectionInfo(Record):
                              f"d <= {self.d})")
         return dataclasses.replace(self, d=int(d))
 
-    def relative_distance(self, x_norm: float) -> float:
-        """‖P x‖/‖θ*‖ ≈ sqrt(p/d)·‖x‖/‖θ*‖ (the paper's Table 2 measure; E‖P x‖² = (p/d)‖x‖²)."""
-        return x_norm * ((self.p / self.d) ** 0.5 / max(self.theta_norm, 1e-30))
+    def moved(self, x_norm: float) -> float:
+        """‖P x‖ ≈ sqrt(p/d)·‖x‖ (E‖P x‖² = (p/d)‖x‖²)."""
+        return x_norm * (self.p / self.d) ** 0.5
 
-    def norm_for_relative_distance(self, r: float) -> float:
+    def relative_distance(self, x_norm: float) -> float:
+        """The paper's relative distance of θ* + P x: ‖P x‖/‖θ*_Full‖ (§2.2, Table 2: over the
+        norm of the entire pretrained model); 0 when that norm is not known."""
+        return self.moved(x_norm) / self.full_norm if self.full_norm > 0 else 0.0
+
+    def adapter_distance(self, x_norm: float) -> float:
+        """‖P x‖/‖θ*‖: the distance over the adapter's own norm at θ* (not the paper's
+        measure; the unit of the surrogate's bound ``estimation.max_adapter_distance``)."""
+        return self.moved(x_norm) / max(self.theta_norm, 1e-30)
+
+    def norm_for_adapter_distance(self, r: float) -> float:
         """The ‖x‖ at which ‖P x‖ ≈ r·‖θ*‖ (the surrogate's bound)."""
         return r * self.theta_norm / (self.p / self.d) ** 0.5
 
@@ -169,6 +181,7 @@ class FeaturesRecord(Record):
     validation: SplitFeatures
     projection: ProjectionInfo
     seconds: float  # wall time of the task's gradient pass (both splits)
+    flops: float = 0.0  # its work, counted as training's (TrainResult.flops_estimate)
 
     def split(self, name: str) -> SplitFeatures:
         if name not in ("train", "validation"):
@@ -185,10 +198,11 @@ class FeaturesRecord(Record):
 
 @dataclasses.dataclass(frozen=True)
 class LinearityPoint(Record):
-    relative_distance: float
+    relative_distance: float  # ‖P x‖/‖θ*_Full‖, the paper's (Table 5, Figure 2)
     relative_error: float
     error_vs_change: float
     n_rows: int
+    adapter_distance: float | None = None  # ‖P x‖/‖θ*‖
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +232,9 @@ class SurrogateFit(Record):
     converged: bool
     train_loss: float
     n_train_examples: int
-    relative_distance: float  # ‖P x̂‖/‖θ*‖ (Table 2), ProjectionInfo.relative_distance
+    relative_distance: float  # ‖P x̂‖/‖θ*_Full‖, the paper's (Table 2)
+    n_train_rows: int = 0  # rows of the fit's design (its FLOPs: n_iter · 4 · rows · d)
+    adapter_distance: float = 0.0  # ‖P x̂‖/‖θ*‖, over the adapter's own norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,6 +319,11 @@ class TrainResult(Record):
     device: str = "cpu"
     # the TrainingConfig used, with max_length and the choice modes
     config: dict = dataclasses.field(default_factory=dict)
+    # how far the adapter moved from where training started: ‖θ − θ_0‖, over ‖θ*_Full‖ (the
+    # paper's relative distance, Table 2) and over the adapter's own norm ‖θ_0‖
+    distance_moved: float | None = None
+    relative_distance: float | None = None
+    adapter_distance: float | None = None
 
     def to_json(self) -> dict:
         from .storage import jsonable
@@ -353,6 +374,7 @@ class ScoresRecord(Record):
     seconds: float
     phase: str = "fit"
     task: str = ""  # stage 5 scores a member one task at a time (stages.score_member)
+    flops: float = 0.0  # forward FLOPs: 2N a non-padding token (records.TrainResult)
 
     def key(self):
         return {"name": self.name, "phase": self.phase, "task": self.task,
@@ -386,7 +408,7 @@ class BoostRecord(Record):
     train_loss_after: float
     train_loss_first_order: float | None  # first-order mode only (the linear model's loss)
     x_norm: float | None  # first-order mode only
-    relative_distance: float
+    relative_distance: float  # ‖θ − θ*‖/‖θ*_Full‖, the paper's (Table 2)
     accepted: bool
     seconds: float
     mode: str = "first-order"  # boosting.mode
@@ -395,6 +417,7 @@ class BoostRecord(Record):
     members: list[Member] = dataclasses.field(default_factory=list)
     alpha: float | None = None  # adaboost: the new member's α = log((1 − err)/err)
     error: float | None = None  # adaboost: its weighted training error err
+    adapter_distance: float | None = None  # ‖θ − θ*‖/‖θ*‖, over the adapter's own norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,6 +439,8 @@ class TaskMetrics(Record):
     group_accuracy: float
     ensemble_accuracy: float
     majority: float  # the test split's majority-class rate
+    # the task's group adapter alone, without boosting members (group_accuracy has them)
+    group_adapter_accuracy: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,15 +450,24 @@ class Averages(Record):
     ensemble_accuracy: float
     majority: float
     # ensemble − single adapter, average accuracy, with its 95% paired bootstrap interval over
-    # the test examples (benchmark.paired_bootstrap)
+    # the test examples (comparison.paired_bootstrap)
     difference: float
     difference_low: float
     difference_high: float
+    group_adapter_accuracy: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Compute(Record):
-    """Wall seconds of each part and the compute ratio (whole ensemble pipeline / baseline)."""
+    """What the ensemble costs against one adapter on all tasks, two ways (``stages.planning.
+    compute_summary``). The paper's accounting (Table 4, "+8–9%"): stage 1, the subset fits,
+    the group adapters and boosting, over the baseline's training — ``ratio`` (wall time) and
+    ``flops_ratio``. With what the ensemble needs besides, which one adapter does not: the
+    member scoring before the weights (the boosting group choice and the weights read it) —
+    ``ratio_with_scoring`` and ``flops_ratio_with_scoring``. FLOPs are counted as training
+    counts them (``TrainResult.flops_estimate``: 2N a token forward, 4N a token backward);
+    the subset fits and a first-order boosting step are counted in seconds only (a few
+    d-dimensional solves and one forward pass over a group's train sample)."""
     gradients_s: float
     estimation_s: float
     group_adapters_s: float
@@ -444,6 +478,12 @@ class Compute(Record):
     baseline_flops: float
     group_flops: float
     peak_memory_bytes: int
+    scoring_s: float = 0.0  # the members' scoring before the weights
+    gradients_flops: float = 0.0
+    scoring_flops: float = 0.0
+    flops_ratio: float = 0.0
+    ratio_with_scoring: float = 0.0
+    flops_ratio_with_scoring: float = 0.0
 
     def __post_init__(self):
         if not math.isfinite(self.ratio):
@@ -546,6 +586,8 @@ class AdaptersResult(Record):
     single: AdapterRecord
     theta_star: AdapterRecord
     baselines: dict[str, AdapterRecord] = dataclasses.field(default_factory=dict)
+    # the first-order check at the distances the trained adapters moved (the paper's units)
+    linearity: LinearityRecord | None = None
 
     def all(self) -> dict[str, AdapterRecord]:
         return {**self.groups, self.single.name: self.single,
@@ -586,9 +628,13 @@ class EstimateCheckRow(Record):
     task: str
     estimated_loss: float
     true_loss: float
-    estimated_accuracy: float
+    estimated_accuracy: float  # on the validation examples
     true_accuracy: float
-    relative_error: float
+    relative_error: float  # of the validation loss
+    # the paper's Table 3 measure: test accuracy, the surrogate's against the fine-tuned's
+    estimated_test_accuracy: float | None = None
+    true_test_accuracy: float | None = None
+    test_accuracy_relative_error: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -596,9 +642,9 @@ class EstimateCheckSummary(Record):
     d: int
     pairs: int
     subsets: int
-    mean_relative_error: float
-    spearman: float | None
-    accuracy_abs_error: float
+    mean_relative_error: float  # of the validation loss
+    spearman: float | None  # of the validation losses, estimated against true
+    accuracy_abs_error: float  # of the validation accuracy
     true_finetune_s: float
     surrogate_fit_s: float
     estimation_with_amortized_gradients_s: float
@@ -606,6 +652,12 @@ class EstimateCheckSummary(Record):
     compute_ratio_with_gradients: float
     k_subsets: int
     stage1_s: float
+    # the paper's measures: the mean relative error of test accuracy, and the speed-up in
+    # FLOPs (fine-tuning the r subsets against their share of stage 1 and the fits)
+    mean_test_accuracy_relative_error: float | None = None
+    true_finetune_flops: float = 0.0
+    estimation_flops: float = 0.0
+    flops_speedup: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

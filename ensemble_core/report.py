@@ -102,42 +102,103 @@ def baseline_rows(metrics: Metrics, baselines: dict) -> tuple[list[str], list[li
 
 
 def write_report(run_dir, name: str, metrics: Metrics, aff: Affinity, groups: dict,
-                 boosting: list, linearity, baselines: dict | None = None) -> Report:
+                 boosting: list, linearity, baselines: dict | None = None,
+                 adapters=None) -> Report:
     """Write report.md and affinity.png into the run directory (a ``rundir.RunDir``);
     ``boosting`` are ``records.BoostRecord``s, ``linearity`` a ``records.LinearityRecord`` or
-    None, ``baselines`` the ``records.BaselineResult``s of the paper's baselines, if any."""
+    None, ``baselines`` the ``records.BaselineResult``s of the paper's baselines, if any,
+    ``adapters`` the ``records.AdaptersResult`` (how far each moved; the check there)."""
     png = run_dir.write_bytes(run_dir.affinity_png, heatmap_png(aff))
-    c = metrics.compute.to_json()
     lines = [f"# EnsembleLoRA run `{name}`", "",
              "## Test accuracy", "", markdown_table(ACCURACY_HEADERS, accuracy_rows(metrics)), "",
-             difference_line(metrics) + ".", "", "## Groups", ""]
+             difference_line(metrics) + ".", ""]
+    a = metrics.average
+    if a.group_adapter_accuracy is not None:
+        lines += [f"The group adapters alone, without their boosting members: "
+                  f"{100 * a.group_adapter_accuracy:.1f}% on average (what the grouping "
+                  "baselines are compared with: like for like).", ""]
+    lines += ["## Groups", ""]
     for g in groups["groups"]:
         lines.append(f"- group-{g['id']}: {', '.join(g['tasks'])}")
+    lines += ["", stability_line(groups.get("stability"))]
     lines += ["", "## Task affinity", "", "![task affinity](affinity.png)", "",
+              "T_ij − T_ii: how much task j helps task i beyond i's average (eq. 1 with "
+              f"f̂ = {'−loss' if aff.metric == 'loss' else 'accuracy'}; the SDP reads only this "
+              "row-centred part), ×1000:", "",
               markdown_table(["i \\ j"] + aff.names,
-                             [[a] + [float(v) for v in row] for a, row in
-                              zip(aff.names, np.round(aff.matrix, 3))]).replace(".0 |", " |"),
+                             [[r] + [float(v) for v in row] for r, row in
+                              zip(aff.names, 1000 * centred_rows(aff.matrix))]),
               "", "## Boosting", ""]
     if boosting:
         lines.append(markdown_table(
-            ["step", "group", "train loss before", "train loss after", "accepted"],
-            [[b.step, b.group, f"{b.train_loss_before:.4f}", f"{b.train_loss_after:.4f}",
-              b.accepted] for b in boosting]))
+            ["step", "group", "mode", "train loss before", "train loss after",
+             "relative distance", "accepted"],
+            [[b.step, b.group, b.mode, f"{b.train_loss_before:.4f}",
+              f"{b.train_loss_after:.4f}", f"{100 * b.relative_distance:.4f}%", b.accepted]
+             for b in boosting]))
     else:
         lines.append("No boosting steps.")
     if baselines:
         lines += ["", "## Baselines", "", markdown_table(*baseline_rows(metrics, baselines)),
                   "", "Compute of the ensemble row: its group adapters' training FLOPs and the "
                       "whole ensemble pipeline's wall time (stages 1–5)."]
-    lines += ["", "## Compute", "", markdown_table(["part", "seconds"], [
-        [k, f"{v:.1f}"] for k, v in c.items() if k.endswith("_s")]),
-        "", f"Ensemble pipeline / single-adapter baseline compute: "
-            f"**{c['ratio']:.2f}×** (stages 1–3, the group adapters of stage 4 and the boosting "
-            f"of stage 5, against the baseline's fine-tuning; wall time on this machine)."]
-    if linearity:
-        lines += ["", "## First-order check", "", markdown_table(
-            ["relative distance", "relative error"],
-            [[f"{100 * r.relative_distance:.2f}%", f"{100 * r.relative_error:.4f}%"]
-             for r in linearity.results])]
+    lines += ["", "## Compute", "", *compute_lines(metrics.compute)]
+    if adapters is not None:
+        lines += ["", "## How far the adapters moved", "",
+                  "The paper's relative distance ‖θ − θ*‖/‖θ*_Full‖ (§2.2, Table 2: over the "
+                  "whole pretrained model's norm) and the same move over the adapter's own "
+                  "norm ‖θ*‖:", "", markdown_table(
+                      ["adapter", "relative distance", "over the adapter's norm"],
+                      [[k, f"{100 * t.relative_distance:.4f}%",
+                        f"{100 * t.adapter_distance:.1f}%"]
+                       for k, t in ((k, r.train) for k, r in
+                                    [*adapters.groups.items(),
+                                     (adapters.single.name, adapters.single)])
+                       if t is not None and t.relative_distance is not None])]
+    for title, lin in (("First-order check (the paper's Table 5 / Figure 2)", linearity),
+                       ("First-order check at the distances the adapters moved",
+                        getattr(adapters, "linearity", None))):
+        if lin:
+            lines += ["", f"## {title}", "", markdown_table(
+                ["relative distance", "over the adapter's norm", "relative error of the margins"],
+                [[f"{100 * r.relative_distance:.4f}%",
+                  "-" if r.adapter_distance is None else f"{100 * r.adapter_distance:.1f}%",
+                  f"{100 * r.relative_error:.4f}%"] for r in lin.results])]
     text = "\n".join(lines) + "\n"
     return Report(run_dir.write_bytes(run_dir.report, text.encode()), png, text)
+
+
+def centred_rows(T) -> np.ndarray:
+    """T_ij − T_ii: each row of the affinity less its diagonal (what the SDP reads)."""
+    T = np.asarray(T, np.float64)
+    return T - np.diag(T)[:, None]
+
+
+def stability_line(stability: dict | None) -> str:
+    """groups.json's stability as a sentence."""
+    if not stability:
+        return "Stability: not measured (clustering.stability_draws: 0)."
+    if not stability.get("draws"):
+        return f"Stability: not measured: {stability.get('reason', 'no usable resample')}."
+    return (f"Stability: the same groups found again in {100 * stability['same_groups']:.0f}% "
+            f"of {stability['draws']} bootstrap resamples of the subset estimates (mean "
+            f"adjusted Rand index {stability['mean_ari']:.2f}, lowest "
+            f"{stability['min_ari']:.2f}; 1 = the same groups, about 0 = chance).")
+
+
+def compute_lines(c) -> list[str]:
+    """The compute section: seconds per part, and the ratio to one adapter both ways."""
+    parts = [["stage 1: gradient features", c.gradients_s, c.gradients_flops],
+             ["stages 2–3: subset fits, groups", c.estimation_s, None],
+             ["stage 4: group adapters", c.group_adapters_s, c.group_flops],
+             ["stage 5: boosting", c.boosting_s, None],
+             ["stage 5: member scoring before the weights", c.scoring_s, c.scoring_flops],
+             ["one adapter on all tasks (the baseline)", c.baseline_s, c.baseline_flops]]
+    return [markdown_table(["part", "seconds", "FLOPs"],
+                           [[p, f"{s:.1f}", "-" if f is None else f"{f:.3g}"]
+                            for p, s, f in parts]), "",
+            f"Ensemble / one adapter, the paper's accounting (Table 4: stage 1, the fits, the "
+            f"group adapters and boosting): **{c.ratio:.2f}×** in wall time, "
+            f"**{c.flops_ratio:.2f}×** in FLOPs. With the member scoring the weights and the "
+            f"boosting choice read (one adapter needs none): {c.ratio_with_scoring:.2f}× in "
+            f"wall time, {c.flops_ratio_with_scoring:.2f}× in FLOPs."]

@@ -6,6 +6,7 @@ Every path of a run is made here, on any fsspec URL; nothing else joins run path
     manifest.json                         every output with its sha256, the config, the code
     gradients/<task>/{train,validation}.parquet, manifest.json    stage 1
     gradients/linearity.json              stage 1's first-order check (Table 5 / Figure 2)
+    gradients/linearity-trained.json      the same at the distances the adapters moved
     estimation/plan.json                  stage 2: the subsets, in their batches (kept when
                                           tasks are added or removed: stages.plan_batches)
     estimation/subsets-<batch>.json       stage 2: surrogate fits of a batch of subsets
@@ -139,6 +140,10 @@ class RunDir:
     @property
     def linearity(self) -> str:
         return self._path("gradients", "linearity.json")
+
+    @property
+    def linearity_trained(self) -> str:
+        return self._path("gradients", "linearity-trained.json")
 
     @property
     def subset_plan(self) -> str:

@@ -334,9 +334,10 @@ def model_device(model) -> torch.device:
 
 
 def score_examples(model, scorer: ChoiceScorer, examples: Sequence[Example],
-                   batch_size: int) -> list[np.ndarray]:
+                   batch_size: int, counts: dict | None = None) -> list[np.ndarray]:
     """h_c(s) for every example (float32 numpy vector over its choices), in input order, in
-    eval mode without gradients; the mode is decided per task on all of that task's examples."""
+    eval mode without gradients; the mode is decided per task on all of that task's examples.
+    ``counts["tokens"]``, when given, grows by the non-padding tokens forwarded."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out: list[np.ndarray | None] = [None] * len(examples)
@@ -350,6 +351,8 @@ def score_examples(model, scorer: ChoiceScorer, examples: Sequence[Example],
             for idx, mode in _eval_batches(scorer, examples, batch_size):
                 check_stop()
                 batch = scorer.encode([examples[i] for i in idx], mode=mode).to(device)
+                if counts is not None:
+                    counts["tokens"] = counts.get("tokens", 0) + int(batch.attention_mask.sum())
                 scores = choice_outputs(model, batch).float().cpu().numpy()
                 offs = np.concatenate([[0], np.cumsum(batch.n_choices)])
                 for k, i in enumerate(idx):
@@ -360,14 +363,15 @@ def score_examples(model, scorer: ChoiceScorer, examples: Sequence[Example],
 
 
 def predict_scores(model, tokenizer, examples: Sequence[Example], max_length: int,
-                   batch_size: int = 16, choice_mode: str = "auto") -> list[np.ndarray]:
+                   batch_size: int = 16, choice_mode: str = "auto",
+                   counts: dict | None = None) -> list[np.ndarray]:
     """Per example, the vector of h_c(s) over its choices (float32), in input order.
 
     h_c are raw verbalizer logits in ``token`` mode and summed continuation log-probabilities
     in ``sequence`` mode; either way the choice probabilities are the softmax over each
     example's own choices (``choices``)."""
     return score_examples(model, ChoiceScorer(tokenizer, max_length, choice_mode), examples,
-                          batch_size)
+                          batch_size, counts)
 
 
 @torch.no_grad()

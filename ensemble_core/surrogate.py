@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from scipy.optimize import minimize
@@ -37,7 +37,7 @@ from scipy.optimize import minimize
 from .choices import Choices
 from .features import FeatureTable
 
-__all__ = ["FirstOrderSurrogate", "implied_relative_distance", "norm_bound", "fit_subset"]
+__all__ = ["FirstOrderSurrogate", "norm_bound", "fit_subset"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,46 +340,27 @@ class FirstOrderSurrogate:
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
-def implied_relative_distance(coef: np.ndarray, theta_norm: float,
-                              expand: Callable[[np.ndarray], np.ndarray] | None = None,
-                              p: int | None = None) -> float:
-    """Relative distance ‖θ̂ − θ*‖/‖θ*‖ = ‖P x̂‖/‖θ*‖ implied by a surrogate solution.
-
-    Exact when ``expand(x) -> P x`` is given. Otherwise uses E‖P x‖² = (p/d)‖x‖² for P of shape
-    p × d with N(0, 1/d) entries, i.e. ‖P x‖ ≈ sqrt(p/d)·‖x‖ (concentrates for large p).
-    """
-    coef = np.asarray(coef, np.float64).ravel()
-    if not (theta_norm > 0 and math.isfinite(theta_norm)):
-        raise ValueError(f"theta_norm must be finite and > 0, got {theta_norm}")
-    if expand is not None:
-        return float(np.linalg.norm(np.asarray(expand(coef), np.float64)) / theta_norm)
-    if p is None:
-        raise ValueError("implied_relative_distance needs expand (exact) or p (approximation)")
-    if p <= 0 or coef.size == 0:
-        raise ValueError(f"need p > 0 and a non-empty coef, got p={p}, d={coef.size}")
-    return float(math.sqrt(p / coef.size) * np.linalg.norm(coef) / theta_norm)
-
-
-def norm_bound(max_norm: float | None, max_relative_distance: float | None,
+def norm_bound(max_norm: float | None, max_adapter_distance: float | None,
                projection) -> float | None:
     """The bound on ‖x̂‖ of the surrogate fits: ``max_norm``, and ‖P x̂‖ ≤
-    max_relative_distance·‖θ*‖ (``records.ProjectionInfo``, the paper's Table 2 measure);
-    None when neither is set."""
+    max_adapter_distance·‖θ*‖ (over the adapter's own norm, ``records.ProjectionInfo``); None
+    when neither is set."""
     bounds = [b for b in [max_norm] if b is not None]
-    if max_relative_distance is not None and projection.theta_norm:
-        bounds.append(projection.norm_for_relative_distance(max_relative_distance))
+    if max_adapter_distance is not None and projection.theta_norm:
+        bounds.append(projection.norm_for_adapter_distance(max_adapter_distance))
     return min(bounds) if bounds else None
 
 
 def fit_subset(train_tables: Sequence[FeatureTable], val_tables: Sequence[FeatureTable],
-               **surrogate_kw) -> dict:
+               test_tables: Sequence[FeatureTable] = (), **surrogate_kw) -> dict:
     """Fit the surrogate on the union of ``train_tables`` and evaluate it per validation task.
 
     Returns a JSON-able dict::
 
         {"tasks": {task_name: {"loss": float, "accuracy": float, "n_examples": int}},
          "fit": {"norm": ‖x̂‖, "l2": effective λ, "n_iter": int, "converged": bool,
-                 "train_loss": mean train CE, "n_train_examples": int}}
+                 "train_loss": mean train CE, "n_train_examples": int, "n_train_rows": int},
+         "test": {task_name: {"loss", "accuracy"}}}   # with test_tables
 
     ``tasks[i]`` is f̂_i(S) of stage 2 (the input of eq. (1)).
     """
@@ -393,8 +374,13 @@ def fit_subset(train_tables: Sequence[FeatureTable], val_tables: Sequence[Featur
         s = model.score(t)
         tasks[t.task] = {"loss": float(s["loss"]), "accuracy": float(s["accuracy"]),
                          "n_examples": int(t.n_examples)}
-    return {"tasks": tasks,
-            "fit": {"norm": float(np.linalg.norm(model.coef_)), "l2": float(model.l2_),
+    out = {"tasks": tasks,
+           "fit": {"norm": float(np.linalg.norm(model.coef_)), "l2": float(model.l2_),
                     "n_iter": int(model.n_iter_), "converged": bool(model.converged_),
-                    "train_loss": float(model.loss_),
-                    "n_train_examples": int(model.n_train_examples_)}}
+                   "train_loss": float(model.loss_),
+                   "n_train_examples": int(model.n_train_examples_),
+                   "n_train_rows": int(sum(t.grad.shape[0] for t in train_tables))}}
+    if test_tables:  # the same fit scored on other examples (the paper's Table 3: test)
+        out["test"] = {t.task: {k: float(v) for k, v in model.score(t).items()}
+                       for t in test_tables}
+    return out

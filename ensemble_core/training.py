@@ -28,7 +28,7 @@ import torch
 
 from .choices import flatten
 from .data import Example
-from .models import trainable_parameters
+from .models import adapter_vector, base_norm, trainable_parameters
 from .records import Progress, TrainResult
 from .runtime import check_stop
 from .scoring import (ChoiceScorer, choice_loss, examples_by_task, model_device, predict_scores,
@@ -92,7 +92,7 @@ def evaluate(model, tokenizer, examples: Sequence[Example], max_length: int,
 # Training
 # ----------------------------------------------------------------------------------------------
 
-def _forward_param_count(model) -> int:
+def forward_parameters(model) -> int:
     """Parameters multiplied in every position of a forward pass: all but the input embedding
     table (a lookup) and the output head (``choice_outputs`` multiplies only the verbalizer rows
     or the continuation positions with it); 4-bit weights counted by their logical size."""
@@ -218,7 +218,7 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example],
     train_modes = _task_modes(scorer, train_examples)
     sizes = [scorer.padded_length(ex, train_modes[ex.task]) for ex in train_examples]
     eval_bs = eval_batch_size or max(tcfg.batch_size, 16)
-    n_forward = _forward_param_count(model)
+    n_forward = forward_parameters(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -230,6 +230,7 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example],
 
     history: list[dict] = []
     was_training = model.training
+    theta_start = adapter_vector(model)
     t_start = time.perf_counter()
     rng = np.random.default_rng(tcfg.seed)
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
@@ -275,14 +276,19 @@ def train_adapter(model, tokenizer, train_examples: Sequence[Example],
                 _restore(model, best_snap)
     finally:
         model.train(was_training)
+    wall = time.perf_counter() - t_start
+    moved = float((adapter_vector(model) - theta_start).norm())
+    full, own = base_norm(model), float(theta_start.norm())
     return TrainResult(
-        best_epoch=best_epoch, history=history, wall_seconds=time.perf_counter() - t_start,
+        best_epoch=best_epoch, history=history, wall_seconds=wall,
         n_steps=count.steps, tokens_seen=count.tokens,
         flops_estimate=6.0 * n_forward * count.tokens, peak_memory_bytes=_peak_memory(device),
         trainable_parameters=int(sum(p.numel() for p in params)), n_params_forward=n_forward,
         examples_seen=count.examples, best_val_loss=best_loss, device=str(device),
         config=dict(_config_dict(tcfg), max_length=max_length, choice_mode=choice_mode,
-                    task_modes=train_modes))
+                    task_modes=train_modes),
+        distance_moved=moved, relative_distance=moved / full if full > 0 else None,
+        adapter_distance=moved / own if own > 0 else None)
 
 
 @dataclass

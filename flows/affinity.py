@@ -38,20 +38,26 @@ run_affinity.flow_name = affinity_flow.name  # its deployment (flows/pipeline._s
 
 
 @flow(name="check_estimates")
-def check_estimates_flow(config, overrides: list[str] | None = None, r: int = 3,
-                         dims: list[int] | None = None) -> EstimateCheck:
+def check_estimates_flow(config, overrides: list[str] | None = None, r: int = 50,
+                         dims: list[int] | None = None,
+                         test_examples: int | None = None) -> EstimateCheck:
     """The paper's Table 3: fine-tune for real on r of the sampled subsets and compare with
-    the first-order estimates (mean relative error, Spearman correlation, compute ratio), at
-    every projection dimension of ``dims`` (default: all of estimation.projection_dim)."""
+    the first-order estimates (relative error of test accuracy, the paper's measure; of the
+    validation loss; Spearman correlation; speed-up in FLOPs and wall time), at every
+    projection dimension of ``dims`` (default: all of estimation.projection_dim)."""
     run = open_run(config, overrides)
     log = get_run_logger()
     features = gradient_features(run.cfg).features
     previous = stages.previous_plan(run.dir)
     subsets = [s for b in stages.plan_batches(run.cfg, previous) for s in b]
-    res = EstimateCheck.from_json(check_estimates(run, features, subsets, r, dims))
+    res = EstimateCheck.from_json(check_estimates(run, features, subsets, r, dims,
+                                                  test_examples))
     for s in res.summaries:
-        log.info("estimate check at d = %d: %d pairs, mean relative error %.2f%%, Spearman %s, "
-                 "compute ratio %.1fx (with amortized gradients %.1fx)", s.d, s.pairs,
+        log.info("estimate check at d = %d: %d pairs, test accuracy relative error %s, "
+                 "validation loss relative error %.2f%%, Spearman %s, speed-up %.0fx in FLOPs "
+                 "(%.1fx in wall time with stage 1)", s.d, s.pairs,
+                 "-" if s.mean_test_accuracy_relative_error is None
+                 else f"{100 * s.mean_test_accuracy_relative_error:.2f}%",
                  100 * s.mean_relative_error, "-" if s.spearman is None else f"{s.spearman:.2f}",
-                 s.compute_ratio_fits_only, s.compute_ratio_with_gradients)
+                 s.flops_speedup, s.compute_ratio_with_gradients)
     return res

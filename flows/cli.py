@@ -183,7 +183,9 @@ def _cmd_run(args) -> int:
     print("\nGroups: " + "; ".join(f"group-{k}: {', '.join(g)}"
                                    for k, g in enumerate(res.groups)))
     print(f"Compute: ensemble pipeline {c.ensemble_pipeline_s:.0f} s vs one adapter "
-          f"{c.baseline_s:.0f} s (ratio {c.ratio:.2f}x); peak memory "
+          f"{c.baseline_s:.0f} s: {c.ratio:.2f}x in wall time, {c.flops_ratio:.2f}x in FLOPs "
+          f"(the paper's accounting); with the member scoring {c.ratio_with_scoring:.2f}x and "
+          f"{c.flops_ratio_with_scoring:.2f}x; peak memory "
           f"{c.peak_memory_bytes / 2**30:.2f} GiB")
     print(f"Run directory: {res.run_dir} (report: {res.report.path})")
     if res.version:
@@ -307,19 +309,24 @@ def _cmd_check(args) -> int:
 
     dims = [int(x) for x in args.d.split(",")] if args.d else None
     with temporary_server():
-        res = check_estimates_flow(args.config, overrides=args.set, r=args.r, dims=dims)
-    print(_table(["d", "subset", "task", "est. loss", "true loss", "est. acc", "true acc",
-                  "rel. err"],
-                 [[x.d, "+".join(x.subset), x.task, x.estimated_loss, x.true_loss,
-                   x.estimated_accuracy, x.true_accuracy, f"{100 * x.relative_error:.1f}%"]
+        res = check_estimates_flow(args.config, overrides=args.set, r=args.r, dims=dims,
+                                   test_examples=args.test_examples)
+    print(_table(["d", "subset", "task", "est. test acc", "true test acc", "rel. err (acc)",
+                  "est. val loss", "true val loss", "rel. err (loss)"],
+                 [[x.d, "+".join(x.subset), x.task, x.estimated_test_accuracy,
+                   x.true_test_accuracy, f"{100 * (x.test_accuracy_relative_error or 0):.1f}%",
+                   x.estimated_loss, x.true_loss, f"{100 * x.relative_error:.1f}%"]
                   for x in res.rows]))
     print()
-    print(_table(["d", "pairs", "mean rel. error", "Spearman", "fits s", "fine-tuning s",
-                  "speed-up (fits)", "speed-up (with stage 1)"],
-                 [[s.d, s.pairs, f"{100 * s.mean_relative_error:.2f}%",
-                   "-" if s.spearman is None else f"{s.spearman:.2f}", f"{s.surrogate_fit_s:.2f}",
-                   f"{s.true_finetune_s:.0f}", f"{s.compute_ratio_fits_only:.0f}x",
-                   f"{s.compute_ratio_with_gradients:.1f}x"] for s in res.summaries]))
+    print(_table(["d", "pairs", "test acc. rel. error (the paper's)", "val loss rel. error",
+                  "Spearman (val loss)", "speed-up, FLOPs (the paper's)",
+                  "speed-up, wall (with stage 1)", "speed-up, wall (fits)"],
+                 [[s.d, s.pairs, "-" if s.mean_test_accuracy_relative_error is None
+                   else f"{100 * s.mean_test_accuracy_relative_error:.2f}%",
+                   f"{100 * s.mean_relative_error:.2f}%",
+                   "-" if s.spearman is None else f"{s.spearman:.2f}",
+                   f"{s.flops_speedup:.0f}x", f"{s.compute_ratio_with_gradients:.1f}x",
+                   f"{s.compute_ratio_fits_only:.0f}x"] for s in res.summaries]))
     return 0
 
 
@@ -332,7 +339,8 @@ def _cmd_benchmark(args) -> int:
     from ensemble_core.storage import read_bytes
 
     with temporary_server():
-        res = benchmark_flow(args.config, overrides=args.set, seeds=seeds)
+        res = benchmark_flow(args.config, overrides=args.set, seeds=seeds,
+                             projection_draws=args.projection_draws)
     print()
     print(read_bytes(res["markdown"]).decode("utf-8"))
     print(f"Benchmark: {res['markdown']}, {res['chart']}")
@@ -358,7 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value by dotted key, e.g. training.epochs=3")
     sub.choices["check-estimates"].add_argument(
-        "--r", type=int, default=3, help="number of sampled subsets to fine-tune for real")
+        "--r", type=int, default=50, help="number of sampled subsets to fine-tune for real "
+        "(default 50, the paper's; at most the k sampled)")
+    sub.choices["check-estimates"].add_argument(
+        "--test-examples", type=int, default=None, help="test examples a task the accuracies "
+        "are measured on (default: all)")
     sub.choices["check-estimates"].add_argument(
         "--d", default=None, help="projection dimensions to check, e.g. 200,400,800 (default: "
         "every estimation.projection_dim)")
@@ -366,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
                                           help="seeds 0..N-1 (default 3)")
     sub.choices["benchmark"].add_argument("--seed-list", default=None,
                                           help="explicit seeds, e.g. 0,1,2")
+    sub.choices["benchmark"].add_argument(
+        "--projection-draws", type=int, default=2,
+        help="other draws of the projection P (stages 1-3 only) for the groups' stability "
+             "(default 2; 0: none)")
     sp = sub.add_parser("predict", help="predict with a trained ensemble: jsonl in, jsonl out")
     sp.add_argument("run_dir", help="a finished run directory (with ensemble.json)")
     sp.add_argument("--task", required=True, help="task name as in the run's config")

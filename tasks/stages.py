@@ -42,10 +42,11 @@ def compute_gradients(run: Run, task: str) -> dict:
 
 @task(name="linearity_check", tags=["gpu"], cache_policy=keyed(stages.linearity),
       task_run_name="linearity[{task}]", **JSON)
-def linearity_check(run: Run, task: str) -> dict:
-    """First-order check: true outputs vs h0 + g̃ᵀx at relative distances 0.05%–0.25%."""
+def linearity_check(run: Run, task: str, distances: list[float] | None = None) -> dict:
+    """First-order check: true margins vs m0 + g̃ᵀx at the paper's relative distances
+    (0.05%–0.25% of the whole model's norm), or at the ``distances`` the adapters moved."""
     with gpu_slot():
-        return stages.linearity(run, task).to_json()
+        return stages.linearity(run, task, distances).to_json()
 
 
 # -- stage 2: subset regressions ------------------------------------------------------------

@@ -137,7 +137,7 @@ def test_sdp_recovers_planted_groups_with_m_given(kind, seed):
     assert est.status_ in ("optimal", "optimal_inaccurate")
 
 
-@pytest.mark.parametrize("selection", ["trace", "density"])
+@pytest.mark.parametrize("selection", ["density", "contrast", "trace"])
 @pytest.mark.parametrize("kind,seed", PLANTED)
 def test_sdp_recovers_planted_groups_with_m_automatic(kind, seed, selection):
     T, labels = _planted(kind, seed)
@@ -254,3 +254,44 @@ def test_incremental_grouping_joins_the_group_of_highest_affinity():
     assert partition_objective(T, [[0, 1], [2, 3, 4]]) == pytest.approx(float((A * X).sum()))
     assert partition_objective(T, [[0, 1], [2, 3, 4]]) > partition_objective(T, [[0, 1, 4],
                                                                                 [2, 3]])
+
+
+def test_the_papers_density_rule_against_its_formula():
+    """Issue 33, item 4: m by the paper's average density (§3.3), (1/m) Σ_j v_jᵀ D v_j / v_jᵀ v_j
+    over the groups' indicator vectors, computed here with explicit vectors on a constructed
+    affinity; SDPClustering(m_selection="density") takes the m where it is largest."""
+    from ensemble_core.clustering import density_affinity, paper_density
+
+    T, labels = planted_matrix(seed=5)
+    D = density_affinity(T)
+    n = T.shape[0]
+    off = (T.sum(1) - np.diag(T)) / (n - 1)  # D by hand: rows less their off-diagonal mean
+    by_hand = (T - off[:, None] + (T - off[:, None]).T) / 2
+    np.fill_diagonal(by_hand, 0.0)
+    np.testing.assert_allclose(D, by_hand)
+    for part in (labels, np.zeros(n, int), np.arange(n), labels % 2):
+        vs = [(part == g).astype(float) for g in np.unique(part)]
+        formula = np.mean([v @ D @ v / (v @ v) for v in vs])
+        assert paper_density(D, part) == pytest.approx(formula)
+    est = SDPClustering(m_selection="density").fit(T)
+    scores = {int(k): v for k, v in est.selection_["scores"].items()}
+    assert est.m_ == max(scores, key=lambda k: (scores[k], -k)) == 3
+    assert est.groups_ == labels_to_groups(labels)
+
+
+@pytest.mark.parametrize("c", [1.0, 1.5, 3.0])
+def test_rounding_with_c_at_least_one_puts_every_task_in_one_group(c):
+    """Issue 33, item 4: Appendix A.1 rounds X̂_uv ≥ c/n with c ≥ 1; on noisy and on exact
+    solutions every task ends in exactly one group, and with m given in exactly m."""
+    rng = np.random.default_rng(int(10 * c))
+    T, labels = planted_matrix(seed=7)
+    X = SDPClustering(m=3).fit(T).X_
+    for noisy in (X, np.clip(X + 0.02 * rng.standard_normal(X.shape), 0, None)):
+        for m in (None, 2, 3, 4):
+            lab = round_solution(noisy, c=c, m=m, affinity=T)
+            assert _partition_ok(labels_to_groups(lab), 12)
+            assert m is None or len(np.unique(lab)) == m
+    from ensemble_core.config import ConfigError, parse_config
+    with pytest.raises(ConfigError, match="'clustering.threshold_c'"):
+        parse_config({"tasks": [{"name": "rte", "builtin": "superglue/rte"}],
+                      "clustering": {"threshold_c": 0.5}})

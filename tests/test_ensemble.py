@@ -263,3 +263,49 @@ def test_base_fingerprint_is_checked_and_remote_code_is_the_callers(run, tmp_pat
     with pytest.raises(EnsembleError, match="differs from the one the ensemble was trained on"):
         EnsembleModel.from_pretrained(tmp_path)
     assert len(seen) == n  # refused before the base model was loaded
+
+
+def test_cross_fitted_weights_keep_the_own_group_against_a_member_of_pure_noise():
+    """Issue 33, item 9: on a small validation set, the in-sample fit puts weight on a member
+    that is pure noise (it happens to fit a few examples); held out, that weight loses, so the
+    task keeps its own group. A member that really is better keeps its weight."""
+    from ensemble_core.ensemble import cross_fitted_weights, fit_ensemble_weights
+
+    rng = np.random.default_rng(4)
+    lean = kept = 0
+    for trial in range(40):
+        gold = rng.integers(0, 2, 12).tolist()  # 12 validation examples
+        right = rng.random(12) < 0.7  # the own group: 70% right, 0.65 sure
+        own = [np.array([0.35, 0.65]) if (g == 1) == r else np.array([0.65, 0.35])
+               for g, r in zip(gold, right)]
+        noise = [np.array([q, 1 - q]) for q in rng.uniform(0.3, 0.7, 12)]  # knows nothing
+        fitted = fit_ensemble_weights([own, noise], gold, start=0)
+        w, info = cross_fitted_weights([own, noise], gold, start=0, folds=4, seed=trial)
+        lean += fitted[1] > 0.05  # the in-sample fit leans on the noise
+        kept += w[1] == 0.0
+        assert info["kept"] in ("fitted", "own group")
+    assert lean >= 8, lean  # the trap is real (14 of 40 here)
+    assert kept >= 36, kept  # and the guard keeps the own group (39 of 40 here)
+    # a member that is better everywhere keeps its weight
+    gold = rng.integers(0, 2, 24).tolist()
+    weak = [np.array([0.45, 0.55]) if g else np.array([0.55, 0.45]) for g in gold]
+    strong = [np.array([0.1, 0.9]) if g else np.array([0.9, 0.1]) for g in gold]
+    w, info = cross_fitted_weights([weak, strong], gold, start=0, folds=4)
+    assert info["kept"] == "fitted" and w[1] > 0.9
+
+
+def test_one_weight_per_group_fits_all_tasks_together():
+    """The paper's Algorithm 2 form: one simplex for all tasks, minimising the mean log loss
+    over every task's validation examples (checked against a grid)."""
+    from ensemble_core.ensemble import ensemble_log_loss, fit_group_weights
+
+    rng = np.random.default_rng(1)
+    probs, gold = {}, {}
+    for t in ("a", "b"):
+        gold[t] = rng.integers(0, 2, 30).tolist()
+        probs[t] = [[np.array([1 - q, q]) for q in rng.uniform(0.05, 0.95, 30)]
+                    for _ in range(2)]
+    w = fit_group_weights(probs, gold, 2)
+    total = lambda v: sum(ensemble_log_loss(probs[t], gold[t], v) * 30 for t in probs)  # noqa
+    grid = min((total(np.array([a, 1 - a])), a) for a in np.linspace(0, 1, 201))
+    assert total(w) <= grid[0] + 1e-6 and abs(w.sum() - 1) < 1e-9

@@ -73,6 +73,50 @@ def test_check_estimates_end_to_end(data_root, cache_dir, tmp_path):
     assert len(res.rows) == 8 and res.summary().d == 32
     for row in res.rows:
         assert row.estimated_loss > 0 and row.true_loss > 0
+        # the paper's measure: the relative error of test accuracy
+        assert 0 <= row.estimated_test_accuracy <= 1 and 0 < row.true_test_accuracy <= 1
+        assert row.test_accuracy_relative_error == pytest.approx(
+            abs(row.estimated_test_accuracy - row.true_test_accuracy) / row.true_test_accuracy)
+    for s in res.summaries:
+        at = [x for x in res.rows if x.d == s.d]
+        assert s.mean_test_accuracy_relative_error == pytest.approx(
+            np.mean([x.test_accuracy_relative_error for x in at]))
+        assert s.true_finetune_flops > 0 and s.estimation_flops > 0
+        assert s.flops_speedup == pytest.approx(s.true_finetune_flops / s.estimation_flops)
     assert res.file.verified()
     with pytest.raises(ValueError, match=r"dimension\(s\) \[24\] were not computed"):
         check_estimates(run, records, stages.plan_subsets(run.cfg), r=1, dims=[24])
+
+
+def test_relative_distance_is_over_the_whole_pretrained_model(data_root, cache_dir, tmp_path):
+    """Issue 33, item 1: the paper's relative distance ‖X − θ*‖/‖θ*_Full‖ (§2.2), θ*_Full the
+    entire pretrained model: stage 1 records ‖θ*_Full‖ as the norm of the base model's weights
+    (computed here by hand from the saved checkpoint), the linearity check moves the adapter by
+    those fractions of it, and a surrogate fit's distance is ‖P x̂‖ over it."""
+    from safetensors.torch import load_file
+
+    from ensemble_core import stages
+    from ensemble_core.models import load_model, materialize_base
+    from ensemble_core.run import Run
+
+    raw = tiny_config(data_root, tmp_path, cache_dir=str(cache_dir))
+    run = Run.open(parse_config(raw))
+    rec = stages.gradient_features(run, "rte")
+    src, _ = materialize_base(run.cfg.model, cache_dir)
+    weights = load_file(f"{src}/model.safetensors")
+    by_hand = float(np.sqrt(sum(float(w.double().pow(2).sum()) for w in weights.values())))
+    assert rec.projection.full_norm == pytest.approx(by_hand, rel=1e-6)
+    lm = load_model(run.cfg, cache_dir)
+    assert rec.projection.full_norm > rec.projection.theta_norm
+    lin = stages.linearity(run, "rte")
+    for point, r in zip(lin.results, (0.0005, 0.001, 0.0015, 0.002, 0.0025)):
+        assert point.relative_distance == r
+        # the same move over the adapter's own norm: r · ‖θ*_Full‖ / ‖θ*‖
+        assert point.adapter_distance == pytest.approx(
+            r * by_hand / float(adapter_vector(lm.model).norm()), rel=1e-4)
+    info = rec.projection
+    x = np.random.default_rng(0).standard_normal(info.d)
+    proj = GaussianProjector(info.p, info.d, seed=info.seed, block_rows=info.block_rows)
+    moved = float(proj.expand(torch.from_numpy(x).float()).norm())
+    assert info.relative_distance(float(np.linalg.norm(x))) == pytest.approx(
+        moved / by_hand, rel=0.1)  # ‖P x‖ ≈ sqrt(p/d)‖x‖

@@ -81,7 +81,7 @@ def test_cache_inputs_follow_the_declaration(run):
     base = _subset_inputs(run.cfg)
     assert base["config"] == {"estimation.l2": run.cfg.estimation.l2,
                               "estimation.max_norm": None,
-                              "estimation.max_relative_distance": 1.0,
+                              "estimation.max_adapter_distance": 1.0,
                               "estimation.fit_dim": None, "estimation.projection_dim": 32}
     changed = run.cfg.model_copy(deep=True)
     changed.estimation.l2 = 0.5
@@ -134,9 +134,11 @@ def test_records_round_trip_through_json():
                                                 Member("theta-star", -1.0)])
     assert GroupEnsemble.from_json(g.to_json()) == g
     assert GroupEnsemble.from_json(g) is g
-    info = ProjectionInfo(460800, 400, 0, 32768, 2.5)
-    assert info.norm_for_relative_distance(1.0) == 1.0 * 2.5 / (460800 / 400) ** 0.5
-    assert info.relative_distance(info.norm_for_relative_distance(1.0)) == pytest.approx(1.0)
+    info = ProjectionInfo(460800, 400, 0, 32768, 2.5, 2000.0)
+    assert info.norm_for_adapter_distance(1.0) == 1.0 * 2.5 / (460800 / 400) ** 0.5
+    assert info.adapter_distance(info.norm_for_adapter_distance(1.0)) == pytest.approx(1.0)
+    assert info.relative_distance(info.norm_for_adapter_distance(1.0)) == pytest.approx(2.5 / 2000)
+    assert ProjectionInfo.from_json(info.to_json()) == info
     with pytest.raises(ValueError, match="not a valid GroupEnsemble record"):
         GroupEnsemble.from_json({"name": "g", "tasks": ["rte"]})
 
@@ -275,3 +277,34 @@ def test_stage1_seconds_count_work_not_waiting(data_root, cache_dir, tmp_path):
     wall = time.perf_counter() - t0
     total = sum(r.seconds for r in records.values())
     assert 0 < total <= wall * 1.05 + 0.05, (total, wall)
+
+
+def test_the_compute_ratio_counts_the_member_scoring():
+    """Issue 33, item 3: the ratio to one adapter the paper's way (stage 1, fits, group
+    adapters, boosting) and with the member scoring before the weights (fit phase only: the
+    test scoring is evaluation, which one adapter needs too), in seconds and FLOPs."""
+    from ensemble_core.records import (AdapterRecord, AdaptersResult, BoostRecord,
+                                       FeaturesRecord, ScoresRecord, SplitFeatures, TrainResult)
+
+    def train(s, flops):
+        return TrainResult(best_epoch=1, history=[], wall_seconds=s, n_steps=1, tokens_seen=1,
+                           flops_estimate=flops, peak_memory_bytes=1, trainable_parameters=1)
+
+    f = FileRef("/x", "0" * 64)
+    split = SplitFeatures("/x", "0" * 64, 1, 1)
+    feats = {t: FeaturesRecord(t, f, split, split, ProjectionInfo(10, 2, 0, 1, 1.0), seconds=3.0,
+                               flops=30.0) for t in ("a", "b")}
+    groups = {"group-0": AdapterRecord("group-0", ["a"], "/g0", "0", train(10.0, 100.0)),
+              "group-1": AdapterRecord("group-1", ["b"], "/g1", "0", train(12.0, 120.0))}
+    adapters = AdaptersResult(groups, AdapterRecord("all-tasks", ["a", "b"], "/s", "0",
+                                                    train(20.0, 200.0)),
+                              AdapterRecord("theta-star", [], "/t", "0"))
+    boost = [BoostRecord(adapters.single, "group-0", 1, 0.1, 1.0, 0.9, None, None, 0.0, True,
+                         2.0)]
+    scores = {"g/a": ScoresRecord("group-0", f, 4.0, "fit", "a", flops=40.0),
+              "g/a:test": ScoresRecord("group-0", f, 50.0, "test", "a", flops=500.0)}
+    c = stages.compute_summary(feats, 1.0, adapters, boost, scores)
+    assert c.ratio == pytest.approx((6 + 1 + 22 + 2) / 20)
+    assert c.ratio_with_scoring == pytest.approx((6 + 1 + 22 + 2 + 4) / 20)
+    assert c.flops_ratio == pytest.approx((60 + 220) / 200)
+    assert c.flops_ratio_with_scoring == pytest.approx((60 + 220 + 40) / 200)

@@ -18,8 +18,7 @@ from scipy.special import logsumexp
 
 from ensemble_core.features import FeatureTable
 from ensemble_core.sampling import pair_counts, sample_subsets
-from ensemble_core.surrogate import (FirstOrderSurrogate, _design, _objective, fit_subset,
-                                     implied_relative_distance)
+from ensemble_core.surrogate import FirstOrderSurrogate, _design, _objective, fit_subset
 
 
 # ---- synthetic FeatureTables ----------------------------------------------------------------
@@ -216,20 +215,23 @@ def test_errors():
         FirstOrderSurrogate().fit([bad])
 
 
-def test_implied_relative_distance():
+def test_relative_distance_as_the_paper_defines_it():
+    """ProjectionInfo: ‖P x‖ ≈ sqrt(p/d)·‖x‖ (E‖P x‖² = (p/d)‖x‖² for N(0, 1/d) entries), over
+    the whole pretrained model's norm (the paper's relative distance, §2.2) and over the
+    adapter's own norm (the surrogate bound's unit), against an explicit P."""
+    from ensemble_core.records import ProjectionInfo
+
     rng = np.random.default_rng(0)
     p, d = 20000, 40
     P = rng.standard_normal((p, d)) / np.sqrt(d)  # entries N(0, 1/d)
     x = rng.standard_normal(d)
-    exact = implied_relative_distance(x, 50.0, expand=lambda v: P @ v)
-    assert exact == pytest.approx(np.linalg.norm(P @ x) / 50.0)
-    approx = implied_relative_distance(x, 50.0, p=p)
-    assert approx == pytest.approx(math.sqrt(p / d) * np.linalg.norm(x) / 50.0)
-    assert approx == pytest.approx(exact, rel=0.05)
-    with pytest.raises(ValueError):
-        implied_relative_distance(x, 50.0)
-    with pytest.raises(ValueError):
-        implied_relative_distance(x, 0.0, p=p)
+    info = ProjectionInfo(p, d, 0, 1024, theta_norm=50.0, full_norm=2000.0)
+    norm = float(np.linalg.norm(x))
+    assert info.moved(norm) == pytest.approx(np.linalg.norm(P @ x), rel=0.05)
+    assert info.relative_distance(norm) == pytest.approx(math.sqrt(p / d) * norm / 2000.0)
+    assert info.adapter_distance(norm) == pytest.approx(math.sqrt(p / d) * norm / 50.0)
+    assert info.norm_for_adapter_distance(info.adapter_distance(norm)) == pytest.approx(norm)
+    assert ProjectionInfo(p, d, 0, 1024, 50.0).relative_distance(norm) == 0.0  # unknown
 
 
 def test_fit_subset_is_json_able():

@@ -143,21 +143,22 @@ def with_boosting_member(group: GroupEnsemble, adapter: str, theta_star: str,
                                    Member(theta_star, -scale)])
 
 
-def _relative_distance(model, theta0: torch.Tensor) -> float:
-    from .models import adapter_vector
-
-    return float((adapter_vector(model) - theta0).norm() / max(float(theta0.norm()), 1e-30))
-
-
 def _example_keys(tables: Sequence[FeatureTable]) -> list[tuple[str, str]]:
     return [(t.task, str(t.example_id[i])) for t in tables for i in t.choices.starts]
 
 
+def _distances(moved: float, theta0: torch.Tensor, full_norm: float) -> tuple[float, float]:
+    """How far a boosting adapter moved from θ*, ``moved`` = ‖θ − θ*‖: (the paper's relative
+    distance ‖θ − θ*‖/‖θ*_Full‖, §2.2: over the whole pretrained model's norm; the adapter
+    distance ‖θ − θ*‖/‖θ*‖, over the adapter's own norm at θ*). 0 where a norm is unknown."""
+    own = float(theta0.norm())
+    return (moved / full_norm if full_norm > 0 else 0.0, moved / own if own > 0 else 0.0)
 
-def _relative_distance(model, theta0: torch.Tensor) -> float:
+
+def _moved(model, theta0: torch.Tensor) -> float:
     from ..models import adapter_vector
 
-    return float((adapter_vector(model) - theta0).norm() / max(float(theta0.norm()), 1e-30))
+    return float((adapter_vector(model) - theta0).norm())
 
 
 # -------------------------------------------------------------------------------------------
@@ -224,7 +225,7 @@ def boosting_mode(name: str) -> BoostingMode:
     return BOOSTING_MODES.get(name)
 
 
-from . import adaboost, exact, first_order  # noqa: E402,F401  (the builtin modes register)
+from . import adaboost, exact, first_order, paper  # noqa: E402,F401  (the builtin modes register)
 from .adaboost import adaboost_alphas, adaboost_step, weighted_choice_loss  # noqa: E402
 from .exact import exact_boost_step, residual_loss  # noqa: E402
 from .first_order import boost_step, centred, fit_residuals, restore  # noqa: E402,F401

@@ -10,7 +10,7 @@ import torch
 
 from ..features import FeatureTable
 from ..records import BoostRecord, GroupEnsemble, Member
-from . import (BoostContext, BoostingMode, _example_keys, _relative_distance, _train_layout,
+from . import (BoostContext, BoostingMode, _example_keys, _distances, _moved, _train_layout,
                register_boosting_mode)
 
 
@@ -52,7 +52,7 @@ def adaboost_alphas(wrong: Sequence[np.ndarray]) -> tuple[list[float], list[floa
 
 def adaboost_step(group: GroupEnsemble, step: int, model, score_train, save, train,
                   tables: Sequence[FeatureTable], member_train: Mapping[str, np.ndarray],
-                  eta: float) -> BoostRecord:
+                  eta: float, full_norm: float = 0.0) -> BoostRecord:
     """One ``adaboost`` step (module docstring). ``member_train[name]`` are the flat train
     scores of each of the group's members (in ``group.members`` order); ``model`` holds θ* and
     is fine-tuned in place by ``train(model, loss_fn)`` with the sample weights."""
@@ -85,7 +85,8 @@ def adaboost_step(group: GroupEnsemble, step: int, model, score_train, save, tra
     return BoostRecord(
         adapter=adapter, group=group.name, step=step, eta=eta, train_loss_before=loss_before,
         train_loss_after=loss_after, train_loss_first_order=None, x_norm=None,
-        relative_distance=_relative_distance(model, theta0),
+        relative_distance=_distances(_moved(model, theta0), theta0, full_norm)[0],
+        adapter_distance=_distances(_moved(model, theta0), theta0, full_norm)[1],
         accepted=bool(alpha > 0 and loss_after < loss_before and all(a > 0 for a in alphas)),
         seconds=time.perf_counter() - t0, mode="adaboost", members=members,
         alpha=alpha, error=errs[-1])
@@ -99,4 +100,4 @@ class AdaBoost(BoostingMode):
     def step(self, ctx: BoostContext) -> BoostRecord:
         flat = {m.name: ctx.member_train(m.name) for m in ctx.group.members}
         return adaboost_step(ctx.group, ctx.step, ctx.model, ctx.score_train, ctx.save,
-                             ctx.train, ctx.tables, flat, ctx.eta)
+                             ctx.train, ctx.tables, flat, ctx.eta, ctx.projection.full_norm)

@@ -10,7 +10,7 @@ import torch
 
 from ..features import FeatureTable
 from ..records import BoostRecord, GroupEnsemble
-from . import (BoostContext, BoostingMode, _example_keys, _relative_distance, _train_state, register_boosting_mode, with_boosting_member)
+from . import (BoostContext, BoostingMode, _example_keys, _distances, _moved, _train_state, register_boosting_mode, with_boosting_member)
 
 
 def residual_loss(targets: Mapping[tuple[str, str], tuple[np.ndarray, np.ndarray]]):
@@ -36,7 +36,7 @@ def residual_loss(targets: Mapping[tuple[str, str], tuple[np.ndarray, np.ndarray
 
 def exact_boost_step(group: GroupEnsemble, step: int, model, score_train, save, train,
                      tables: Sequence[FeatureTable], h_current: np.ndarray, eta: float,
-                     theta_star: str) -> BoostRecord:
+                     theta_star: str, full_norm: float = 0.0) -> BoostRecord:
     """One ``exact`` boosting step (module docstring). ``model`` holds θ* and is fine-tuned in
     place by ``train(model, loss_fn)`` on the group's train sample; ``save``, ``score_train``,
     ``h_current`` as in :func:`boost_step`."""
@@ -59,7 +59,8 @@ def exact_boost_step(group: GroupEnsemble, step: int, model, score_train, save, 
     return BoostRecord(
         adapter=adapter, group=group.name, step=step, eta=eta, train_loss_before=loss_before,
         train_loss_after=loss_after, train_loss_first_order=None, x_norm=None,
-        relative_distance=_relative_distance(model, theta0),
+        relative_distance=_distances(_moved(model, theta0), theta0, full_norm)[0],
+        adapter_distance=_distances(_moved(model, theta0), theta0, full_norm)[1],
         accepted=bool(loss_after < loss_before), seconds=time.perf_counter() - t0,
         mode="exact",
         members=with_boosting_member(group, adapter.name, theta_star, eta).members)
@@ -72,4 +73,5 @@ class Exact(BoostingMode):
 
     def step(self, ctx: BoostContext) -> BoostRecord:
         return exact_boost_step(ctx.group, ctx.step, ctx.model, ctx.score_train, ctx.save,
-                                ctx.train, ctx.tables, ctx.h_current, ctx.eta, ctx.theta_star)
+                                ctx.train, ctx.tables, ctx.h_current, ctx.eta, ctx.theta_star,
+                                ctx.projection.full_norm)

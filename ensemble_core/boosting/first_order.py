@@ -12,8 +12,8 @@ from ..choices import Choices
 from ..features import FeatureTable
 from ..records import BoostRecord, GroupEnsemble
 from ..rundir import THETA_STAR
-from . import (BoostContext, BoostingMode, _train_layout,
-               _train_state, register_boosting_mode, with_boosting_member)
+from . import (BoostContext, BoostingMode, _distances, _train_layout, _train_state,
+               register_boosting_mode, with_boosting_member)
 
 
 def centred(G: np.ndarray, layout: Choices) -> np.ndarray:
@@ -52,7 +52,7 @@ def restore(model, x: np.ndarray, eta: float, projector) -> tuple[torch.Tensor, 
 
 def boost_step(group: GroupEnsemble, step: int, model, score_train, save,
                tables: Sequence[FeatureTable], h_current: np.ndarray, l2: float, eta: float,
-               projector, theta_star: str = THETA_STAR) -> BoostRecord:
+               projector, theta_star: str = THETA_STAR, full_norm: float = 0.0) -> BoostRecord:
     """One boosting step on ``group`` (steps 2–4 of the module docstring). ``model`` holds θ*
     and ends holding θ* + η·P x̂; ``save(model)`` writes it as the boosting adapter and returns
     its ``AdapterRecord``; ``score_train(model)`` returns the model's scores of the group's
@@ -77,7 +77,8 @@ def boost_step(group: GroupEnsemble, step: int, model, score_train, save,
         train_loss_after=loss_after,
         train_loss_first_order=gold.log_loss(h_current + eta * (G @ x)),
         x_norm=float(np.linalg.norm(x)),
-        relative_distance=float(delta.norm() / max(float(theta0.norm()), 1e-30)),
+        relative_distance=_distances(float(delta.norm()), theta0, full_norm)[0],
+        adapter_distance=_distances(float(delta.norm()), theta0, full_norm)[1],
         accepted=bool(loss_after < loss_before), seconds=time.perf_counter() - t0,
         mode="first-order",
         members=with_boosting_member(group, adapter.name, theta_star).members)
@@ -95,4 +96,5 @@ class FirstOrder(BoostingMode):
         proj = GaussianProjector(info.p, info.d, seed=info.seed, block_rows=info.block_rows,
                                  cache_bytes=0)  # one expand: each block is used once
         return boost_step(ctx.group, ctx.step, ctx.model, ctx.score_train, ctx.save,
-                          ctx.tables, ctx.h_current, ctx.l2, ctx.eta, proj, ctx.theta_star)
+                          ctx.tables, ctx.h_current, ctx.l2, ctx.eta, proj, ctx.theta_star,
+                          ctx.projection.full_norm)

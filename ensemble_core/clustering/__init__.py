@@ -6,12 +6,14 @@ from .base import (CLUSTERING_METHODS, ClusteringConfig, ClusteringMethod, Estim
                    centered_affinity, clustering_method, groups_to_json, join_by_affinity,
                    labels_to_groups, partition_objective, register_clustering_method,
                    validate_clustering)
-from .sdp import SDPClustering, SDPConfig, SDPSolveError, round_solution, solve_sdp
+from .sdp import (SDPClustering, SDPConfig, SDPSolveError, density_affinity, paper_density,
+                  round_solution, solve_sdp)
 from .spectral import SpectralClustering, SpectralConfig, spectral_cluster
 
 __all__ = ["CLUSTERING_METHODS", "ClusteringConfig", "ClusteringMethod", "Estimator",
            "centered_affinity", "clustering_method", "groups_to_json", "join_by_affinity",
            "labels_to_groups", "partition_objective", "register_clustering_method",
-           "validate_clustering", "SDPClustering", "SDPConfig", "SDPSolveError",
+           "validate_clustering", "SDPClustering", "SDPConfig", "SDPSolveError", "paper_density",
+           "density_affinity",
            "round_solution", "solve_sdp", "SpectralClustering", "SpectralConfig",
            "spectral_cluster"]

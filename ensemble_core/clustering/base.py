@@ -35,6 +35,10 @@ class ClusteringConfig(StrictModel):
     # regroup_below (a fraction) below a fresh grouping's; false: every run groups afresh
     incremental: bool = False
     regroup_below: float = Field(0.1, ge=0.0)
+    # group stability: the groups found again from this many bootstrap resamples of the
+    # subset estimates (the same method and number of groups), compared with the chosen ones
+    # by the adjusted Rand index (groups.json, the report); 0: not measured
+    stability_draws: int = Field(20, ge=0, le=1000)
 
 
 class ClusteringMethod:

@@ -14,9 +14,11 @@ the optimum does not change; we use that freedom to work with the row-centered a
 A = sym(T_ij − T_ii) ("how much j helps i beyond i's average"), scaled to max |A| = 1, which makes
 solver tolerances and the automatic λ grid independent of the units of T.
 
-Rounding (X̂ → groups): tasks u, v go together when X̂_uv ≥ c/n. In an exact block solution
-X̂_uv = 1/|G| ≥ 1/n inside a group and 0 across groups, so c ∈ (0, 1] separates them; the default
-c = 0.5 sits halfway, robust to solver noise on either side. The threshold graph need not be
+Rounding (X̂ → groups; Appendix A.1): tasks u, v go together when X̂_uv ≥ c/n with c ≥ 1 (the
+paper's condition; default c = 1). In an exact block solution X̂_uv = 1/|G| ≥ 1/n inside a group
+and 0 across groups, so c = 1 separates them; a group of all n tasks, whose entries are exactly
+1/n, may fall apart under solver noise below 1/n, which the greedy rounding and, with m given,
+the merging below make whole again. The threshold graph need not be
 transitive, so the groups are formed greedily: repeatedly take the unassigned task with the
 largest X̂_uu (smallest implied group; ties → lowest index) and give it every unassigned task
 v with X̂_uv ≥ c/n. With m given, the rounding is then made exactly m groups: merge the two
@@ -24,16 +26,25 @@ groups with the highest mean affinity, or split the least coherent group around 
 affine pair — all ties broken by task index, so the result is deterministic.
 
 Choosing m automatically (``m_selection``):
+- ``"density"`` (the paper's rule, §3.3, the default): for m = 1..min(n, max_groups) solve with
+  Tr X = m, round to m groups v_1..v_m (indicator vectors) and score the average density
+  (1/m) Σ_j v_jᵀ D v_j / v_jᵀ v_j; take the largest (ties → fewer groups). D is the affinity
+  with each row centred by its mean over the other tasks (``density_affinity``; the paper's T
+  is "larger = helps" in unspecified units: on −loss itself every group's density is
+  −|group|·loss, which favours singletons whatever the data, so the rule is read on the
+  centred affinity, where a group of tasks that help each other has positive density and a
+  group of unrelated ones none).
+- ``"contrast"``: as ``"density"``, scoring instead the average within-group density contrast:
+  per task, mean affinity inside its group minus mean affinity to the closest other group
+  (singletons and m = 1 score 0), averaged over tasks (a rule of this project's; BENCHMARKS.md,
+  "Choosing m", says where it differs).
 - ``"trace"``: solve for a grid of λ (default: −n·max|A|·{1e-3..1}, 0, +max|A|·{1e-3..1}, log
   spaced), round each solution and take the number of groups that is optimal over the longest
   λ-range (the most stable m; each grid point owns the λ-interval between the midpoints to its
   neighbours, so a densely sampled neighbourhood of λ = 0 does not outvote a wide plateau; the
   trivial 1 and n only if nothing else occurs; ties → fewer groups). Then re-solve with
-  Tr X = m.
-- ``"density"``: for m = 1..min(n, max_groups) solve with Tr X = m, round to m groups and score
-  the average within-group density contrast: per task, mean affinity inside its group minus
-  mean affinity to the closest other group (singletons and m = 1 score 0), averaged over tasks
-  (A units); take the best (ties → fewer groups).
+  Tr X = m. (Trace regularization, Appendix A.1's λ Tr X, used to choose m: a rule of this
+  project's.)
 """
 from __future__ import annotations
 
@@ -48,7 +59,8 @@ from .base import (ClusteringConfig, ClusteringMethod, Estimator, _as_matrix, _c
                    _groups_to_labels, centered_affinity, labels_to_groups,
                    register_clustering_method)
 
-__all__ = ["SDPClustering", "SDPSolveError", "solve_sdp", "round_solution", "SDPConfig"]
+__all__ = ["SDPClustering", "SDPSolveError", "solve_sdp", "round_solution", "SDPConfig",
+           "paper_density", "density_affinity"]
 
 _OK = ("optimal", "optimal_inaccurate")
 # Clarabel's interior-point KKT system for an n×n PSD cone is dense in n(n+1)/2 unknowns, so its
@@ -204,7 +216,7 @@ def _split_to(groups: list[list[int]], m: int, A: np.ndarray) -> list[list[int]]
     return groups
 
 
-def round_solution(X: np.ndarray, c: float = 0.5, m: int | None = None,
+def round_solution(X: np.ndarray, c: float = 1.0, m: int | None = None,
                    affinity=None) -> np.ndarray:
     """Round an SDP solution to labels: u ~ v when X̂_uv ≥ c/n (greedy, see module doc).
 
@@ -232,8 +244,32 @@ def round_solution(X: np.ndarray, c: float = 0.5, m: int | None = None,
     return _groups_to_labels(groups, n)
 
 
-def _density(A: np.ndarray, labels: np.ndarray) -> float:
-    """Average within-group density contrast of a partition (``m_selection="density"``).
+TRACE_PATH_C = 0.5
+
+
+def density_affinity(T) -> np.ndarray:
+    """The affinity the density rule reads: sym(T_ij − mean_{k≠i} T_ik), zero diagonal — how
+    much j helps i beyond i's average partner. (Centring each row also removes the constant
+    part of T that would otherwise decide m alone; by the off-diagonal mean rather than
+    T_ii, which may hold as much signal as a partner's entry.)"""
+    T = _as_matrix(T)
+    n = T.shape[0]
+    off = (T.sum(axis=1) - np.diag(T)) / (n - 1)
+    D = T - off[:, None]
+    D = (D + D.T) / 2.0
+    np.fill_diagonal(D, 0.0)
+    return D
+
+
+def paper_density(A: np.ndarray, labels: np.ndarray) -> float:
+    """The paper's average density of a partition (§3.3; ``m_selection="density"``):
+    (1/m) Σ_j v_jᵀ A v_j / v_jᵀ v_j over the groups' indicator vectors v_j."""
+    groups = labels_to_groups(labels)
+    return float(np.mean([A[np.ix_(g, g)].sum() / len(g) for g in groups]))
+
+
+def _contrast(A: np.ndarray, labels: np.ndarray) -> float:
+    """Average within-group density contrast of a partition (``m_selection="contrast"``).
 
     Per task u: mean affinity to the other members of its group minus the mean affinity to the
     closest other group (the one u is most affine to); singletons and the one-group partition
@@ -270,8 +306,9 @@ class SDPClustering(Estimator):
         reported objective. With m=None and ``m_selection="trace"`` it is the λ grid to sweep
         (absolute, in the units of T); None = automatic grid scaled to the affinity.
     c : float — rounding threshold X̂_uv ≥ c/n.
-    m_selection : "trace" | "density".
-    max_groups : int or None — largest m considered by ``"density"`` (default min(n, 10)).
+    m_selection : "density" (the paper's) | "contrast" | "trace".
+    max_groups : int or None — largest m considered by ``"density"`` and ``"contrast"``
+        (default min(n, 10)).
     solver : None (auto: Clarabel then SCS; SCS first for n > 30), a cvxpy solver name, or a list.
     refine : int — bisection rounds locating the λ breakpoints of the ``"trace"`` sweep.
 
@@ -280,8 +317,8 @@ class SDPClustering(Estimator):
     record of how m was chosen).
     """
 
-    def __init__(self, m: int | None = None, lam=None, c: float = 0.5,
-                 m_selection: str = "trace", max_groups: int | None = None, solver=None,
+    def __init__(self, m: int | None = None, lam=None, c: float = 1.0,
+                 m_selection: str = "density", max_groups: int | None = None, solver=None,
                  refine: int = 4):
         self.m = m
         self.lam = lam
@@ -322,8 +359,8 @@ class SDPClustering(Estimator):
         _check_m(self.m, n)
         if not self.c > 0:
             raise ValueError(f"rounding constant c must be > 0, got {self.c}")
-        if self.m_selection not in ("trace", "density"):
-            raise ValueError(f"m_selection must be 'trace' or 'density', got "
+        if self.m_selection not in ("trace", "density", "contrast"):
+            raise ValueError(f"m_selection must be 'density', 'contrast' or 'trace', got "
                              f"{self.m_selection!r}")
         A = centered_affinity(T)
         scale = float(np.max(np.abs(A)))
@@ -337,7 +374,9 @@ class SDPClustering(Estimator):
 
             def groups_at(lam: float) -> int:
                 X, _, _, _ = sdp.solve(lam)
-                return int(len(np.unique(round_solution(X, c=self.c))))
+                # the rule as it was measured: the λ-path rounded at c = 0.5 (the final
+                # partition is rounded at self.c)
+                return int(len(np.unique(round_solution(X, c=TRACE_PATH_C))))
 
             for lam in self._lam_grid(scale, n):
                 path[lam] = groups_at(lam)
@@ -358,15 +397,20 @@ class SDPClustering(Estimator):
             m = _leading(width, n, 1)[0]
             selection.update({"lams": lams, "m_per_lam": ms,
                               "lam_width": {str(k): v for k, v in sorted(width.items())}})
-        elif m is None:  # density
+        elif m is None:  # density (the paper's) or contrast
+            if self.m_selection == "density":
+                D = density_affinity(T)
+                score, M = paper_density, D / max(float(np.max(np.abs(D))), 1e-300)
+            else:
+                score, M = _contrast, A / scale
             top = min(n, self.max_groups or 10)
             scores, fits = {}, {}
             for k in range(1, top + 1):
                 fits[k] = self._solve_m(T, k)
-                scores[k] = _density(A / scale, fits[k][4])
+                scores[k] = score(M, fits[k][4])
             m = max(scores, key=lambda k: (scores[k], -k))
             selection["scores"] = {str(k): float(v) for k, v in scores.items()}
-        if selection["method"] == "density":
+        if selection["method"] in ("density", "contrast"):
             X, obj, status, name, labels = fits[m]
         else:
             X, obj, status, name, labels = self._solve_m(T, int(m))
@@ -410,10 +454,12 @@ def _leading(width: dict[int, float], n: int, top: int) -> list[int]:
 
 class SDPConfig(ClusteringConfig):
     method: Literal["sdp"] = "sdp"
-    m_selection: Literal["trace", "density"] = "trace"
+    # how m is chosen when n_groups is auto: the paper's average density (§3.3), or this
+    # project's contrast or trace rules (module docstring)
+    m_selection: Literal["density", "contrast", "trace"] = "density"
     lam: float | None = None  # λ of the trace term (None: an automatic grid for m = "auto")
-    threshold_c: float = Field(0.5, gt=0.0)  # round X̂_uv >= c/n
-    max_groups: int | None = Field(None, ge=1, le=10_000)  # largest m for m_selection=density
+    threshold_c: float = Field(1.0, ge=1.0)  # round X̂_uv >= c/n, c >= 1 (Appendix A.1)
+    max_groups: int | None = Field(None, ge=1, le=10_000)  # largest m for density, contrast
     solver: str | None = None  # a cvxpy solver name; default Clarabel, then SCS
 
 

@@ -165,20 +165,31 @@ def scores_of(scores: dict[str, ScoresRecord], names,
 # -------------------------------------------------------------------------------------------
 
 def compute_summary(features: dict[str, FeaturesRecord], estimation_s: float,
-                    adapters: AdaptersResult, boosting: Sequence[BoostRecord]) -> Compute:
-    """Wall seconds per part, from the records (so a resumed run reports the original work).
-    The compute ratio is (stage 1 + stages 2–3 + group adapters + boosting) / baseline
-    training (the paper's Table 4 compares the same)."""
+                    adapters: AdaptersResult, boosting: Sequence[BoostRecord],
+                    scores: dict[str, ScoresRecord] | None = None) -> Compute:
+    """What the ensemble cost against the baseline's training, from the records (so a resumed
+    run reports the original work), the paper's way and with the member scoring that the
+    weights and the boosting choice read (``records.Compute``; the fit-phase ``scores``)."""
     groups = list(adapters.groups.values())
     base = adapters.single.train
     s1 = sum(f.seconds for f in features.values())
     groups_s = sum(a.train.wall_seconds for a in groups)
     boost_s = sum(b.seconds for b in boosting)
+    fit = [r for r in (scores or {}).values() if r.phase == "fit"]
+    scoring_s = sum(r.seconds for r in fit)
     ensemble_s = s1 + estimation_s + groups_s + boost_s
+    s1_flops = sum(f.flops for f in features.values())
+    group_flops = sum(a.train.flops_estimate for a in groups)
+    scoring_flops = sum(r.flops for r in fit)
+    base_s, base_flops = max(base.wall_seconds, 1e-9), max(base.flops_estimate, 1e-9)
     return Compute(gradients_s=s1, estimation_s=estimation_s, group_adapters_s=groups_s,
                    boosting_s=boost_s, ensemble_pipeline_s=ensemble_s,
-                   baseline_s=base.wall_seconds, ratio=ensemble_s / max(base.wall_seconds, 1e-9),
-                   baseline_flops=base.flops_estimate,
-                   group_flops=sum(a.train.flops_estimate for a in groups),
+                   baseline_s=base.wall_seconds, ratio=ensemble_s / base_s,
+                   baseline_flops=base.flops_estimate, group_flops=group_flops,
                    peak_memory_bytes=max(a.train.peak_memory_bytes
-                                         for a in [*groups, adapters.single]))
+                                         for a in [*groups, adapters.single]),
+                   scoring_s=scoring_s, gradients_flops=s1_flops, scoring_flops=scoring_flops,
+                   flops_ratio=(s1_flops + group_flops) / base_flops,
+                   ratio_with_scoring=(ensemble_s + scoring_s) / base_s,
+                   flops_ratio_with_scoring=(s1_flops + group_flops + scoring_flops)
+                   / base_flops)

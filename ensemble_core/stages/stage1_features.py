@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from typing import Sequence
 
 import numpy as np
 
@@ -66,8 +67,9 @@ def gradient_features(run: Run, task: str, progress=None) -> FeaturesRecord:
     estimation sample) as Parquet (``features``), and the task's manifest."""
     from ..features import FEATURES_FORMAT, GRAD_MEANING, write_features
     from ..gradients import extract_features
-    from ..models import adapter_vector
+    from ..models import adapter_vector, base_norm
     from ..scoring import ChoiceScorer
+    from ..training import forward_parameters
 
     cfg, td = run.cfg, run.task_data(task)
     lm = theta_star_model(cfg)
@@ -94,10 +96,17 @@ def gradient_features(run: Run, task: str, progress=None) -> FeaturesRecord:
                                          table.n_examples)
             timings[split] = dict(tim, total_s=time.perf_counter() - t0)
         theta_norm = float(adapter_vector(lm.model).norm())
+        full_norm = base_norm(lm.model)
+        # FLOPs as training counts them (records.TrainResult): 2N a token forward, 4N a
+        # token backward, N the parameters applied at every position
+        n_forward = forward_parameters(lm.model)
+        flops = float(sum(2 * n_forward * t["tokens"] + 4 * n_forward * t["backward_tokens"]
+                          for t in timings.values()))
         seconds = time.perf_counter() - t_start
-    info = ProjectionInfo(proj.p, proj.d, proj.seed, proj.block_rows, theta_norm)
+    info = ProjectionInfo(proj.p, proj.d, proj.seed, proj.block_rows, theta_norm, full_norm)
     manifest = {
         "task": task, "seed": info.seed, "d": info.d, "p": info.p, "theta_norm": theta_norm,
+        "full_norm": full_norm,
         "dims": cfg.estimation.dims, "format": FEATURES_FORMAT.decode(),
         "grad": GRAD_MEANING.decode(), "reference_choice": 0,
         "projection": proj.fingerprint(), "model": lm.fingerprint,
@@ -114,17 +123,22 @@ def gradient_features(run: Run, task: str, progress=None) -> FeaturesRecord:
     # written last: its presence marks the task complete
     man = run.dir.write_json(run.dir.features_manifest(task), manifest)
     release_memory()
-    return FeaturesRecord(task, man, files["train"], files["validation"], info, seconds=seconds)
+    return FeaturesRecord(task, man, files["train"], files["validation"], info, seconds=seconds,
+                          flops=flops)
 
 
 @stage(1, "linearity", config=MODEL + PROJECTION + ("estimation.batch_size",
                                                      "estimation.linearity_examples"),
-       uses=("estimation.projection_cache_gb",), reads=lambda task: [task],
+       uses=("estimation.projection_cache_gb",), reads=lambda task, distances=None: [task],
        returns=LinearityRecord)
-def linearity(run: Run, task: str) -> LinearityRecord:
+def linearity(run: Run, task: str, distances: Sequence[float] | None = None) -> LinearityRecord:
     """The first-order check (the paper's Table 5 / Figure 2) on the first examples of one
-    task's validation split (``checks.linearity_check``)."""
-    from ..checks import linearity_check
+    task's validation split (``checks.linearity_check``): at the paper's relative distances
+    (0.05%–0.25% of ‖θ*_Full‖; gradients/linearity.json), or at ``distances`` — the distances
+    the trained adapters actually moved, in the same unit (gradients/linearity-trained.json;
+    ``algorithm2.group_adapters`` asks for it after training)."""
+    from ..checks import PAPER_DISTANCES, linearity_check
+    from ..models import base_norm
     from ..scoring import ChoiceScorer
 
     cfg = run.cfg
@@ -133,7 +147,12 @@ def linearity(run: Run, task: str) -> LinearityRecord:
     examples = run.task_data(task).splits["validation"][:cfg.estimation.linearity_examples]
     with DEVICE_LOCK:
         rows = linearity_check(lm.model, scorer, examples, _stage1_projector(run, lm),
-                               batch_size=cfg.estimation.batch_size)
-    result = {"task": task, "examples": len(examples), "results": rows}
-    ref = run.dir.write_json(run.dir.linearity, result)
+                               distances=PAPER_DISTANCES if distances is None else distances,
+                               batch_size=cfg.estimation.batch_size,
+                               full_norm=base_norm(lm.model))
+    result = {"task": task, "examples": len(examples), "results": rows,
+              "distances": "the paper's (0.05%-0.25% of the whole model's norm)"
+              if distances is None else "those the trained adapters moved"}
+    url = run.dir.linearity if distances is None else run.dir.linearity_trained
+    ref = run.dir.write_json(url, result)
     return LinearityRecord(task, len(examples), [LinearityPoint(**r) for r in rows], ref)

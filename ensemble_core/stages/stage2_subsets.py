@@ -33,7 +33,7 @@ def _used(features: dict, subsets, names) -> dict:
 
 
 @stage(2, "subsets", config=("estimation.l2", "estimation.max_norm",
-                             "estimation.max_relative_distance", "estimation.fit_dim",
+                             "estimation.max_adapter_distance", "estimation.fit_dim",
                              "estimation.projection_dim"),
        key_args=lambda features, batch, subsets, tasks: {
            "features": _used(features, subsets, tasks), "batch": batch,
@@ -55,7 +55,7 @@ def fit_subsets(run: Run, features: dict[str, FeaturesRecord], batch: int,
         if tables[t][1].n_examples == 0:
             raise ValueError(f"task {t} has no validation rows")
     info = features[tasks[subsets[0][0]]].projection.at_dim(d)
-    bound = norm_bound(e.max_norm, e.max_relative_distance, info)
+    bound = norm_bound(e.max_norm, e.max_adapter_distance, info)
     results = []
     for s in subsets:
         check_stop()
@@ -67,7 +67,8 @@ def fit_subsets(run: Run, features: dict[str, FeaturesRecord], batch: int,
         fit = out["fit"]
         results.append(SubsetEstimate(
             [int(i) for i in s], names, {n: TaskEstimate(**out["tasks"][n]) for n in names},
-            SurrogateFit(**fit, relative_distance=info.relative_distance(fit["norm"]))))
+            SurrogateFit(**fit, relative_distance=info.relative_distance(fit["norm"]),
+                         adapter_distance=info.adapter_distance(fit["norm"]))))
     url = run.dir.subsets(batch)
     ref = run.dir.write_json(url, {"batch": batch, "results": [r.to_json() for r in results]})
     worker = f"{socket.gethostname()}:{os.getpid()}"  # provenance: which process fitted these

@@ -63,6 +63,8 @@ def affinity_and_groups(run: Run, results: Sequence[SubsetEstimate],
                 chosen = inc
     groups = groups_to_json(chosen, list(tasks))
     groups.update(info)
+    groups["stability"] = _stability(results, list(tasks), groups, run.cfg.estimation.metric,
+                                     c, run.cfg.seed)
     aff_ref = run.dir.write_bytes(run.dir.affinity, aff.to_json().encode())
     groups_ref = run.dir.write_json(run.dir.groups, groups)
     return GroupsRecord(aff_ref, groups_ref, [g["tasks"] for g in groups["groups"]],
@@ -94,3 +96,41 @@ def plan_baselines(run: Run, groups: GroupsRecord,
         if entry.starts_from_single:
             after.append(method)
     return BaselinePlan(plans, after)
+
+
+def _stability(results: Sequence[SubsetEstimate], tasks: list[str], groups: dict, metric: str,
+               c, seed: int) -> dict | None:
+    """How stable the grouping is under the sampling of the subsets: the k subset estimates
+    resampled with replacement ``clustering.stability_draws`` times (seeded), the affinity
+    (eq. 1) and the groups found again by the same method with the same number of groups,
+    each compared with the chosen groups by the adjusted Rand index (1: the same groups; about
+    0: as alike as chance). A draw that leaves a pair of tasks without a common subset cannot
+    give an affinity and is skipped."""
+    import numpy as np
+
+    from ..affinity import task_affinity
+    from ..clustering import clustering_method
+    from ..comparison import adjusted_rand_index
+
+    if not c.stability_draws or len(tasks) < 3:
+        return None
+    chosen = [g["tasks"] for g in groups["groups"]]
+    rng = np.random.default_rng([seed, 3])
+    items = [(r.subset, r.per_task) for r in results]
+    aris = []
+    for _ in range(c.stability_draws):
+        draw = [items[i] for i in rng.integers(0, len(items), len(items))]
+        try:
+            aff = task_affinity(draw, tasks, metric=metric)
+            found, _ = clustering_method(c).group(aff.matrix, len(chosen), c, seed)
+        except (ValueError, RuntimeError):
+            continue
+        aris.append(adjusted_rand_index(chosen, [[tasks[i] for i in g] for g in found]))
+    if not aris:
+        return {"draws": 0, "tried": c.stability_draws,
+                "reason": "every resample left a pair of tasks without a common subset (too "
+                          "few subsets per pair: raise estimation.n_subsets or "
+                          "min_pair_coverage)"}
+    return {"draws": len(aris), "mean_ari": float(np.mean(aris)),
+            "min_ari": float(np.min(aris)),
+            "same_groups": float(np.mean([a == 1.0 for a in aris]))}

@@ -41,15 +41,26 @@ def score_member(run: Run, adapter: AdapterRecord, task: str, splits: Sequence[s
     cfg = run.cfg
     model, tok = member_model(cfg, run.dir.local(adapter.path), adapter.name, adapter.sha256)
     out: dict = {}
+    counts: dict = {"tokens": 0}
     for split in splits:
         scores = predict_scores(model, tok, scored_examples(run, task, split),
                                 cfg.model.max_length, cfg.estimation.batch_size,
-                                cfg.model.choice_mode)
+                                cfg.model.choice_mode, counts)
         out[split] = [s.astype(float).tolist() for s in scores]
     ref = run.dir.write_json(run.dir.scores(adapter.name, phase, task),
                              {"adapter": adapter.name, "adapter_sha256": adapter.sha256,
                               "phase": phase, "task": task, "scores": {task: out}})
-    return ScoresRecord(adapter.name, ref, time.perf_counter() - t0, phase, task)
+    return ScoresRecord(adapter.name, ref, time.perf_counter() - t0, phase, task,
+                        flops=2.0 * _base_parameters(model) * counts["tokens"])
+
+
+def _base_parameters(model) -> int:
+    """The parameters a forward pass applies at every position (``training.forward_parameters``)
+    of the base model alone (the scoring model holds every member's adapter)."""
+    from ..training import forward_parameters
+
+    return forward_parameters(model.get_base_model() if hasattr(model, "get_base_model")
+                              else model)
 
 
 def read_scores(records: dict[str, ScoresRecord]) -> dict:
@@ -154,28 +165,40 @@ def _base_fingerprint(run: Run, adapter: str) -> dict:
 def _members(groups, scores, *extra) -> dict:
     return scores_of(scores, [m.name for g in groups for m in g.members] + list(extra))
 
-@stage(5, "weights", config=("model", "boosting.eta"),
+@stage(5, "weights", config=("model", "boosting.eta", "weights", "seed"),
        reads=lambda groups, scores: [t for g in groups for t in g.tasks],
        key_args=lambda groups, scores: {"groups": groups, "scores": _members(groups, scores)},
        returns=EnsembleRecord)
 def fit_weights(run: Run, groups: Sequence[GroupEnsemble],
                 scores: dict[str, ScoresRecord]) -> EnsembleRecord:
-    """Per task, nonnegative weights summing to one over the m group ensembles, fitted on the
-    task's validation examples from its own group (``ensemble.fit_ensemble_weights``);
-    ensemble.json."""
-    from ..boosting import group_scores
-    from ..ensemble import (combine_probabilities, ensemble_log_loss, fit_ensemble_weights,
-                           probabilities, task_entry, write_ensemble_json)
+    """Nonnegative weights summing to one over the m group ensembles, fitted on validation
+    examples (``weights``): per task from its own group, kept only if they beat the own group
+    on held-out folds (``weights.guard: cross-fit``), or one simplex for all tasks
+    (``weights.form: per-group``, the paper's Algorithm 2); ensemble.json."""
     from ..adapters import ADAPTER_CONFIG
+    from ..boosting import group_scores
+    from ..ensemble import (combine_probabilities, cross_fitted_weights, ensemble_log_loss,
+                            fit_ensemble_weights, fit_group_weights, probabilities, task_entry,
+                            write_ensemble_json)
     from ..storage import file_sha256, join
 
     member = read_scores(scores)
+    wc = run.cfg.weights
     group_of = {t: k for k, g in enumerate(groups) for t in g.tasks}
-    entries, weights, validation = {}, {}, {}
-    for t in run.task_names:
-        val_gold = [e.label for e in run.task_data(t).splits["validation"]]
-        val_probs = [probabilities(group_scores(member, g, t, "validation")) for g in groups]
-        w = fit_ensemble_weights(val_probs, val_gold, start=group_of[t])
+    gold = {t: [e.label for e in run.task_data(t).splits["validation"]] for t in run.task_names}
+    probs = {t: [probabilities(group_scores(member, g, t, "validation")) for g in groups]
+             for t in run.task_names}
+    shared = fit_group_weights(probs, gold, len(groups)) if wc.form == "per-group" else None
+    entries, weights, validation, fits = {}, {}, {}, {}
+    for i, t in enumerate(run.task_names):
+        val_gold, val_probs = gold[t], probs[t]
+        if shared is not None:
+            w = shared
+        elif wc.guard == "cross-fit":
+            w, fits[t] = cross_fitted_weights(val_probs, val_gold, group_of[t], wc.folds,
+                                              seed=run.cfg.seed + i)
+        else:
+            w = fit_ensemble_weights(val_probs, val_gold, start=group_of[t])
         weights[t] = w.tolist()
         entries[t] = task_entry(run.cfg.task(t), group_of[t], w)
         # the ensemble's own validation metrics (what a new version is promoted on:
@@ -198,5 +221,7 @@ def fit_weights(run: Run, groups: Sequence[GroupEnsemble],
                               groups=spec_groups, max_length=cfg.model.max_length,
                               choice_mode=cfg.model.choice_mode,
                               base_fingerprint=_base_fingerprint(run, groups[0].name),
-                              eta=cfg.boosting.eta, validation=validation)
+                              eta=cfg.boosting.eta, validation=validation,
+                              weights_fit={"form": cfg.weights.form, "guard": cfg.weights.guard,
+                                           "tasks": fits})
     return EnsembleRecord(FileRef(run.dir.ensemble, sha), list(groups), weights)

@@ -28,8 +28,8 @@ __all__ = ["evaluate", "evaluate_baselines", "finish", "publish_version"]
            "baseline": baseline, "compute": compute}, returns=EvaluationRecord)
 def evaluate(run: Run, ensemble: EnsembleRecord, scores: dict[str, ScoresRecord],
              baseline: str, compute: Compute) -> EvaluationRecord:
-    """Test accuracy of the ensemble, of each task's own group ensemble and of the
-    single-adapter baseline; metrics.json."""
+    """Test accuracy of the ensemble, of each task's own group ensemble (with its boosting
+    members), of its group adapter alone and of the single-adapter baseline; metrics.json."""
     from ..comparison import paired_bootstrap
     from ..boosting import group_scores
     from ..choices import flatten
@@ -47,8 +47,12 @@ def evaluate(run: Run, ensemble: EnsembleRecord, scores: dict[str, ScoresRecord]
         probs = {k: probabilities(group_scores(member, groups[k], t, "test"))
                  for k in sorted({*used, group_of[t]})}
         combined = combine_probabilities([probs[k] for k in used], [w[k] for k in used])
+        own = groups[group_of[t]]
+        # the group's adapter alone, without its boosting members: what the grouping
+        # baselines are (like for like)
         chosen = {"single": probabilities(member[baseline][t]["test"]),
-                  "group": probs[group_of[t]], "ensemble": combined}
+                  "group": probs[group_of[t]], "ensemble": combined,
+                  "group_adapter": probabilities(member[own.members[0].name][t]["test"])}
         predictions[t] = {"gold": gold}
         acc = {}
         for method, p in chosen.items():
@@ -57,14 +61,15 @@ def evaluate(run: Run, ensemble: EnsembleRecord, scores: dict[str, ScoresRecord]
             acc[method] = float(np.mean(layout.correct(z)))
         counts = np.bincount(gold)
         per_task[t] = TaskMetrics(len(test), group_of[t], list(w), acc["single"], acc["group"],
-                                  acc["ensemble"], float(counts.max() / counts.sum()))
+                                  acc["ensemble"], float(counts.max() / counts.sum()),
+                                  acc["group_adapter"])
     correct = {m: [{t: (np.asarray(predictions[t][m]) == np.asarray(predictions[t]["gold"]))
                     .astype(np.float64) for t in per_task}] for m in ("ensemble", "single")}
     d, lo, hi = paired_bootstrap(correct["ensemble"], correct["single"], seed=run.cfg.seed)
     avg = Averages(**{k: float(np.mean([getattr(v, k) for v in per_task.values()]))
                       for k in ("baseline_accuracy", "group_accuracy", "ensemble_accuracy",
-                                "majority")}, difference=d, difference_low=lo,
-                   difference_high=hi)
+                                "majority", "group_adapter_accuracy")}, difference=d,
+                   difference_low=lo, difference_high=hi)
     metrics = Metrics(per_task, avg, compute, len(groups), [list(g.tasks) for g in groups])
     ref = run.dir.write_json(run.dir.metrics, metrics.to_json())
     preds = run.dir.write_json(run.dir.predictions, predictions)
@@ -122,7 +127,7 @@ def finish(run: Run, features: dict[str, FeaturesRecord], groups: GroupsRecord,
     affinity = Affinity.from_json(run.dir.read_text(groups.affinity.path))
     report = write_report(run.dir, run.cfg.name, evaluation.metrics, affinity,
                           run.dir.read_json(groups.groups.path), boosting, linearity,
-                          None if baselines is None else baselines.results)
+                          None if baselines is None else baselines.results, adapters)
     files = {}
     for rec in features.values():
         for split in GRADIENT_SPLITS:
