@@ -6,9 +6,14 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: install demo benchmark test test-fast bench
 
+SUDO ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 install:
 	$(PY) -m pip install -q -r requirements-lock.txt
 	$(PY) -m pip install -q --no-deps -e .
+	@# Redis, for the tests of several machines (tests/servers.py starts one on 127.0.0.1)
+	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	    $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 
 ## The main job: the whole pipeline on SmolLM2-135M and six GLUE/SuperGLUE tasks.
 demo: install

@@ -24,3 +24,17 @@ fi
 # = `prefect --no-prompt deploy --all`, with a shim for Prefect 3.8.8's client (nulls the server rejects)
 # (see deployments/__init__.py: deploy)
 python -c 'import deployments; deployments.deploy("--all")'
+
+# Several machines (deployments/README.md, "Several machines"): with RESULTS_URL set (an
+# fsspec URL every machine reaches, e.g. s3://bucket/prefect-results), the Prefect block the
+# stage flow runs persist their results to, so the orchestrating flow reads them back from any
+# machine. Workers then run with
+#   PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK=remote-file-system/ensemble-lora-results
+if [ -n "${RESULTS_URL:-}" ]; then
+  python - "$RESULTS_URL" <<'PY'
+import sys
+from prefect.filesystems import RemoteFileSystem
+RemoteFileSystem(basepath=sys.argv[1]).save("ensemble-lora-results", overwrite=True)
+print(f"result storage block 'remote-file-system/ensemble-lora-results' at {sys.argv[1]}")
+PY
+fi

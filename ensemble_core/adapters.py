@@ -70,6 +70,7 @@ def save_adapter(model, out_dir, result=None, *,
                 raise RuntimeError(f"save_adapter: PEFT did not write {f} for adapter {name!r}")
         _canonical_adapter_config(tmp / ADAPTER_CONFIG,
                                   (base_fingerprint or {}).get("name"))
+        _canonical_model_card(tmp / "README.md", (base_fingerprint or {}).get("name"))
         if result is not None:
             _write_json_file(tmp / TRAINING_FILE, result.to_json())
         if base_fingerprint is not None:
@@ -109,6 +110,29 @@ def _canonical_adapter_config(path: Path, base_name: str | None = None) -> None:
         changed = True
     if changed:
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def _model_card_base(text: str, base_name: str) -> str:
+    out = []
+    for ln in text.split("\n"):
+        if ln.startswith("base_model:"):
+            ln = f"base_model: {base_name}"
+        elif ln.startswith("- base_model:adapter:"):
+            ln = f"- base_model:adapter:{base_name}"
+        out.append(ln)
+    return "\n".join(out)
+
+
+def _canonical_model_card(path: Path, base_name: str | None) -> None:
+    """The model card PEFT writes beside an adapter (README.md) names the base model by the
+    local directory it was loaded from, as adapter_config.json does: replaced by the base
+    model's name, so every process on every machine writes the same bytes."""
+    if base_name is None or not path.is_file():
+        return
+    text = path.read_text()
+    new = _model_card_base(text, base_name)
+    if new != text:
+        path.write_text(new)
 
 
 def _module_io(module) -> tuple[int | None, int | None]:

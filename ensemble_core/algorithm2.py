@@ -9,13 +9,14 @@ algorithm is written once, here, and the flows only choose the runner:
 
     features = gradient_features(run, runner)                       # stage 1
     grouping = affinity_and_groups(run, runner, features.features)  # stages 2–3
-    plan = runner.call(stages.plan_baselines, grouping.groups, features.features)
-    adapters = group_adapters(run, runner, grouping.groups.group_tasks, plan)   # stage 4
+    adapters = group_adapters(run, runner, grouping.groups, features.features)  # stage 4
     result = boosting_and_weights(run, runner, adapters, features.features, ...) # stages 5–6
-    report, version = finish(run, runner, ...)
+    done = finish(run, runner, ...)                                 # report, version
 
-Every write to the run directory happens inside a stage function; the functions here read
-only records (and, between boosting steps, the members' score files, to choose the group).
+Every read and write of the run directory happens inside a stage function (a task, on the
+pool that owns it, under a ``TaskRunner``); the functions here handle only records, so the
+process that runs them (an orchestrating flow on its own machine) needs no access to the
+run directory (docs/design.md, "Object storage and several machines").
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 from . import stages
-from .records import (AdaptersResult, BaselinePlan, BoostRecord,
-                      EnsembleResult, FeaturesRecord, FeaturesResult, GroupEnsemble,
-                      GroupingResult, Member, ScoresRecord)
+from .records import (AdaptersResult, BoostRecord, EnsembleResult, FeaturesRecord,
+                      FeaturesResult, FinishResult, GroupEnsemble, GroupingResult, GroupsRecord,
+                      Member, ScoresRecord)
 from .rundir import BASELINE
 
 __all__ = ["Runner", "gradient_features", "affinity_and_groups", "group_adapters",
@@ -71,31 +72,28 @@ def affinity_and_groups(run, runner: Runner | None = None,
     previous groups are the starting point."""
     runner, log = runner or Runner(run), log or _log
     features = features if features is not None else gradient_features(run, runner).features
-    batches = stages.plan_batches(run.cfg, stages.previous_plan(run.dir))
-    runner.call(stages.save_subset_plan, [[list(s) for s in b] for b in batches])
+    batches = runner.call(stages.save_subset_plan, run.task_names).batches
     log.info("%d subsets of size %d over %d tasks, in %d task runs",
              sum(len(b) for b in batches), run.cfg.estimation.subset_size,
              len(run.task_names), len(batches))
     done = runner.map(stages.fit_subsets, [(features, i, [list(s) for s in batch],
                                             run.task_names)
                                            for i, batch in enumerate(batches)])
-    previous = None  # the groups this directory had, for incremental grouping
-    if run.cfg.clustering.incremental and run.dir.exists(run.dir.groups):
-        previous = [g["tasks"] for g in run.dir.read_json(run.dir.groups)["groups"]]
     groups = runner.call(stages.affinity_and_groups, [r for b in done for r in b.results],
-                         run.task_names, previous)
+                         run.task_names)
     for k, g in enumerate(groups.group_tasks):
         log.info("group %d: %s", k, ", ".join(g))
     return GroupingResult(done, groups)
 
 
-def group_adapters(run, runner: Runner | None, groups: Sequence[Sequence[str]],
-                   baselines: BaselinePlan | None = None) -> AdaptersResult:
-    """Stage 4: one adapter per group, the single adapter on all tasks, θ*, and the
-    baselines' adapters; those of methods that start from the single adapter (MTL-FT) after
-    it, from its weights."""
+def group_adapters(run, runner: Runner | None, groups: GroupsRecord,
+                   features: dict[str, FeaturesRecord]) -> AdaptersResult:
+    """Stage 4: the configured baselines' plan (``stages.plan_baselines``), one adapter per
+    group, the single adapter on all tasks, θ*, and the baselines' adapters; those of methods
+    that start from the single adapter (MTL-FT) after it, from its weights."""
     runner = runner or Runner(run)
-    baselines = baselines or BaselinePlan({})
+    baselines = runner.call(stages.plan_baselines, groups, features)
+    groups = groups.group_tasks
     first = [(f"group-{k}", list(g)) for k, g in enumerate(groups)]
     first.append((BASELINE, run.task_names))
     first += [(name, tasks) for method, members in baselines.plans.items()
@@ -116,12 +114,12 @@ def group_adapters(run, runner: Runner | None, groups: Sequence[Sequence[str]],
         if moved:
             linearity = runner.call(stages.linearity, run.task_names[0], moved)
     return AdaptersResult({k: trained[k] for k in group_names}, single, theta, others,
-                          linearity)
+                          linearity, baselines)
 
 
 def boosting_and_weights(run, runner: Runner | None, adapters: AdaptersResult,
                          features: dict[str, FeaturesRecord], estimation_s: float = 0.0,
-                         baselines: BaselinePlan | None = None, log=None) -> EnsembleResult:
+                         log=None) -> EnsembleResult:
     """Stages 5–6 (Algorithm 2, from "for each boosting step"): score the members where a
     later step reads them; b times, boost the group with the highest training loss and keep
     the step only if the loss fell (the first rejected step ends boosting); fit the per-task
@@ -130,6 +128,7 @@ def boosting_and_weights(run, runner: Runner | None, adapters: AdaptersResult,
     from .boosting import choose_group
 
     runner, log = runner or Runner(run), log or _log
+    baselines = adapters.plan
     groups = [GroupEnsemble(k, a.tasks, [Member(k, 1.0)]) for k, a in adapters.groups.items()]
     known = adapters.all()
 
@@ -148,7 +147,7 @@ def boosting_and_weights(run, runner: Runner | None, adapters: AdaptersResult,
                                           run.cfg.boosting.mode))
     boosting: list[BoostRecord] = []
     for step in range(1, steps_wanted + 1):
-        losses = stages.group_losses(run, groups, features, scores)
+        losses = runner.call(stages.group_losses, groups, features, scores).losses
         chosen = choose_group(groups, losses)
         log.info("boosting step %d: training losses %s; boosting %s", step,
                  {k: round(v, 4) for k, v in losses.items()}, chosen.name)
@@ -179,16 +178,16 @@ def boosting_and_weights(run, runner: Runner | None, adapters: AdaptersResult,
     return EnsembleResult(boosting, ensemble, evaluation, baseline_results)
 
 
-def finish(run, runner: Runner | None, features: FeaturesResult, grouping: GroupingResult,
-           adapters: AdaptersResult, result: EnsembleResult, config: dict[str, Any]):
-    """The report and manifest, then the version: returns (``records.ReportRecord``,
-    ``records.VersionRecord``)."""
+def finish(run, runner: Runner | None, features: FeaturesResult, groups: GroupsRecord,
+           adapters: AdaptersResult, result: EnsembleResult, config: dict[str, Any]
+           ) -> FinishResult:
+    """The report and manifest, then the version."""
     runner = runner or Runner(run)
-    report = runner.call(stages.finish, features.features, grouping.groups, adapters,
+    report = runner.call(stages.finish, features.features, groups, adapters,
                          result.boosting, result.ensemble, result.evaluation,
                          features.linearity, config, run.cfg.fingerprint(), result.baselines)
     version = runner.call(stages.publish_version, result.ensemble, config)
-    return report, version
+    return FinishResult(report, version)
 
 
 def pipeline(run, runner: Runner | None = None, log=None):
@@ -196,7 +195,6 @@ def pipeline(run, runner: Runner | None = None, log=None):
     ``pipeline(Run.open(load_config("configs/tiny.yaml")))`` runs it in this process, without
     Prefect. Returns ``records.PipelineResult``. (The ``ensemble_lora`` flow runs the same
     stage groups, each as a subflow or a deployment.)"""
-    from .records import PipelineResult
     from .runtime import release_models
 
     runner, log = runner or Runner(run), log or _log
@@ -204,12 +202,19 @@ def pipeline(run, runner: Runner | None = None, log=None):
     s1 = gradient_features(run, runner)
     release_models()
     s23 = affinity_and_groups(run, runner, s1.features, log)
-    plan = runner.call(stages.plan_baselines, s23.groups, s1.features)
-    s4 = group_adapters(run, runner, s23.groups.group_tasks, plan)
-    s56 = boosting_and_weights(run, runner, s4, s1.features, s23.seconds, plan, log)
+    s4 = group_adapters(run, runner, s23.groups, s1.features)
+    s56 = boosting_and_weights(run, runner, s4, s1.features, s23.seconds, log)
     release_models()
-    report, version = finish(run, runner, s1, s23, s4, s56, config)
-    return PipelineResult(run.dir.url, s56.evaluation.metrics, s23.groups.group_tasks,
-                          report.report, report.manifest,
-                          {} if s56.baselines is None else s56.baselines.results,
-                          version.version, version.promoted, version.promotion)
+    done = finish(run, runner, s1, s23.groups, s4, s56, config)
+    return pipeline_result(run, s23, s56, done)
+
+
+def pipeline_result(run, grouping: GroupingResult, result: EnsembleResult,
+                    done: FinishResult):
+    """The ``records.PipelineResult`` of a finished run."""
+    from .records import PipelineResult
+
+    return PipelineResult(run.dir.url, result.evaluation.metrics, grouping.groups.group_tasks,
+                          done.report.report, done.report.manifest,
+                          {} if result.baselines is None else result.baselines.results,
+                          done.version.version, done.version.promoted, done.version.promotion)

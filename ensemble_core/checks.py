@@ -137,9 +137,10 @@ def check_estimates(run, features: dict[str, FeaturesRecord], subsets: Sequence[
         task_names = [names[i] for i in s]
         estimates = {}
         for d in dims:
-            tables = [(feature_table(features[t].train.path, features[t].train.sha256, d),
-                       feature_table(features[t].validation.path, features[t].validation.sha256,
-                                     d)) for t in task_names]
+            tables = [(feature_table(run.dir.at(features[t].train.path),
+                                     features[t].train.sha256, d),
+                       feature_table(run.dir.at(features[t].validation.path),
+                                     features[t].validation.sha256, d)) for t in task_names]
             t0 = time.perf_counter()
             estimates[d] = fit_subset(
                 [tr for tr, _ in tables], [va for _, va in tables],

@@ -298,6 +298,10 @@ class RunnerConfig(_Strict):
     address: str | None = None  # a Dask scheduler address; None = a local cluster
     n_workers: int = Field(2, ge=1, le=4096)
     work_pools: dict[str, str] = {}  # stage kind ("gpu", "cpu") -> Prefect work pool name
+    # the Redis server that coordinates the run across machines (the run claim and the cache
+    # locks: ensemble_core/coordination.py); None: ENSEMBLE_LORA_REDIS_URL, else files in a
+    # local run directory (one machine)
+    redis_url: str | None = None
 
 
 class RunConfig(_Strict):

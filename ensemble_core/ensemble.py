@@ -422,39 +422,46 @@ def _adapter_name(path: str, taken: set[str]) -> str:
     return name
 
 
-def _member_paths(rd: RunDir, spec: dict) -> list[str]:
-    """The member adapters ensemble.json names (its paths, each once, in order), each checked:
-    inside the run directory (no link out of it), a PEFT adapter, and its weights and config
-    the ones the ensemble was fitted with (their sha256, where ensemble.json pins them)."""
+def _member_paths(rd: RunDir, spec: dict) -> dict[str, Path]:
+    """The member adapters ensemble.json names (each once, in order) -> the local directory
+    PEFT loads it from, each checked: inside the run directory (no link out of it), a PEFT
+    adapter, and its weights and config the ones the ensemble was fitted with (their sha256,
+    where ensemble.json pins them). A run directory at a URL is read through the local cache,
+    one download per content (``RunDir.fetch``)."""
+    from .adapters import ADAPTER_CONFIG
     from .rundir import inside
     from .storage import file_sha256
 
-    root = rd.local(rd.url)
-    paths = []
+    paths: dict[str, Path] = {}
     for g, grp in enumerate(spec["groups"]):
         where = f"groups[{g}] ({grp.get('name', g)})"
         for mem in grp["members"]:
+            if mem["adapter"] in paths:
+                continue
+            pins = {name: mem[key] for key, name in (("sha256", ADAPTER_WEIGHTS),
+                                                      ("config_sha256", ADAPTER_CONFIG))
+                    if mem.get(key) is not None}
             try:
-                p = rd.local(rd.resolve(mem["adapter"]))
-                if p.exists():
-                    for f in (p, p / "adapter_config.json", p / ADAPTER_WEIGHTS):
-                        inside(f, root)
+                if rd.is_local:
+                    p = rd.local(rd.resolve(mem["adapter"]))
+                    if p.exists():
+                        for f in (p, p / ADAPTER_CONFIG, p / ADAPTER_WEIGHTS):
+                            inside(f, rd.local(rd.url))
+                else:
+                    p = rd.fetch(mem["adapter"], pins)
             except RunDirError as e:
                 raise EnsembleError(f"{rd.ensemble}: {where}: {e}") from None
-            if not (p / "adapter_config.json").is_file():
+            if not (p / ADAPTER_CONFIG).is_file():
                 raise EnsembleError(f"{where}: adapter {mem['adapter']!r} not found at {p}")
-            for key, f in (("sha256", p / ADAPTER_WEIGHTS),
-                           ("config_sha256", p / "adapter_config.json")):
-                if mem.get(key) is None:  # the files the ensemble was fitted with
-                    continue
+            for name, sha in pins.items():  # the files the ensemble was fitted with
+                f = p / name
                 found = file_sha256(str(f)) if f.is_file() else None
-                if found != mem[key]:
+                if found != sha:
                     raise EnsembleError(
                         f"{rd.ensemble}: {where}: adapter {mem['adapter']!r}: {f} "
                         + ("is missing" if found is None else "has changed since the "
                            "ensemble was fitted (sha256 differs)"))
-            if mem["adapter"] not in paths:
-                paths.append(mem["adapter"])
+            paths[mem["adapter"]] = p
     return paths
 
 
@@ -497,8 +504,9 @@ class EnsembleModel:
                         check_fingerprint: bool = True, trust_remote_code: bool = False,
                         version: str | None = None) -> "EnsembleModel":
         """Read ``run_dir/ensemble.json``, load the base model once (``models.load_base``) and
-        every adapter under a distinct name. Local run directories only (PEFT loads adapters
-        from local files); every adapter path must lie inside the run directory.
+        every adapter under a distinct name. ``run_dir`` is a local path or any fsspec URL
+        (adapters of a remote run are read through the local cache: ``RunDir.fetch``); every
+        adapter path must lie inside the run directory.
 
         The run's files are data, not authority: whether a model's own code may run
         (``trust_remote_code``) is the caller's to say (default: no), whatever ensemble.json
@@ -513,8 +521,7 @@ class EnsembleModel:
 
         from .versions import VersionError, check_files
 
-        vid, where = resolve(run_dir, version) if RunDir(str(run_dir)).is_local \
-            else (None, str(run_dir))
+        vid, where = resolve(run_dir, version)
         rd = RunDir(where)
         if vid is not None:  # every file the version pins, before any is read
             try:
@@ -541,10 +548,9 @@ class EnsembleModel:
         taken: set[str] = set()
         names = {p: _adapter_name(p, taken) for p in paths}
         model = None
-        for p in paths:
+        for p, local in paths.items():
             target = base if model is None else model
-            model = load_adapter(target, rd.local(rd.resolve(p)), adapter_name=names[p],
-                                 base_fingerprint=fp)
+            model = load_adapter(target, local, adapter_name=names[p], base_fingerprint=fp)
         model.eval()
         out = cls(model, tok, spec, rd.url, names)
         out.version = vid

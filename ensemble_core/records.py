@@ -26,8 +26,8 @@ from typing import Callable
 __all__ = [
     "Progress", "Record", "FileRef", "ProjectionInfo", "SplitFeatures", "FeaturesRecord",
     "LinearityPoint", "LinearityRecord", "TaskEstimate", "SurrogateFit", "SubsetEstimate",
-    "SubsetBatch", "GroupsRecord", "BaselinePlan", "TrainResult", "AdapterRecord",
-    "ScoresRecord", "Member",
+    "SubsetPlan", "SubsetBatch", "GroupsRecord", "BaselinePlan", "TrainResult", "AdapterRecord",
+    "ScoresRecord", "Member", "GroupLosses", "FinishResult",
     "GroupEnsemble", "BoostRecord", "EnsembleRecord", "TaskMetrics", "Averages", "Compute",
     "Metrics", "EvaluationRecord", "BaselineResult", "BaselinesRecord", "ReportRecord",
     "VersionRecord", "FeaturesResult",
@@ -76,13 +76,14 @@ class Record:
         _collect_files(self, out)
         return out
 
-    def unverified(self) -> list[str]:
+    def unverified(self, base: str | None = None) -> list[str]:
         """The files the record names that are missing or changed since they were written
-        (a cached record is served only when this is empty: tasks/common.py)."""
-        return [f.path for f in dict.fromkeys(self.files()) if not f.verified()]
+        (a cached record is served only when this is empty: tasks/common.py); their paths
+        are relative to ``base``, the run directory."""
+        return [f.path for f in dict.fromkeys(self.files()) if not f.verified(base)]
 
-    def verified(self) -> bool:
-        return not self.unverified()
+    def verified(self, base: str | None = None) -> bool:
+        return not self.unverified(base)
 
 
 def _collect_files(obj, out: list) -> None:
@@ -107,16 +108,27 @@ def _collect_files(obj, out: list) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class FileRef(Record):
-    """A file of the run directory and the sha256 of its content when it was written."""
+    """A file of the run directory — its path relative to the run directory, so a record is
+    the same wherever the directory is (another mount, a copy on s3://) — and the sha256 of
+    its content when it was written."""
     path: str
     sha256: str
 
-    def verified(self) -> bool:
+    def url(self, base: str | None = None) -> str:
+        """Where the file is, for a run directory at ``base`` (an absolute path or URL in a
+        record is returned as it is)."""
+        from .storage import join
+
+        if base is None or "://" in self.path or self.path.startswith("/"):
+            return self.path
+        return join(base, self.path)
+
+    def verified(self, base: str | None = None) -> bool:
         """The file is there with the content it was written with."""
         from .storage import file_sha256
 
         try:
-            return file_sha256(self.path) == self.sha256
+            return file_sha256(self.url(base)) == self.sha256
         except (FileNotFoundError, OSError):
             return False
 
@@ -248,6 +260,14 @@ class SubsetEstimate(Record):
 
 
 @dataclasses.dataclass(frozen=True)
+class SubsetPlan(Record):
+    """Stage 2's plan (estimation/plan.json): the subsets in their batches, as indices into
+    the config's tasks."""
+    file: FileRef
+    batches: list[list[list[int]]]
+
+
+@dataclasses.dataclass(frozen=True)
 class SubsetBatch(Record):
     """Stage 2 for a batch of subsets (one task run)."""
     batch: int
@@ -361,6 +381,11 @@ class AdapterRecord(Record):
 
         return [FileRef(join(self.path, "adapter_model.safetensors"), self.sha256)]
 
+    @property
+    def pins(self) -> dict[str, str]:
+        """The files of the adapter's directory this record pins (``RunDir.fetch``)."""
+        return {"adapter_model.safetensors": self.sha256}
+
 
 # ---------------------------------------------------------------------------------- stage 5
 
@@ -418,6 +443,13 @@ class BoostRecord(Record):
     alpha: float | None = None  # adaboost: the new member's α = log((1 − err)/err)
     error: float | None = None  # adaboost: its weighted training error err
     adapter_distance: float | None = None  # ‖θ − θ*‖/‖θ*‖, over the adapter's own norm
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupLosses(Record):
+    """The exact training loss of every group's current ensemble (group name -> loss), which
+    a boosting step chooses its group by (Algorithm 2)."""
+    losses: dict[str, float]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -588,6 +620,7 @@ class AdaptersResult(Record):
     baselines: dict[str, AdapterRecord] = dataclasses.field(default_factory=dict)
     # the first-order check at the distances the trained adapters moved (the paper's units)
     linearity: LinearityRecord | None = None
+    plan: BaselinePlan | None = None  # the baselines' plan the adapters were trained for
 
     def all(self) -> dict[str, AdapterRecord]:
         return {**self.groups, self.single.name: self.single,
@@ -601,6 +634,13 @@ class EnsembleResult(Record):
     ensemble: EnsembleRecord
     evaluation: EvaluationRecord
     baselines: BaselinesRecord | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishResult(Record):
+    """The report and manifest, and the version published."""
+    report: ReportRecord
+    version: VersionRecord
 
 
 @dataclasses.dataclass(frozen=True)

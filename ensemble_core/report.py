@@ -69,7 +69,7 @@ class Report:
     markdown: str
 
 
-def inline_heatmap(report: Report) -> str:
+def inline_heatmap(report: Report, run_dir) -> str:
     """The report's Markdown with the affinity heatmap inlined (a data URI): the Prefect UI
     cannot resolve the report's relative image path."""
     import base64
@@ -77,7 +77,7 @@ def inline_heatmap(report: Report) -> str:
     from .storage import read_bytes
 
     try:
-        png = base64.b64encode(read_bytes(report.heatmap.path)).decode()
+        png = base64.b64encode(read_bytes(run_dir.at(report.heatmap.path))).decode()
     except Exception:
         return report.markdown
     return report.markdown.replace("](affinity.png)", f"](data:image/png;base64,{png})")

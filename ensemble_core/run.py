@@ -53,6 +53,8 @@ def data_fingerprint(td: TaskData) -> str:
 
 _DATA: dict[tuple[str, str], tuple[tuple, TaskData, str]] = {}
 _DATA_LOCK = threading.Lock()
+_CLAIMED: set[tuple] = set()  # (run directory, config digest, Redis URL) claimed here
+_CLAIM_LOCK = threading.Lock()
 
 
 def _stamp(urls: Iterable[str]) -> tuple | None:
@@ -108,9 +110,25 @@ class Run:
     @classmethod
     def open(cls, cfg: RunConfig) -> "Run":
         """The run, with its directory claimed (``RunDir.claim``)."""
-        run = cls(cfg)
-        run.dir.claim(run.identity, run.held_config, normalize=_identity_today)
-        return run
+        return cls(cfg).claimed()
+
+    def claimed(self) -> "Run":
+        """This run with its directory claimed (``RunDir.claim``), once per process and
+        config: every stage function claims it before it runs (``stages.declaration``), so a
+        process that only sequences stages (an orchestrating flow) never touches the
+        directory. The coordinating Redis server, if any, is ``runner.redis_url`` or
+        ``ENSEMBLE_LORA_REDIS_URL`` (``coordination``)."""
+        from .coordination import redis_url
+
+        held = self.held_config
+        redis = redis_url(self.cfg.runner.redis_url)
+        key = (self.dir.url, hashlib.sha256(json.dumps(held, sort_keys=True, default=str)
+                                            .encode()).hexdigest(), redis)
+        with _CLAIM_LOCK:
+            if key not in _CLAIMED:
+                self.dir.claim(self.identity, held, normalize=_identity_today, redis_url=redis)
+                _CLAIMED.add(key)
+        return self
 
     @property
     def held_config(self) -> dict:
@@ -196,6 +214,10 @@ class _StageRun(Run):
 
     def for_stage(self, stage, config, tasks):
         return self._run.for_stage(stage, config, tasks)
+
+    def claimed(self) -> "Run":
+        self._run.claimed()
+        return self
 
 
 class ConfigView:

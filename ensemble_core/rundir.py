@@ -96,9 +96,104 @@ class RunDir:
         """A path of this run directory as a local file path (for PEFT, which reads and writes
         local files only)."""
         if not self.is_local:
-            raise RunDirError(f"adapters are written with PEFT, which needs a local run "
-                              f"directory; got {self.url}")
+            raise RunDirError(f"{url} is not a local path (the run directory {self.url} is "
+                              "not on a local disk)")
         return Path(url.replace("file://", "", 1) if url.startswith("file://") else url)
+
+    def fetch(self, rel: str, pins: dict[str, str] | None = None) -> Path:
+        """A directory of the run (``rel``: an adapter, what PEFT reads) as a local directory.
+        For a local run directory, the directory itself. For one at a URL, a complete copy in
+        the local cache (``fetched/<key>-<name>/`` under ENSEMBLE_LORA_CACHE), downloaded once
+        per content: the key is the sha256 of ``pins`` (file name in the directory -> the
+        sha256 a record pins it to), or, without pins, of the listing's sizes and ETags. The
+        copy is built under a temporary name, its pinned files checked, and only then renamed
+        into place, so a half-downloaded copy or one of other content is never used
+        (RunDirError naming the URL of a file that differs from its pin)."""
+        url = self.at(rel)
+        if self.is_local:
+            return self.local(url)
+        import shutil
+
+        from .models import default_cache_dir
+        from .storage import file_sha256, fs_and_path, temporary_dir, temporary_prefix
+
+        fs, path = fs_and_path(url)
+        try:
+            listing = {p: info for p, info in fs.find(path, detail=True).items()
+                       if info.get("type", "file") == "file"}
+        except FileNotFoundError:
+            listing = {}
+        if not listing:
+            raise RunDirError(f"{url}: no such directory in the run directory")
+        if pins:
+            key = json.dumps(sorted(pins.items()))
+        else:
+            key = json.dumps(sorted((posixpath.relpath(p, path), info.get("size"),
+                                     str(info.get("ETag") or info.get("etag")
+                                         or info.get("mtime")))
+                                    for p, info in listing.items()))
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+        dest = default_cache_dir() / "fetched" / f"{digest}-{posixpath.basename(path)}"
+        if dest.is_dir():
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(str(dest.parent))  # downloads cut short by a killed process
+        tmp = temporary_dir(temporary_prefix(dest.name), dest.parent)
+        try:
+            for p in listing:
+                target = tmp / posixpath.relpath(p, path)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(p, str(target))
+            for name, sha in (pins or {}).items():
+                got = file_sha256(str(tmp / name)) if (tmp / name).is_file() else None
+                if got != sha:
+                    raise RunDirError(f"{url}/{name}: " + (
+                        "missing" if got is None else "its content differs from the sha256 "
+                        "the run's records pin (changed since it was written)"))
+            try:
+                os.rename(tmp, dest)
+            except OSError:  # another process fetched the same content meanwhile
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return dest
+
+    @contextlib.contextmanager
+    def writing_dir(self, url: str):
+        """Where a library that writes local files only (PEFT) writes a directory of the run:
+        for a local run directory, ``url`` itself (the writer renames it into place); for one
+        at a URL, a private temporary directory, uploaded when the writer is done and then
+        removed. An object store renames nothing, so the upload is ordered instead: the
+        weights a previous write left there are deleted first, the small files uploaded, the
+        weights last (each object appears only once its upload is complete). A record pins
+        the weights' sha256, so an upload cut short at any point — no weights, or the old
+        config beside no weights — is never taken as done (docs/design.md, "Object storage and
+        several machines")."""
+        if self.is_local:
+            yield self.local(url)
+            return
+        import shutil
+        import tempfile
+
+        from .storage import fs_and_path
+
+        tmp = Path(tempfile.mkdtemp(prefix="ensemble-lora-upload-"))
+        try:
+            yield tmp / "dir"
+            fs, path = fs_and_path(url)
+            files = sorted(p for p in (tmp / "dir").rglob("*") if p.is_file())
+            files.sort(key=lambda p: p.name.endswith(".safetensors"))  # the weights last
+            try:
+                old = [p for p in fs.find(path) if p.endswith(".safetensors")]
+            except FileNotFoundError:
+                old = []
+            for p in old:  # first: no old weights beside new files
+                fs.rm_file(p)
+            for f in files:
+                fs.put_file(str(f), f"{path}/{f.relative_to(tmp / 'dir').as_posix()}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def relative(self, url: str) -> str:
         """A path of this run directory relative to it (as ensemble.json stores adapters)."""
@@ -225,10 +320,16 @@ class RunDir:
 
     # -- reading and writing -----------------------------------------------------------------
     def write_json(self, url: str, obj) -> FileRef:
-        return FileRef(url, atomic_write_bytes(url, dumps_json(obj)))
+        """Write a file of the run; its FileRef names it relative to the run directory."""
+        return FileRef(self.relative(url), atomic_write_bytes(url, dumps_json(obj)))
 
     def write_bytes(self, url: str, data: bytes) -> FileRef:
-        return FileRef(url, atomic_write_bytes(url, data))
+        return FileRef(self.relative(url), atomic_write_bytes(url, data))
+
+    def at(self, rel: str) -> str:
+        """A path from a record (relative to the run directory) as a URL of this directory;
+        one that leaves the directory is an error (``resolve``)."""
+        return self.resolve(rel)
 
     @staticmethod
     def read_json(url: str):
@@ -243,7 +344,8 @@ class RunDir:
         return exists(url)
 
     # -- claiming ----------------------------------------------------------------------------
-    def claim(self, identity: dict, config: dict | None = None, normalize=None) -> dict:
+    def claim(self, identity: dict, config: dict | None = None, normalize=None,
+              redis_url: str | None = None) -> dict:
         """Mark the directory as this run's (``run.json``) or check that it is; leftovers of
         writes that a killed process did not finish are removed.
 
@@ -259,10 +361,24 @@ class RunDir:
         writing one directory at once would overwrite each other's files. Processes with the
         same config share it (the cache's locks keep them from computing one thing twice).
         The check and the first ``run.json`` are made under a short exclusive guard, so two
-        processes starting together cannot both claim a fresh directory. (Remote run
-        directories have neither guard nor holders: one writer at a time is up to you.)
+        processes starting together cannot both claim a fresh directory. Guard and holders
+        are files in a local run directory (one machine), or leases in the Redis server at
+        ``redis_url`` (several machines, or a run directory on an object store:
+        ``coordination``). A run directory on an object store without Redis has neither: one
+        process at a time is up to you (a warning says so).
         ``normalize(stored)`` puts a stored identity in today's form before comparing."""
-        with self._claim_guard():
+        from .coordination import RedisHolders
+        from .storage import check_writable
+
+        if not self.is_local:  # an unreachable store, a missing bucket, wrong credentials
+            try:
+                check_writable(self.url, "run directory")
+            except OSError as e:
+                raise RunDirError(str(e)) from None
+        redis = RedisHolders(redis_url, self.url) if redis_url else None
+        if redis is None and not self.is_local:
+            _warn_uncoordinated(self.url)
+        with (redis.guard() if redis is not None else self._claim_guard()):
             if exists(self.run_json):
                 have = read_json(self.run_json)
                 if normalize is not None:  # an identity written by an older release
@@ -274,11 +390,12 @@ class RunDir:
                         f"{', '.join(diff)}); choose another output_dir, e.g. --set "
                         f"output_dir=runs/{identity.get('name', 'run')}-2")
                 if config is not None:
-                    self._hold(config)
-                remove_stale_temporaries(self.url)
+                    self._hold(config, redis)
+                if self.is_local:  # an object store has no temporaries (storage.py)
+                    remove_stale_temporaries(self.url)
                 return have
             if config is not None:
-                self._hold(config)
+                self._hold(config, redis)
             self.write_json(self.run_json, identity)
             return identity
 
@@ -317,13 +434,19 @@ class RunDir:
         finally:
             guard.unlink(missing_ok=True)
 
-    def _hold(self, config: dict) -> None:
+    def _hold(self, config: dict, redis=None) -> None:
+        digest = _config_digest(config)
+        me = _me()
+        if redis is not None:
+            for h in redis.others(f"{me['host']}-{me['pid']}"):
+                if h.get("config_sha256") != digest:
+                    self._refuse(h, config, None)
+            redis.hold(f"{me['host']}-{me['pid']}", dict(me, config_sha256=digest, config=config))
+            return
         d = self._holders_dir()
         if d is None:
             return
         d.mkdir(parents=True, exist_ok=True)
-        digest = _config_digest(config)
-        me = _me()
         mine = d / f"{me['host']}-{me['pid']}.json"
         for f in sorted(d.glob("*.json")):
             if f == mine:
@@ -341,22 +464,39 @@ class RunDir:
                 f.unlink(missing_ok=True)  # its process is gone
                 continue
             if h.get("config_sha256") != digest:
-                keys = config_difference(h.get("config") or {}, config)
-                shown = "; ".join(keys[:6]) + (f"; and {len(keys) - 6} more" if len(keys) > 6
-                                                 else "")
-                raise RunDirError(
-                    f"run directory {self.url} is in use by another run with a different "
-                    f"config (pid {pid} on host {host}): {shown or 'the configs differ'}. "
-                    "Wait for it to finish, or use another output_dir (two configs writing one "
-                    "directory at once would overwrite each other's files)"
-                    + (f"; if that process is gone, remove {f}" if host != _HOST else ""))
+                self._refuse(h, config, f)
         atomic_write_bytes(str(mine), dumps_json(dict(me, config_sha256=digest,
                                                       config=config)))
         _release_at_exit(mine)
 
+    def _refuse(self, holder: dict, config: dict, file: Path | None) -> None:
+        keys = config_difference(holder.get("config") or {}, config)
+        shown = "; ".join(keys[:6]) + (f"; and {len(keys) - 6} more" if len(keys) > 6 else "")
+        host = holder.get("host")
+        raise RunDirError(
+            f"run directory {self.url} is in use by another run with a different config (pid "
+            f"{holder.get('pid')} on host {host}): {shown or 'the configs differ'}. Wait for "
+            "it to finish, or use another output_dir (two configs writing one directory at "
+            "once would overwrite each other's files)"
+            + (f"; if that process is gone, remove {file}" if file is not None
+               and host != _HOST else ""))
+
 
 _HOST = socket.gethostname()
 _HELD: set[Path] = set()
+_WARNED: set[str] = set()
+
+
+def _warn_uncoordinated(url: str) -> None:
+    if url in _WARNED:
+        return
+    _WARNED.add(url)
+    import logging
+
+    logging.getLogger("ensemble_lora").warning(
+        "run directory %s is not on a local disk and no Redis server coordinates it "
+        "(runner.redis_url or ENSEMBLE_LORA_REDIS_URL): only one process may work on it at a "
+        "time", url)
 
 
 def _me() -> dict:

@@ -56,14 +56,81 @@ _TABLES: dict = {}
 _SCORERS: dict = {}
 
 
-def code_version() -> str:
-    """Package version + a hash of the library's source: part of every cache key."""
+def code_version(module: str | None = None) -> str:
+    """Package version + a hash of the code: of the whole library (``module`` None), or of the
+    code ``module`` (a dotted name under ``ensemble_core``, e.g. a stage's module) runs —
+    itself and every library module it imports, transitively, wherever in the file the import
+    is. Each file counts as its syntax tree without docstrings, so an edit of a docstring, a
+    comment or the layout changes no version. A stage's cache key holds its module's version
+    (``stages.declaration.Stage.inputs``): a change to report.py leaves stage 1 cached, a
+    change to the gradient code does not (docs/design.md, "Caching")."""
+    with _CODE_GRAPH_LOCK:  # ast.parse is not safe in several threads at once (CPython 3.11)
+        graph = _code_graph()
+    names = sorted(graph) if module is None else sorted(_reachable(graph, module))
     h = hashlib.sha256(__version__.encode())
-    root = Path(__file__).parent
-    for f in sorted(root.rglob("*.py")):
-        h.update(f.relative_to(root).as_posix().encode())
-        h.update(f.read_bytes())
+    for name in names:
+        h.update(name.encode())
+        h.update(graph[name][1].encode())
     return h.hexdigest()[:16]
+
+
+_CODE_GRAPH_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def _code_graph() -> dict[str, tuple[frozenset, str]]:
+    """Module name -> (the library modules it imports, the digest of its docstring-free
+    syntax tree), for every module of ensemble_core (read once per process)."""
+    import ast
+
+    root = Path(__file__).parent
+    files = {}
+    for f in sorted(root.rglob("*.py")):
+        rel = f.relative_to(root).with_suffix("")
+        parts = [p for p in rel.parts if p != "__init__"]
+        files[".".join(["ensemble_core", *parts])] = (f, f.name == "__init__.py")
+    graph = {}
+    for name, (f, is_pkg) in files.items():
+        tree = ast.parse(f.read_text())
+        package = name if is_pkg else name.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")
+                    anchor = anchor[:len(anchor) - (node.level - 1)]
+                    base = ".".join([*anchor, *([base] if base else [])])
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            deps.update(t for t in targets if t in files)
+        for node in ast.walk(tree):  # docstrings are not code
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                    and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                body[0] = ast.Pass()
+        digest = hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+        graph[name] = (frozenset(deps - {name}), digest)
+    return graph
+
+
+def _reachable(graph: dict, module: str) -> set[str]:
+    """``module`` and every library module it imports, transitively (a package's
+    ``__init__`` counts where a module imports the package, not merely for being inside it:
+    ``stages/__init__`` re-exports every stage, which no stage runs)."""
+    todo = [module]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in graph:
+            continue
+        seen.add(name)
+        todo.extend(graph[name][0])
+    return seen
 
 
 def cache_path(cfg) -> Path | None:

@@ -79,7 +79,7 @@ def ensemble_version(run_dir) -> str:
     from .storage import read_bytes
     from .versions import current
 
-    vid = current(run_dir) if RunDir(str(run_dir)).is_local else None
+    vid = current(run_dir)
     if vid is not None:
         return vid
     return hashlib.sha256(read_bytes(RunDir(str(run_dir)).ensemble)).hexdigest()[:16]
@@ -140,7 +140,7 @@ class EnsembleService:
         from .ensemble import EnsembleModel
         from .versions import current
 
-        named = current(self.run_dir) if RunDir(self.run_dir).is_local else None
+        named = current(self.run_dir)
         version = named or ensemble_version(self.run_dir)
         model = EnsembleModel.from_pretrained(self.run_dir, version=named, **self.load_args)
         return Loaded(model, version, datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -249,14 +249,14 @@ class EnsembleService:
         current version (or the loaded one) is gone from the run directory."""
         from .versions import VersionError, current, version_dir
 
-        if not RunDir(self.run_dir).is_local:
-            return None
+        from .storage import exists, join
+
         try:
             vid = current(self.run_dir)
             if vid is None:
                 return None
             d = version_dir(self.run_dir, vid)
-            if not (d / "ensemble.json").is_file() or not (d / "version.json").is_file():
+            if not exists(join(d, "ensemble.json")) or not exists(join(d, "version.json")):
                 return f"the current version {vid} is incomplete: {d} lacks its files"
         except (VersionError, OSError) as e:
             return f"the current version cannot be read: {e}"

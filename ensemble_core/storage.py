@@ -1,7 +1,9 @@
 """Files on any fsspec URL: atomic writes, JSON, content hashes, stale temporaries.
 
-Every file is written under a temporary name in the same directory and renamed when complete,
-so a reader never sees a half-written file under its final name. A temporary's name carries
+Every file on a local disk is written under a temporary name in the same directory and renamed
+when complete, so a reader never sees a half-written file under its final name (on an object
+store, an object is written in one request and appears only when complete:
+:func:`atomic_write_bytes`). A temporary's name carries
 its writer (``<name>.tmp-<host>-<pid>-<random>``), so the leftovers of a killed writer can be
 told from a live writer's work in progress (:func:`remove_stale_temporaries`).
 
@@ -21,6 +23,13 @@ import uuid
 import fsspec
 
 _HOST = re.sub(r"[^A-Za-z0-9]+", "_", socket.gethostname())[:32] or "host"
+
+
+# A run directory on an object store is written by other processes and machines: no listing
+# cache (s3fs, gcsfs and adlfs keep one per file-system instance), so a file another worker
+# wrote is seen at once.
+for _protocol in ("s3", "s3a", "gs", "gcs", "abfs", "az"):
+    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
 
 
 def join(base: str, *parts: str) -> str:
@@ -78,9 +87,26 @@ def temporary_name(path: str) -> str:
     return temporary_prefix(path) + uuid.uuid4().hex[:12]
 
 
+def is_local_fs(fs) -> bool:
+    """Whether ``fs`` is the local file system (where a rename is atomic)."""
+    return "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
+
+
 def atomic_write_bytes(url: str, data: bytes) -> str:
-    """Write bytes to url via a temporary sibling + rename; returns the sha256 of the content."""
+    """Write bytes to url so that no reader sees them half-written; returns the sha256 of the
+    content. On a local disk, through a temporary sibling renamed into place. On an object
+    store, in one request: an object appears under its key only once its upload is complete (a
+    PUT, or a multipart upload's completion), and an object store has no atomic rename to
+    offer anyway (docs/design.md, "Object storage")."""
     fs, path = fs_and_path(url)
+    if not is_local_fs(fs):
+        try:
+            fs.pipe_file(path, data)
+        except OSError as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise named_os_error(e, f"cannot write {url}") from e
+        return hashlib.sha256(data).hexdigest()
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
         try:
@@ -101,6 +127,37 @@ def atomic_write_bytes(url: str, data: bytes) -> str:
             raise named_os_error(e, f"cannot write {url}") from e
         raise
     return hashlib.sha256(data).hexdigest()
+
+
+def check_writable(url: str, what: str = "output_dir") -> None:
+    """Create the directory ``url`` (if needed) and a probe file in it, then remove the probe:
+    an OSError naming ``what`` and the URL (an unreachable store, a missing bucket, wrong
+    credentials, a read-only disk) before anything is computed for it."""
+    try:
+        fs, path = fs_and_path(url)
+        if is_local_fs(fs):  # (on an object store, makedirs would create a missing bucket)
+            fs.makedirs(path, exist_ok=True)
+        probe = f"{path.rstrip('/')}/.write-probe-{uuid.uuid4().hex[:12]}"
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except Exception as e:
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        blocker = _file_in_the_way(url)
+        if blocker:
+            why += f"; {blocker} is a file, not a directory"
+        raise OSError(f"{what} {url} is not writable: {why}") from None
+
+
+def _file_in_the_way(url: str) -> str | None:
+    from pathlib import Path
+
+    if "://" in url and not url.startswith("file://"):
+        return None
+    p = Path(url.replace("file://", ""))
+    for parent in [p, *p.parents]:
+        if parent.exists():
+            return str(parent) if not parent.is_dir() else None
+    return None
 
 
 def named_os_error(e: OSError, what: str) -> OSError:

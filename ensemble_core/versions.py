@@ -14,7 +14,10 @@ place cannot change a version), each copy checked against the sha256 of what it 
 and ``version.json`` pins every file by its sha256 (``files``); loading a version checks them
 all before anything is read (:func:`check_files`). The version is built under a temporary name
 and renamed into place when complete. No path is followed through a link out of the run
-directory.
+directory. On an object store (a run directory at an fsspec URL such as s3://), where nothing
+renames a directory atomically, the files are written in place and ``version.json`` last: a
+version is a directory with a ``version.json`` (and every file it pins), so a publication cut
+short is no version; the next publication of the same ensemble writes it again.
 
 Promotion: the new version becomes current unless, on some task, its ensemble's validation
 accuracy (``ensemble.json``'s ``validation``, computed where the weights are fitted, never on
@@ -34,11 +37,12 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .rundir import RunDir
-from .storage import atomic_write_bytes, dumps_json, file_sha256, temporary_dir, temporary_prefix
+from .rundir import RunDir, RunDirError
+from .storage import (atomic_write_bytes, dumps_json, exists, file_sha256, fs_and_path,
+                      is_local_fs, join, read_bytes, temporary_dir, temporary_prefix)
 
 __all__ = ["VersionError", "publish", "promote", "rollback", "list_versions", "current",
-           "version_dir", "resolve", "ensemble_ref"]
+           "version_dir", "resolve", "ensemble_ref", "check_files"]
 
 _ID = re.compile(r"^v(\d{4,})-([0-9a-f]{8})$")
 
@@ -47,9 +51,8 @@ class VersionError(ValueError):
     pass
 
 
-def _root(run_dir) -> Path:
-    rd = RunDir(str(run_dir))
-    return rd.local(rd.url) / "versions"
+def _root(run_dir) -> str:
+    return join(RunDir(str(run_dir)).url, "versions")
 
 
 def _now() -> str:
@@ -57,11 +60,11 @@ def _now() -> str:
 
 
 def _state(run_dir) -> dict:
-    path = _root(run_dir) / "current.json"
-    if not path.is_file():
+    path = join(_root(run_dir), "current.json")
+    if not exists(path):
         return {"current": None, "history": []}
     try:
-        state = json.loads(path.read_bytes())
+        state = json.loads(read_bytes(path))
         if not isinstance(state, dict) or not isinstance(state.get("history"), list):
             raise ValueError("not an object with a history list")
     except ValueError as e:
@@ -70,31 +73,35 @@ def _state(run_dir) -> dict:
 
 
 def _write_state(run_dir, state: dict) -> None:
-    atomic_write_bytes(str(_root(run_dir) / "current.json"), dumps_json(state))
+    atomic_write_bytes(join(_root(run_dir), "current.json"), dumps_json(state))
 
 
 def _ids(run_dir) -> list[str]:
-    root = _root(run_dir)
-    if not root.is_dir():
+    """The published versions: the version directories with a version.json."""
+    fs, root = fs_and_path(_root(run_dir))
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    except FileNotFoundError:
         return []
-    return sorted((p.name for p in root.iterdir() if p.is_dir() and _ID.match(p.name)),
+    return sorted((n for n in names if _ID.match(n)
+                   and fs.exists(f"{root}/{n}/version.json")),
                   key=lambda v: int(_ID.match(v).group(1)))
 
 
 def _info(run_dir, vid: str) -> dict:
-    path = version_dir(run_dir, vid) / "version.json"
+    path = join(version_dir(run_dir, vid), "version.json")
     try:
-        return json.loads(path.read_bytes())
+        return json.loads(read_bytes(path))
     except (OSError, ValueError) as e:
         raise VersionError(f"version {vid}: {path} is not readable ({e})") from None
 
 
-def version_dir(run_dir, vid: str) -> Path:
-    """The directory of version ``vid`` (which must exist)."""
+def version_dir(run_dir, vid: str) -> str:
+    """The directory (path or URL) of version ``vid`` (which must be published)."""
     if not isinstance(vid, str) or not _ID.match(vid):
         raise VersionError(f"{vid!r} is not a version id (v<n>-<8 hex digits>)")
-    d = _root(run_dir) / vid
-    if not d.is_dir():
+    d = join(_root(run_dir), vid)
+    if not exists(join(d, "version.json")):
         known = ", ".join(_ids(run_dir)) or "none"
         raise VersionError(f"{RunDir(str(run_dir)).url} has no version {vid} (versions: "
                            f"{known})")
@@ -102,13 +109,13 @@ def version_dir(run_dir, vid: str) -> Path:
 
 
 def ensemble_ref(run_dir, vid: str):
-    """The ``records.FileRef`` of version ``vid``'s ensemble.json (a record of the published
-    version names it, so a cached record of a version that was removed is not served)."""
+    """The ``records.FileRef`` of version ``vid``'s ensemble.json, relative to the run
+    directory (a record of the published version names it, so a cached record of a version
+    that was removed is not served)."""
     from .records import FileRef
 
-    path = version_dir(run_dir, vid) / "ensemble.json"
-    return FileRef(str(path), file_sha256(str(path)))
-
+    path = join(version_dir(run_dir, vid), "ensemble.json")
+    return FileRef(f"versions/{vid}/ensemble.json", file_sha256(path))
 
 def current(run_dir) -> str | None:
     """The id of the current version, or None (no version published)."""
@@ -119,23 +126,31 @@ def resolve(run_dir, version: str | None = None) -> tuple[str | None, str]:
     """(version id, directory holding its ensemble.json): the named version, else the current
     one, else the run directory itself (a run from before versions: id None)."""
     if version is not None:
-        return version, str(version_dir(run_dir, version))
+        return version, version_dir(run_dir, version)
     vid = current(run_dir)
     if vid is None:
         return None, str(run_dir)
-    return vid, str(version_dir(run_dir, vid))
+    return vid, version_dir(run_dir, vid)
 
 
-def _place(src: Path, dst: Path, root: Path) -> str:
-    """Copy ``src`` (a file of the run directory ``root``, not reached through a link out of
-    it) to ``dst``; returns the copy's sha256, checked against the source's."""
+def _place(src: str, dst: str, root: str) -> str:
+    """Copy ``src`` (a file of the run directory ``root``; on a local disk, not reached
+    through a link out of it) to ``dst``; returns the copy's sha256, checked against the
+    source's."""
     from .rundir import inside
 
-    inside(src, root)
-    want = file_sha256(str(src))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
-    got = file_sha256(str(dst))
+    if RunDir(root).is_local:
+        inside(src, root)
+    want = file_sha256(src)
+    fs, path = fs_and_path(dst)
+    sfs, spath = fs_and_path(src)
+    if "/" in path and is_local_fs(fs):
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    if fs is sfs or type(fs) is type(sfs):
+        fs.copy(spath, path)  # a server-side copy on an object store
+    else:
+        fs.pipe_file(path, read_bytes(src))
+    got = file_sha256(dst)
     if got != want:
         raise VersionError(f"{dst}: the copy of {src} differs from it (sha256 {got[:12]} vs "
                            f"{want[:12]}); the file changed while it was published: run again")
@@ -144,23 +159,27 @@ def _place(src: Path, dst: Path, root: Path) -> str:
 
 def check_files(version_path) -> None:
     """Every file ``version.json`` pins (``files``: relative path -> sha256) is there, inside
-    the version's directory (no link out of it), with that content; VersionError naming the
-    first that is not. A version published before pinning pins nothing here."""
-    from .rundir import RunDirError, inside
+    the version's directory (on a local disk: no link out of it), with that content;
+    VersionError naming the first that is not. A version published before pinning pins
+    nothing here."""
+    from .rundir import inside
 
-    root = Path(version_path)
-    info = json.loads((root / "version.json").read_bytes())
+    root = str(version_path).rstrip("/")
+    info = json.loads(read_bytes(join(root, "version.json")))
+    local = RunDir(root).is_local
     for rel, sha in sorted((info.get("files") or {}).items()):
-        path = root / rel
-        try:
-            inside(path, root)
-        except RunDirError as e:
-            raise VersionError(str(e)) from None
-        if not path.is_file():
-            raise VersionError(f"{path}: missing from version {root.name}")
-        if file_sha256(str(path)) != sha:
-            raise VersionError(f"{path}: changed since version {root.name} was published "
-                               "(sha256 differs); versions are immutable: publish a new one")
+        path = join(root, rel)
+        if local:
+            try:
+                inside(path, root)
+            except RunDirError as e:
+                raise VersionError(str(e)) from None
+        if not exists(path):
+            raise VersionError(f"{path}: missing from version {root.rsplit('/', 1)[-1]}")
+        if file_sha256(path) != sha:
+            raise VersionError(f"{path}: changed since version {root.rsplit('/', 1)[-1]} was "
+                               "published (sha256 differs); versions are immutable: publish a "
+                               "new one")
 
 
 def worse_tasks(new: dict, old: dict, tolerance: float) -> list[str]:
@@ -176,29 +195,29 @@ def worse_tasks(new: dict, old: dict, tolerance: float) -> list[str]:
     return out
 
 
-def _copy_files(rd: RunDir, base: Path, spec: dict, tmp: Path,
-                config: dict | None) -> dict[str, str]:
-    """The version's files into ``tmp``: ensemble.json, the member adapters it names (their
+def _copy_files(rd: RunDir, spec: dict, out: str, config: dict | None) -> dict[str, str]:
+    """The version's files into ``out``: ensemble.json, the member adapters it names (their
     weights checked against the sha256 the ensemble was fitted with), metrics, manifest,
     report and the config. Returns relative path -> sha256 of every file."""
-    files = {"ensemble.json": _place(base / "ensemble.json", tmp / "ensemble.json", base)}
+    base = rd.url
+    files = {"ensemble.json": _place(rd.ensemble, join(out, "ensemble.json"), base)}
     for g in spec["groups"]:
         for mem in g["members"]:
-            src = rd.local(rd.resolve(mem["adapter"]))
-            for f in sorted(src.iterdir()):
-                if f.is_file():
-                    rel = f"{mem['adapter']}/{f.name}"
-                    files[rel] = _place(f, tmp / rel, base)
+            src = rd.resolve(mem["adapter"])
+            fs, spath = fs_and_path(src)
+            for f in sorted(fs.find(spath)):
+                rel = f"{mem['adapter']}/{f[len(spath):].lstrip('/')}"
+                files[rel] = _place(join(base, rel), join(out, rel), base)
             want = mem.get("sha256")
             if want is not None and files[f"{mem['adapter']}/adapter_model.safetensors"] != want:
                 raise VersionError(f"{src}: the adapter changed after the ensemble was "
                                    "fitted; run again")
     for name in ("metrics.json", "manifest.json", "report.md"):
-        if (base / name).is_file():
-            files[name] = _place(base / name, tmp / name, base)
+        if exists(join(base, name)):
+            files[name] = _place(join(base, name), join(out, name), base)
     if config is not None:
         data = dumps_json(config)
-        (tmp / "config.json").write_bytes(data)
+        atomic_write_bytes(join(out, "config.json"), data)
         files["config.json"] = hashlib.sha256(data).hexdigest()
     return files
 
@@ -220,50 +239,54 @@ def publish(run_dir, config: dict | None = None, *, tolerance: float = 0.02,
     """Publish the run directory's ensemble as a version and promote it if it is not worse
     (see the module docstring). Returns the version's ``version.json`` content."""
     rd = RunDir(str(run_dir))
-    base = rd.local(rd.url)
-    ens_path = base / "ensemble.json"
-    if not ens_path.is_file():
-        raise VersionError(f"{ens_path}: no ensemble to publish (the run is not finished)")
+    if not exists(rd.ensemble):
+        raise VersionError(f"{rd.ensemble}: no ensemble to publish (the run is not finished)")
     if not tolerance >= 0:
         raise VersionError(f"promote tolerance must be >= 0, got {tolerance}")
-    raw = ens_path.read_bytes()
+    raw = read_bytes(rd.ensemble)
     sha = hashlib.sha256(raw).hexdigest()
     for vid in _ids(rd.url):
         info = _info(rd.url, vid)
         if info.get("ensemble_sha256") == sha:  # already published (a cached rerun)
             return info
     spec = json.loads(raw)
-    root = base / "versions"
-    root.mkdir(parents=True, exist_ok=True)
     ids = _ids(rd.url)
     n = 1 + max((int(_ID.match(v).group(1)) for v in ids), default=0)
     vid = f"v{n:04d}-{sha[:8]}"
-    tmp = temporary_dir(temporary_prefix(f".{vid}"), root)
+    final = join(_root(rd.url), vid)
+    if rd.is_local:  # built aside and renamed into place
+        root = Path(rd.local(_root(rd.url)))
+        root.mkdir(parents=True, exist_ok=True)
+        out = str(temporary_dir(temporary_prefix(f".{vid}"), root))
+    else:  # an object store renames nothing: written in place, version.json last
+        out = final
     try:
-        files = _copy_files(rd, base, spec, tmp, config)
+        files = _copy_files(rd, spec, out, config)
         if files["ensemble.json"] != sha:
-            raise VersionError(f"{ens_path} changed while it was published; run again")
+            raise VersionError(f"{rd.ensemble} changed while it was published; run again")
         state = _state(rd.url)
         cur = state["current"]
         validation = spec.get("validation") or {}
         promoted, why = _promotion(rd.url, cur, validation, tolerance, force)
         metrics = {}
-        if (base / "metrics.json").is_file():
-            metrics = json.loads((base / "metrics.json").read_bytes()).get("average", {})
+        if exists(join(rd.url, "metrics.json")):
+            metrics = json.loads(read_bytes(join(rd.url, "metrics.json"))).get("average", {})
         info = {"version": vid, "created": _now(), "ensemble_sha256": sha,
                 "validation": validation, "test_average": metrics,
                 "promoted": promoted, "promotion": why, "files": files}
-        (tmp / "version.json").write_bytes(dumps_json(info))
-        try:
-            os.replace(tmp, root / vid)
-        except OSError:  # a run of the same config published the same ensemble meanwhile
-            shutil.rmtree(tmp, ignore_errors=True)
-            theirs = _info(rd.url, vid)
-            if theirs.get("ensemble_sha256") != sha:
-                raise
-            return theirs
+        atomic_write_bytes(join(out, "version.json"), dumps_json(info))
+        if rd.is_local:
+            try:
+                os.replace(out, rd.local(final))
+            except OSError:  # a run of the same config published the same ensemble meanwhile
+                shutil.rmtree(out, ignore_errors=True)
+                theirs = _info(rd.url, vid)
+                if theirs.get("ensemble_sha256") != sha:
+                    raise
+                return theirs
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rd.is_local:
+            shutil.rmtree(out, ignore_errors=True)
         raise
     if promoted:
         state["current"] = vid

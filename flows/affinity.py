@@ -48,8 +48,8 @@ def check_estimates_flow(config, overrides: list[str] | None = None, r: int = 50
     run = open_run(config, overrides)
     log = get_run_logger()
     features = gradient_features(run.cfg).features
-    previous = stages.previous_plan(run.dir)
-    subsets = [s for b in stages.plan_batches(run.cfg, previous) for s in b]
+    subsets = [s for b in TaskRunner(run).call(stages.save_subset_plan, run.task_names).batches
+               for s in b]
     res = EstimateCheck.from_json(check_estimates(run, features, subsets, r, dims,
                                                   test_examples))
     for s in res.summaries:

@@ -82,7 +82,7 @@ def benchmark_flow(config, overrides: list[str] | None = None,
            "ensemble_minus_single": {"difference": ci[0], "low": ci[1], "high": ci[2]},
            "compute": cost, "runs": [parent.seed_run(s) for s in seeds],
            "groups": groupings, "projection_draws": draws, "stability": stability,
-           "markdown": md.path, "chart": png.path}
+           "markdown": md.path, "chart": png.path}  # relative to the parent directory
     parent.write_json(parent.benchmark_json, out)
     try:
         create_markdown_artifact(text, key=artifact_key(cfg.name, "benchmark"),

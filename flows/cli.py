@@ -33,7 +33,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def preflight(cfg, stage2: bool = False, adapters: bool = False) -> None:
+def preflight(cfg, stage2: bool = False) -> None:
     """Fail fast, naming the culprit, on what would otherwise fail inside a task: every task's
     data (files, format, fields, labels, splits), the model source, the stage-2 subset plan, and
     whether the output location can be written. Writes nothing but the (empty) run directory.
@@ -43,15 +43,10 @@ def preflight(cfg, stage2: bool = False, adapters: bool = False) -> None:
     from ensemble_core.rundir import RunDir
     from ensemble_core.stages import estimation_examples, plan_batches, previous_plan
 
+    if not cfg.runner.work_pools:  # first: an unreachable store fails here, naming it
+        check_writable(cfg.run_dir)
     if stage2:  # the plan stage 2 will use: the directory's own, extended, or a fresh one
-        plan_batches(cfg, previous_plan(RunDir(cfg.run_dir)))
-    if adapters:  # stages 4-6 write adapters with PEFT, which needs local files
-        from ensemble_core.config import ConfigError
-
-        if not RunDir(cfg.run_dir).is_local:
-            raise ConfigError(f"output_dir {cfg.run_dir}: the adapters of stages 4-6 are "
-                              "written with PEFT, which needs a local directory (stages 1-3, "
-                              "the gradients and affinity commands, work on any fsspec URL)")
+        plan_batches(cfg, None if cfg.runner.work_pools else previous_plan(RunDir(cfg.run_dir)))
     if cfg.runner.work_pools:
         return
     run = Run(cfg)
@@ -60,7 +55,6 @@ def preflight(cfg, stage2: bool = False, adapters: bool = False) -> None:
             estimation_examples(run, name, split)
     check_cache_dir(cfg.cache_dir)
     check_model_source(cfg.model, cfg.cache_dir)
-    check_writable(cfg.run_dir)
 
 
 def check_model_source(spec, cache_dir=None) -> None:
@@ -103,46 +97,26 @@ def check_cache_dir(cache_dir: str | None) -> None:
 
 
 def check_writable(run_dir: str) -> None:
-    """Create the run directory (if needed) and a probe file in it, or raise naming the path."""
-    import uuid
-
+    """The run directory can be created and written (``storage.check_writable``), or a
+    ConfigError naming it."""
     from ensemble_core.config import ConfigError
-    from ensemble_core.storage import fs_and_path
+    from ensemble_core.storage import check_writable as check
 
     try:
-        fs, path = fs_and_path(run_dir)
-        fs.makedirs(path, exist_ok=True)
-        probe = f"{path.rstrip('/')}/.write-probe-{uuid.uuid4().hex[:12]}"
-        fs.pipe_file(probe, b"")
-        fs.rm(probe)
-    except Exception as e:
-        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        blocker = _file_in_the_way(run_dir)
-        if blocker:
-            why += f"; {blocker} is a file, not a directory"
-        raise ConfigError(f"output_dir {run_dir} is not writable: {why}") from None
-
-
-def _file_in_the_way(run_dir: str) -> str | None:
-    from pathlib import Path
-
-    if "://" in run_dir and not run_dir.startswith("file://"):
-        return None
-    p = Path(run_dir.replace("file://", ""))
-    for parent in [p, *p.parents]:
-        if parent.exists():
-            return str(parent) if not parent.is_dir() else None
-    return None
+        check(run_dir, "output_dir")
+    except OSError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _cmd_gradients(args) -> int:
     from .gradient_features import gradient_features
 
-    preflight(_config(args))
+    cfg = _config(args)
+    preflight(cfg)
     with temporary_server():
         res = gradient_features(args.config, overrides=args.set)
     rows = [[name, f.train.examples, f.validation.examples, f.train.rows + f.validation.rows,
-             f.train.path] for name, f in res.features.items()]
+             f.train.url(cfg.run_dir)] for name, f in res.features.items()]
     print(_table(["task", "train", "validation", "rows", "features"], rows))
     lin = res.linearity
     if lin is not None:
@@ -156,10 +130,11 @@ def _cmd_gradients(args) -> int:
 def _cmd_affinity(args) -> int:
     from .affinity import run_affinity
 
-    preflight(_config(args), stage2=True)
+    cfg = _config(args)
+    preflight(cfg, stage2=True)
     with temporary_server():
         res = run_affinity(args.config, overrides=args.set)
-    print(f"{len(res.results)} subsets fitted; affinity: {res.groups.affinity.path}")
+    print(f"{len(res.results)} subsets fitted; affinity: {res.groups.affinity.url(cfg.run_dir)}")
     print(_table(["group", "tasks"], [[f"group-{k}", ", ".join(g)]
                                       for k, g in enumerate(res.groups.group_tasks)]))
     return 0
@@ -170,7 +145,7 @@ def _cmd_run(args) -> int:
 
     from .pipeline import ensemble_lora
 
-    preflight(_config(args), stage2=True, adapters=True)
+    preflight(_config(args), stage2=True)
     with temporary_server():
         res = ensemble_lora(args.config, overrides=args.set)
     print("\nTest accuracy (%):")
@@ -187,7 +162,7 @@ def _cmd_run(args) -> int:
           f"(the paper's accounting); with the member scoring {c.ratio_with_scoring:.2f}x and "
           f"{c.flops_ratio_with_scoring:.2f}x; peak memory "
           f"{c.peak_memory_bytes / 2**30:.2f} GiB")
-    print(f"Run directory: {res.run_dir} (report: {res.report.path})")
+    print(f"Run directory: {res.run_dir} (report: {res.report.url(res.run_dir)})")
     if res.version:
         print(f"Version {res.version}: " + ("now current" if res.promoted else
                                              "published, not promoted") + f" ({res.promotion})")
@@ -333,17 +308,19 @@ def _cmd_check(args) -> int:
 def _cmd_benchmark(args) -> int:
     from .benchmark import benchmark_flow
 
-    preflight(_config(args), stage2=True, adapters=True)
+    cfg = _config(args)
+    preflight(cfg, stage2=True)
     seeds = list(range(args.seeds)) if args.seed_list is None else \
         [int(x) for x in args.seed_list.split(",")]
-    from ensemble_core.storage import read_bytes
+    from ensemble_core.storage import join, read_bytes
 
     with temporary_server():
         res = benchmark_flow(args.config, overrides=args.set, seeds=seeds,
                              projection_draws=args.projection_draws)
+    markdown, chart = (join(cfg.run_dir, res[k]) for k in ("markdown", "chart"))
     print()
-    print(read_bytes(res["markdown"]).decode("utf-8"))
-    print(f"Benchmark: {res['markdown']}, {res['chart']}")
+    print(read_bytes(markdown).decode("utf-8"))
+    print(f"Benchmark: {markdown}, {chart}")
     return 0
 
 

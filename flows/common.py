@@ -1,8 +1,15 @@
 """What the flows share: resolving the config parameter, opening the run, the task runner."""
 from __future__ import annotations
 
+import hashlib
+import json
+import threading
+
 from ensemble_core.config import RunConfig, load_config, parse_config
 from ensemble_core.run import Run
+
+_RUNS: dict[str, Run] = {}
+_RUNS_LOCK = threading.Lock()
 
 
 def resolve_config(config, overrides: list[str] | None = None) -> RunConfig:
@@ -18,12 +25,28 @@ def resolve_config(config, overrides: list[str] | None = None) -> RunConfig:
 
 
 def open_run(config, overrides: list[str] | None = None) -> Run:
-    """The run of a flow's ``config`` parameter, its directory claimed (and an earlier stop
-    request of this process forgotten: a new flow run starts)."""
+    """The run of a flow's ``config`` parameter, once per process: the subflows of one
+    pipeline in one process share it (its config parsed once, its data read once). Opening
+    touches no file; the directory is claimed by the first stage that runs in a process
+    (``Run.claimed``), so an orchestrating flow never needs the run directory. An earlier stop
+    request of this process is forgotten: a new flow run starts."""
     from ensemble_core.runtime import clear_stop
 
     clear_stop()
-    return Run.open(resolve_config(config, overrides))
+    if isinstance(config, RunConfig) and not overrides:
+        cfg = config
+    elif isinstance(config, dict) and not overrides:
+        key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+        with _RUNS_LOCK:
+            run = _RUNS.get(key)
+        if run is None:
+            run = Run(resolve_config(config))
+            with _RUNS_LOCK:
+                run = _RUNS.setdefault(key, run)
+        return run
+    else:
+        cfg = resolve_config(config, overrides)
+    return Run(cfg)
 
 
 def config_dict(cfg: RunConfig) -> dict:

@@ -1,18 +1,24 @@
 """The whole EnsembleLoRA pipeline (Algorithm 2 of the paper), one subflow per stage group:
 stage 1 (gradient features), stages 2–3 (subset regressions, affinity, groups), stage 4 (group
-adapters) and stages 5–6 (boosting, weights, evaluation). The order of the stages inside each
-is the library's (``ensemble_core.algorithm2``); the flows run it with their Prefect tasks
-(``tasks.runner.TaskRunner``) and sequence the subflows, locally or as deployments."""
+adapters), stages 5–6 (boosting, weights, evaluation) and the report with the version. The order
+of the stages inside each is the library's (``ensemble_core.algorithm2``); the flows run it with
+their Prefect tasks (``tasks.runner.TaskRunner``) and sequence the subflows, locally or as
+deployments.
+
+The orchestrating flow holds no data and touches no file: it passes the records one subflow
+returns to the next, and every read and write of the run directory happens in a task of a
+subflow, on the pool that owns it (docs/design.md, "Object storage and several machines")."""
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from ensemble_core import algorithm2, stages
-from ensemble_core.records import (AdaptersResult, BaselinePlan, EnsembleResult,
-                                   FeaturesRecord, FeaturesResult, GroupingResult,
+from ensemble_core import algorithm2
+from ensemble_core.records import (AdaptersResult, EnsembleResult, FeaturesRecord,
+                                   FeaturesResult, FinishResult, GroupingResult, GroupsRecord,
                                    PipelineResult)
 from ensemble_core.report import ACCURACY_HEADERS, accuracy_rows
+from ensemble_core.run import Run
 from ensemble_core.runtime import release_models
 from tasks.runner import TaskRunner
 
@@ -22,30 +28,44 @@ from .gradient_features import gradient_features
 
 
 @flow(name="group_adapters")
-def group_adapters(config, groups: list[list[str]],
-                   baselines: BaselinePlan | None = None) -> AdaptersResult:
-    """Stage 4: one adapter per group (fan-out), the single adapter on all tasks, θ*, and the
-    adapters of the paper's other baselines (``stages.plan_baselines``; MTL-FT's after the
-    single adapter, from its weights)."""
+def group_adapters(config, groups: GroupsRecord,
+                   features: dict[str, FeaturesRecord]) -> AdaptersResult:
+    """Stage 4: the baselines' plan, one adapter per group (fan-out), the single adapter on all
+    tasks, θ*, and the adapters of the paper's other baselines (MTL-FT's after the single
+    adapter, from its weights)."""
     run = open_run(config)
-    plan = None if baselines is None else BaselinePlan.from_json(baselines)
-    return algorithm2.group_adapters(run, TaskRunner(run), groups, plan)
+    return algorithm2.group_adapters(run, TaskRunner(run), GroupsRecord.from_json(groups),
+                                     _features(features))
 
 
 @flow(name="boosting_and_weights")
 def boosting_and_weights(config, adapters: AdaptersResult,
-                         features: dict[str, FeaturesRecord], estimation_s: float = 0.0,
-                         baselines: BaselinePlan | None = None) -> EnsembleResult:
+                         features: dict[str, FeaturesRecord],
+                         estimation_s: float = 0.0) -> EnsembleResult:
     """Stages 5–6: b boosting steps on the group with the highest training loss, then the
     per-task ensemble weights, then the evaluation against the single-adapter baseline (and
     the other baselines, each adapter scored on its own tasks' test split)."""
     run = open_run(config)
     res = algorithm2.boosting_and_weights(
-        run, TaskRunner(run), AdaptersResult.from_json(adapters),
-        {k: FeaturesRecord.from_json(f) for k, f in features.items()}, estimation_s,
-        None if baselines is None else BaselinePlan.from_json(baselines), get_run_logger())
+        run, TaskRunner(run), AdaptersResult.from_json(adapters), _features(features),
+        estimation_s, get_run_logger())
     release_models()  # the scoring base model with its members
     return res
+
+
+@flow(name="report")
+def report_and_version(config, features: FeaturesResult, groups: GroupsRecord,
+                       adapters: AdaptersResult, result: EnsembleResult) -> FinishResult:
+    """The report (report.md, affinity.png), manifest.json, and the ensemble published as a
+    version (current unless worse on validation)."""
+    run = open_run(config)
+    return algorithm2.finish(run, TaskRunner(run), FeaturesResult.from_json(features),
+                             GroupsRecord.from_json(groups), AdaptersResult.from_json(adapters),
+                             EnsembleResult.from_json(result), config_dict(run.cfg))
+
+
+def _features(features: dict) -> dict[str, FeaturesRecord]:
+    return {k: FeaturesRecord.from_json(f) for k, f in features.items()}
 
 
 @flow(name="ensemble_lora", log_prints=True)
@@ -54,21 +74,19 @@ def ensemble_lora(config, overrides: list[str] | None = None) -> PipelineResult:
     (4) → boosting and ensemble weights (5) → evaluation against one adapter on all tasks and
     the configured baselines (6) → the report and a published version."""
     cfg = resolve_config(config, overrides)
-    run = open_run(cfg)
-    runner = TaskRunner(run)
     log = get_run_logger()
     s1 = FeaturesResult.from_json(_stage(cfg, "gradient-features", gradient_features))
     s23 = GroupingResult.from_json(_stage(cfg, "affinity", run_affinity, features=s1.features))
-    plan = runner.call(stages.plan_baselines, s23.groups, s1.features)
     s4 = AdaptersResult.from_json(_stage(cfg, "group-adapters", group_adapters,
-                                         groups=s23.groups.group_tasks, baselines=plan))
+                                         groups=s23.groups, features=s1.features))
     s56 = EnsembleResult.from_json(_stage(cfg, "boosting-and-weights", boosting_and_weights,
                                           adapters=s4, features=s1.features,
-                                          estimation_s=s23.seconds, baselines=plan))
+                                          estimation_s=s23.seconds))
+    done = FinishResult.from_json(_stage(cfg, "report", report_and_version, features=s1,
+                                         groups=s23.groups, adapters=s4, result=s56))
     metrics = s56.evaluation.metrics
-    report, version = algorithm2.finish(run, runner, s1, s23, s4, s56, config_dict(cfg))
     try:
-        create_markdown_artifact(report.markdown, key=artifact_key(cfg.name, "report"),
+        create_markdown_artifact(done.report.markdown, key=artifact_key(cfg.name, "report"),
                                  description="EnsembleLoRA report")
         create_table_artifact([dict(zip(ACCURACY_HEADERS, r)) for r in accuracy_rows(metrics)],
                               key=artifact_key(cfg.name, "accuracy"), description="Test accuracy")
@@ -76,12 +94,10 @@ def ensemble_lora(config, overrides: list[str] | None = None) -> PipelineResult:
         log.warning("could not create artifacts: %s", e)
     log.info("average test accuracy: baseline %.1f%%, ensemble %.1f%%",
              100 * metrics.average.baseline_accuracy, 100 * metrics.average.ensemble_accuracy)
-    log.info("version %s: %s", version.version,
-             ("current; " if version.promoted else "not promoted; ") + version.promotion)
-    return PipelineResult(run.dir.url, metrics, s23.groups.group_tasks, report.report,
-                          report.manifest,
-                          {} if s56.baselines is None else s56.baselines.results,
-                          version.version, version.promoted, version.promotion)
+    log.info("version %s: %s", done.version.version,
+             ("current; " if done.version.promoted else "not promoted; ")
+             + done.version.promotion)
+    return algorithm2.pipeline_result(Run(cfg), s23, s56, done)
 
 
 def _stage(cfg, name: str, fn, **params):
@@ -90,7 +106,8 @@ def _stage(cfg, name: str, fn, **params):
     its ``gpu`` or ``cpu`` tag in prefect.yaml — has a pool in the config's
     ``runner.work_pools``; its result either way. A deployment run's result is read back from
     Prefect's result storage (JSON), so the workers must persist results (prefect.yaml sets
-    PREFECT_RESULTS_PERSIST_BY_DEFAULT) to storage this process can read."""
+    PREFECT_RESULTS_PERSIST_BY_DEFAULT) to storage this process can read (on several machines:
+    remote result storage, deployments/README.md)."""
     if not cfg.runner.work_pools:
         return fn(cfg, **params)
     from prefect.client.orchestration import get_client

@@ -1,12 +1,13 @@
 """What every task of a run shares: how its cache key is made and where results live.
 
 A task's cache key is the hash of what its library stage declares it depends on
-(``ensemble_core.stages.Stage.inputs``: the code version, the run directory, the config fields
-the stage reads, the data fingerprints of the tasks it reads, and the content keys of its
-arguments) — nothing is listed by hand here. Results are small JSON records (paths + content
-hashes, ``ensemble_core.records``) stored under ``<run_dir>/.prefect`` beside the files they
-describe, with a file-system lock so two runs on one output location never compute the same
-task at the same time (SERIALIZABLE cache isolation).
+(``ensemble_core.stages.Stage.inputs``: the version of the code the stage runs, the config
+fields it reads, the data fingerprints of the tasks it reads, and the content keys of its
+arguments — never where the run directory is) — nothing is listed by hand here. Results are
+small JSON records (paths relative to the run directory + content hashes,
+``ensemble_core.records``) stored under ``<run_dir>/.prefect`` beside the files they describe,
+with a lock per key so two runs on one output location never compute the same task at the same
+time (SERIALIZABLE cache isolation).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from prefect.transactions import IsolationLevel
 
 from ensemble_core.runtime import StopRequested
 
-from .locking import LockWaitInterrupted, LockWaitTimeout, RunLockManager, checked_key_fn
+from .locking import LockWaitInterrupted, LockWaitTimeout, checked_key_fn, run_store
 
 
 def stage_key(stage_fn, parameters: dict) -> str:
@@ -47,25 +48,23 @@ def keyed(stage_fn) -> CachePolicy:
 
 def for_run(task_obj, run):
     """The task with its cache records and their result payloads stored in the run directory
-    (``.prefect/cache``, ``.prefect/results``) and a file lock per key, so an interrupted run
-    resumes from its own directory, two runs never compute one key at once, and processes with
-    different ``PREFECT_HOME``s share the results. (A remote run directory keeps Prefect's
-    default result storage.)"""
-    base = run.dir.prefect
-    if base is None:
-        return task_obj
+    (``.prefect/cache``, ``.prefect/results``: a local path, or Prefect's RemoteFileSystem at
+    the directory's URL) and a lock per key (files on one machine, Redis leases across
+    machines: ``locking.run_store``), so an interrupted run resumes from its own directory
+    wherever it is read from, two runs never compute one key at once, and processes with
+    different ``PREFECT_HOME``s — or on different machines — share the results."""
+    from ensemble_core.coordination import redis_url
+
+    store = run_store(run.dir.url, redis_url(run.cfg.runner.redis_url))
     policy = task_obj.cache_policy.configure(
-        key_storage=base / "cache",
-        # locks of a killed run are broken, not waited on forever (tasks/locking.py)
-        lock_manager=RunLockManager(lock_files_directory=base / "locks"),
+        key_storage=store.keys, lock_manager=store.locks,
         isolation_level=IsolationLevel.SERIALIZABLE)
     # a record whose result payload is gone, or whose files are gone or changed, is
-    # recomputed, not served or a task failure
-    policy.cache_key_fn = checked_key_fn(policy.cache_key_fn, base / "cache", _logger(),
+    # recomputed, not served or a task failure; one of a copied directory is read here
+    policy.cache_key_fn = checked_key_fn(policy.cache_key_fn, store.keys_url, _logger(),
                                          getattr(policy.cache_key_fn, "record", None),
-                                         base / "results")
-    # a Path: Prefect's LocalFileSystem at that base path (no saved block needed)
-    return task_obj.with_options(cache_policy=policy, result_storage=base / "results")
+                                         store.results_url, store.run_dir)
+    return task_obj.with_options(cache_policy=policy, result_storage=store.results)
 
 
 def retry_unless_input_error(task, task_run, state) -> bool:

@@ -38,8 +38,11 @@ written with is removed too, so the stage is computed again instead of being ser
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
+import posixpath
 import socket
 import sys
 import threading
@@ -49,8 +52,10 @@ from pathlib import Path
 from typing import Optional
 
 from prefect.locking.filesystem import FileSystemLockManager
+from prefect_redis.locking import RedisLockManager
 
-from ensemble_core.storage import positive_env, process_alive, process_start_time
+from ensemble_core.storage import (atomic_write_bytes, exists, fs_and_path, is_local_fs, join,
+                                   positive_env, process_alive, process_start_time, read_bytes)
 
 UNREADABLE_GRACE_S = 30.0  # an unparseable lock file younger than this is being written
 BREAK_GUARD_STALE_S = 30.0  # a .break guard older than this was left by a killed breaker
@@ -288,107 +293,282 @@ class RunLockManager(FileSystemLockManager):
             await anyio.sleep(0.05)
 
 
-def checked_key_fn(key_fn, key_dir: Path, log=None, record=None,
-                   results_dir: Path | None = None):
+def checked_key_fn(key_fn, key_dir, log=None, record=None, results_dir=None,
+                   run_dir: str | None = None):
     """``key_fn`` (a Prefect cache key function), checking the cache record under ``key_dir``
-    before returning its key: an orphaned record is removed, a record whose payload lies outside
-    ``results_dir`` (the task's result storage) is moved into it, and — when the task returns a
-    ``record`` (an ``ensemble_core.records`` class) — a record naming a file that is missing
-    or changed is removed, so the task is computed again (see the module docstring)."""
+    (a local path or fsspec URL) before returning its key: an orphaned record is removed, a
+    record whose payload lies outside ``results_dir`` (the task's result storage) is pointed
+    at this directory's copy of it, or its payload copied in, and — when the task returns a
+    ``record`` (an ``ensemble_core.records`` class) — a record naming a file of ``run_dir``
+    that is missing or changed is removed, so the task is computed again (see the module
+    docstring)."""
     import functools
 
     @functools.wraps(key_fn)
     def wrapper(context, parameters):
         key = key_fn(context, parameters)
         if key:
-            drop_orphaned_record(Path(key_dir) / key, log, record, results_dir)
+            drop_orphaned_record(join(str(key_dir), key), log, record,
+                                 None if results_dir is None else str(results_dir), run_dir)
         return key
     return wrapper
 
 
-def _adopt_payload(meta_path: Path, meta: dict, payload: Path, data: bytes, log=None,
-                   base: Path | None = None) -> None:
-    """A record whose payload lies outside the task's result storage ``base`` (written by an
-    older release into a ``PREFECT_HOME``'s storage), which Prefect refuses to read ("outside
-    of the base path"): copy the payload into ``base`` and point the record at the copy (both
-    written through a temporary file renamed into place)."""
-    if base is None:
+def _same_place(a: str, b: str) -> bool:
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _relocate(meta_url: str, meta: dict, payload_url: str, data: bytes | None, log=None,
+              results: str | None = None) -> None:
+    """A record whose payload is not in the task's result storage ``results``: a run
+    directory copied or moved to another path or URL (its records name the payloads where
+    they were written: this directory's copy, of the same name, is used), or a record of an
+    older release whose payload is in a ``PREFECT_HOME``'s storage (copied in). Prefect
+    refuses to read a payload outside its storage's base path ("outside of the base path");
+    the record is pointed at the copy here (each file written whole: ``atomic_write_bytes``).
+    ``data`` is the payload where the record names it (None: not readable there)."""
+    if results is None:
         return
-    base = Path(base).resolve()
-    try:
-        payload.resolve().relative_to(base)
+    name = posixpath.basename(payload_url.rstrip("/"))
+    target = join(results, name)
+    if _same_place(payload_url, target):
         return  # already ours
-    except ValueError:
-        pass
-    target = base / meta_path.name
-    base.mkdir(parents=True, exist_ok=True)
-    for path, content in ((target, data),
-                          (meta_path, json.dumps(dict(meta, storage_key=str(target))).encode())):
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-        tmp.write_bytes(content)
-        os.replace(tmp, path)
+    if not exists(target):
+        if data is None:
+            return
+        atomic_write_bytes(target, data)
+    if "://" not in target:
+        target = str(Path(target).resolve())
+    atomic_write_bytes(meta_url, json.dumps(dict(meta, storage_key=target)).encode())
     if log is not None:
-        log.info("cache record %s: its result was in %s; copied into %s", meta_path.name,
-                 payload.parent, base)
+        log.info("cache record %s: its result was in %s; now read from %s", name,
+                 posixpath.dirname(payload_url), results)
 
 
-def drop_orphaned_record(meta_path: Path, log=None, record=None,
-                         results_dir: Path | None = None) -> bool:
-    """Remove the cache record metadata at ``meta_path`` when the payload it points to is
-    missing or (for JSON results) unreadable, or when it is a ``record`` naming files that are
-    missing or changed. Returns True when it was removed.
+def drop_orphaned_record(meta_url, log=None, record=None, results_dir: str | None = None,
+                         run_dir: str | None = None) -> bool:
+    """Remove the cache record metadata at ``meta_url`` when the payload it points to is
+    missing or (for JSON results) unreadable, or when it is a ``record`` naming files (of
+    ``run_dir``) that are missing or changed. Returns True when it was removed.
 
-    Prefect writes a record's payload, then its metadata, each in place: unreadable metadata
-    younger than ``UNREADABLE_GRACE_S`` is being written and is left alone; a payload that is
-    missing or cut short under complete metadata is an orphan (a rewrite in progress writes the
-    metadata again after it, so dropping it costs nothing)."""
+    On a local disk Prefect writes a record's payload, then its metadata, each in place:
+    unreadable metadata younger than ``UNREADABLE_GRACE_S`` is being written and is left
+    alone; a payload that is missing or cut short under complete metadata is an orphan (a
+    rewrite in progress writes the metadata again after it, so dropping it costs nothing). On
+    an object store each is one object, written whole or not at all."""
+    meta_url = str(meta_url)
+    fs, meta_path = fs_and_path(meta_url)
     try:
-        raw = meta_path.read_bytes()
+        raw = fs.cat_file(meta_path)
     except (FileNotFoundError, NotADirectoryError):
         return False
+    data = None
     try:
         meta = json.loads(raw)
-        payload = Path(meta["storage_key"])
+        payload = str(meta["storage_key"])
         serializer = (meta.get("serializer") or {}).get("type")
-        elsewhere = meta.get("storage_block_id") is not None or "://" in str(payload)
+        elsewhere = meta.get("storage_block_id") is not None
     except (ValueError, KeyError, TypeError) as e:
         try:
-            if time.time() - meta_path.stat().st_mtime < UNREADABLE_GRACE_S:
+            if is_local_fs(fs) and time.time() - os.stat(meta_path).st_mtime \
+                    < UNREADABLE_GRACE_S:
                 return False
         except FileNotFoundError:
             return False
         why = f"it is unreadable ({type(e).__name__})"
     else:
-        if elsewhere:
-            return False  # stored by a saved block or at a URL: Prefect's business
         why = None
+        if elsewhere:  # a saved block's key, relative to its base path: the run's storage
+            if results_dir is None:
+                return False
+            payload = where = ours = join(results_dir, payload)
+        else:
+            ours = None if results_dir is None else \
+                join(results_dir, posixpath.basename(payload.rstrip("/")))
+            where = ours if ours is not None and not _same_place(payload, ours) \
+                and exists(ours) else payload
         try:
-            data = payload.read_bytes()
+            data = read_bytes(where)
             if serializer == "json":
                 value = json.loads(data)
                 if record is not None:
-                    why = _changed_files(record, value)
+                    why = _changed_files(record, value, run_dir)
         except FileNotFoundError:
             why = "its result payload is missing"
         except (ValueError, OSError) as e:
             why = f"its result payload is unreadable ({type(e).__name__})"
         if why is None:
-            _adopt_payload(meta_path, meta, payload, data, log, results_dir)
+            _relocate(meta_url, meta, payload, data, log, results_dir)
             return False
-    meta_path.unlink(missing_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(meta_path)
     if log is not None:
-        log.warning("cache record %s dropped: %s; the task is computed again", meta_path.name, why)
+        log.warning("cache record %s dropped: %s; the task is computed again",
+                    posixpath.basename(meta_path), why)
     return True
 
 
-def _changed_files(record, value) -> str | None:
+def _changed_files(record, value, run_dir: str | None = None) -> str | None:
     """Why the cached ``record`` (its JSON ``value``) cannot be served, or None."""
     try:
         rec = record.from_json(value)
     except ValueError:
         return f"its result is not a valid {record.__name__}"
-    gone = rec.unverified()
+    gone = rec.unverified(run_dir)
     if not gone:
         return None
     more = f" and {len(gone) - 3} more" if len(gone) > 3 else ""
     return f"files it names are missing or changed: {', '.join(gone[:3])}{more}"
+
+
+# -- several machines: Redis ------------------------------------------------------------------
+
+class LeasedRedisLockManager(RedisLockManager):
+    """prefect-redis's ``RedisLockManager`` with every lock a lease: taken with a time to live
+    (``coordination.lease_s``) and renewed by this process while it lives
+    (``coordination.Leases``), so the lock of a worker killed with SIGKILL, or of a lost
+    machine, frees itself a lease later. (Prefect takes cache locks with no hold timeout,
+    which in Redis means forever.) Lock names are in the run directory's name space; a wait
+    ends when the process is stopping (LockWaitInterrupted), as with the file locks."""
+
+    def __init__(self, url: str, run_dir_url: str):
+        from ensemble_core.coordination import PREFIX, client, scope
+
+        client(url)  # reachable, or an error naming the URL
+        self.run_dir_url = run_dir_url
+        self.prefix = f"{PREFIX}:{scope(run_dir_url)}:lock:"
+        super().__init__(connection_url=url)
+
+    def __getstate__(self):
+        return dict(super().__getstate__(), run_dir_url=self.run_dir_url, prefix=self.prefix)
+
+    def _lock_name_for_key(self, key: str) -> str:
+        return self.prefix + key
+
+    def acquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None):
+        from ensemble_core.coordination import Leases, lease_s
+
+        leased = hold_timeout is None
+        ok = super().acquire_lock(key, holder, acquire_timeout,
+                                  lease_s() if leased else hold_timeout)
+        if ok and leased:
+            Leases.of(self.connection_url).hold_lock(self._locks[self._lock_name_for_key(key)])
+        return ok
+
+    async def aacquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None):
+        import anyio
+
+        return await anyio.to_thread.run_sync(
+            lambda: self.acquire_lock(key, holder, acquire_timeout, hold_timeout))
+
+    def release_lock(self, key, holder):
+        from ensemble_core.coordination import Leases
+
+        lock = self._locks.get(self._lock_name_for_key(key))
+        if lock is not None:
+            Leases.of(self.connection_url).release_lock(lock)
+        super().release_lock(key, holder)
+
+    def wait_for_lock(self, key, timeout=None):
+        t0 = time.monotonic()
+        while self.is_locked(key):
+            if _stopping():
+                raise LockWaitInterrupted(f"stopped while waiting for cache key {key} "
+                                          "(locked in Redis)")
+            if timeout is not None and time.monotonic() - t0 >= timeout:
+                return False
+            time.sleep(0.1)
+        return True
+
+    async def await_for_lock(self, key, timeout=None):
+        import anyio
+
+        return await anyio.to_thread.run_sync(lambda: self.wait_for_lock(key, timeout))
+
+
+# -- where a run's cache lives ----------------------------------------------------------------
+
+@dataclasses.dataclass
+class RunStore:
+    """Where the cache records of one run directory live and what locks them: the records'
+    metadata (``keys``, Prefect's ``key_storage``) and payloads (``results``, the tasks'
+    result storage) under ``<run_dir>/.prefect/`` — a local path (Prefect's LocalFileSystem)
+    or, for a run directory at a URL, Prefect's RemoteFileSystem at that URL — so the cache
+    travels with the directory; and the lock manager: files in ``.prefect/locks``
+    (:class:`RunLockManager`, one machine) or Redis leases (:class:`LeasedRedisLockManager`,
+    with ``runner.redis_url``). A run directory on an object store without Redis is locked
+    in this process only (``MemoryLockManager``): one process at a time."""
+    run_dir: str
+    keys_url: str
+    results_url: str
+    keys: object
+    results: object
+    locks: object
+
+
+_STORES: dict[tuple, RunStore] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def run_store(run_dir: str, redis: str | None = None) -> RunStore:
+    """The :class:`RunStore` of a run directory, one per process (its lock manager keeps the
+    locks this process holds)."""
+    key = (run_dir, redis)
+    with _STORES_LOCK:
+        store = _STORES.get(key)
+        if store is None:
+            store = _STORES[key] = _make_store(run_dir, redis)
+        return store
+
+
+def _saved_results_block(url: str):
+    """Prefect's RemoteFileSystem block at ``url``, saved on the server (Prefect takes only a
+    saved block as a task's result storage), named after the URL (``ensemble-lora-<hash>``).
+    A record written through a saved block names its payload relative to the block's base
+    path, so the records of a run directory copied to another URL read the copy's payloads."""
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.filesystems import RemoteFileSystem
+
+    from ensemble_core.coordination import scope
+
+    name = f"ensemble-lora-{scope(url)}"
+    try:
+        block = RemoteFileSystem.load(name)
+        if block.basepath == url:
+            return block
+    except ValueError:  # no such block yet
+        pass
+    block = RemoteFileSystem(basepath=url)
+    try:
+        block.save(name, overwrite=True)
+    except ObjectAlreadyExists:  # saved by another process meanwhile
+        return RemoteFileSystem.load(name)
+    return block
+
+
+def _make_store(run_dir: str, redis: str | None) -> RunStore:
+    from ensemble_core.rundir import RunDir
+
+    rd = RunDir(run_dir)
+    base = join(rd.url, ".prefect")
+    keys_url, results_url = join(base, "cache"), join(base, "results")
+    if rd.is_local:
+        local = rd.local(base)
+        keys, results = local / "cache", local / "results"
+        keys_url, results_url = str(keys), str(results)
+    else:
+        from prefect.filesystems import RemoteFileSystem
+
+        keys = RemoteFileSystem(basepath=keys_url)
+        results = _saved_results_block(results_url)
+    if redis:
+        locks = LeasedRedisLockManager(redis, rd.url)
+    elif rd.is_local:
+        locks = RunLockManager(lock_files_directory=rd.local(base) / "locks")
+    else:
+        from prefect.locking.memory import MemoryLockManager
+
+        locks = MemoryLockManager()
+    return RunStore(rd.url, keys_url, results_url, keys, results, locks)

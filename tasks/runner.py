@@ -27,27 +27,20 @@ class TaskRunner:
             task = self._tasks[stage_fn] = for_run(TASKS[stage_fn], self.run)
         return task
 
-    def _record(self, stage_fn, value, args, kwargs):
-        rec = stage_fn.stage.returns.from_json(value)
-        # a cached record whose files are gone or changed: in a local run directory the cache
-        # key function has checked that before serving it (common.for_run); a remote one
-        # keeps Prefect's own storage, so it is checked here and recomputed
-        if self.run.dir.prefect is None and not rec.verified():
-            task = self._task(stage_fn).with_options(refresh_cache=True)
-            rec = stage_fn.stage.returns.from_json(task(self.run, *args, **kwargs))
-        return rec
+    def _record(self, stage_fn, value):
+        # (a cached record whose files are gone or changed was dropped by the cache key
+        # function before Prefect looked it up: common.for_run)
+        return stage_fn.stage.returns.from_json(value)
 
     def call(self, stage_fn, *args, **kwargs):
         with _stop_on_interrupt():
-            return self._record(stage_fn, self._task(stage_fn)(self.run, *args, **kwargs),
-                                args, kwargs)
+            return self._record(stage_fn, self._task(stage_fn)(self.run, *args, **kwargs))
 
     def map(self, stage_fn, calls: Sequence[tuple]) -> list:
         task = self._task(stage_fn)
         with _stop_on_interrupt():
             futures = [task.submit(self.run, *args) for args in calls]
-            return [self._record(stage_fn, f.result(), args, {})
-                    for f, args in zip(futures, calls)]
+            return [self._record(stage_fn, f.result()) for f in futures]
 
 
 @contextmanager

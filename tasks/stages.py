@@ -40,8 +40,17 @@ def compute_gradients(run: Run, task: str) -> dict:
     return rec.to_json()
 
 
+def _linearity_run_name() -> str:
+    """linearity[<task>] at the paper's distances; linearity-trained[<task>] at the distances
+    the adapters moved (stage 4)."""
+    from prefect.runtime import task_run
+
+    p = task_run.parameters
+    return ("linearity-trained" if p.get("distances") else "linearity") + f"[{p['task']}]"
+
+
 @task(name="linearity_check", tags=["gpu"], cache_policy=keyed(stages.linearity),
-      task_run_name="linearity[{task}]", **JSON)
+      task_run_name=_linearity_run_name, **JSON)
 def linearity_check(run: Run, task: str, distances: list[float] | None = None) -> dict:
     """First-order check: true margins vs m0 + g̃ᵀx at the paper's relative distances
     (0.05%–0.25% of the whole model's norm), or at the ``distances`` the adapters moved."""
@@ -53,9 +62,10 @@ def linearity_check(run: Run, task: str, distances: list[float] | None = None) -
 
 @task(name="save_subset_plan", tags=["cpu"], cache_policy=keyed(stages.save_subset_plan),
       task_run_name="subset-plan", **JSON)
-def save_subset_plan(run: Run, batches: list) -> dict:
-    """estimation/plan.json: the sampled subsets in their batches."""
-    return stages.save_subset_plan(run, batches).to_json()
+def save_subset_plan(run: Run, tasks: list[str]) -> dict:
+    """estimation/plan.json: the sampled subsets in their batches (this directory's plan,
+    extended to the tasks, or a fresh one)."""
+    return stages.save_subset_plan(run, tasks).to_json()
 
 
 @task(name="fit_subsets", tags=["cpu"], cache_policy=keyed(stages.fit_subsets),
@@ -70,11 +80,10 @@ def fit_subsets(run: Run, features: dict[str, FeaturesRecord], batch: int, subse
 
 @task(name="affinity_and_groups", tags=["cpu"], cache_policy=keyed(stages.affinity_and_groups),
       task_run_name="affinity-and-groups", **JSON)
-def affinity_and_groups(run: Run, results: list[SubsetEstimate], tasks: list[str],
-                        previous: list[list[str]] | None = None) -> dict:
+def affinity_and_groups(run: Run, results: list[SubsetEstimate], tasks: list[str]) -> dict:
     """Task affinity (eq. 1) and the groups (the SDP of Appendix A.1, or another registered
-    clustering method), or the previous groups with the new tasks joined."""
-    return stages.affinity_and_groups(run, results, tasks, previous).to_json()
+    clustering method), or the directory's previous groups with the new tasks joined."""
+    return stages.affinity_and_groups(run, results, tasks).to_json()
 
 
 @task(name="plan_baselines", tags=["cpu"], cache_policy=keyed(stages.plan_baselines),
@@ -115,6 +124,14 @@ def score_member(run: Run, adapter: AdapterRecord, task: str, splits: list[str],
     """Scores h_c(s) of one member adapter on ``splits`` of one task."""
     with gpu_slot():
         return stages.score_member(run, adapter, task, splits, phase).to_json()
+
+
+@task(name="group_losses", tags=["cpu"], cache_policy=keyed(stages.group_losses),
+      task_run_name="group-losses", **JSON)
+def group_losses(run: Run, groups: list[GroupEnsemble], features: dict[str, FeaturesRecord],
+                 scores: dict[str, ScoresRecord]) -> dict:
+    """The exact training loss of every group's current ensemble (which group to boost)."""
+    return stages.group_losses(run, groups, features, scores).to_json()
 
 
 @task(name="boost_group", tags=["gpu"], cache_policy=keyed(stages.boost_group),
@@ -180,7 +197,7 @@ TASKS = {stages.gradient_features: compute_gradients, stages.linearity: linearit
          stages.affinity_and_groups: affinity_and_groups,
          stages.plan_baselines: plan_baselines, stages.train_group: train_group,
          stages.save_theta_star: save_theta_star, stages.score_member: score_member,
-         stages.boost_group: boost_group, stages.record_boosting: record_boosting,
+         stages.group_losses: group_losses, stages.boost_group: boost_group, stages.record_boosting: record_boosting,
          stages.fit_weights: fit_weights, stages.evaluate: evaluate,
          stages.evaluate_baselines: evaluate_baselines, stages.finish: finish,
          stages.publish_version: publish_version}

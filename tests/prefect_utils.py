@@ -1,5 +1,9 @@
-"""Helpers for tests that read task-run states back from the Prefect API."""
+"""Helpers for tests that trigger deployments and read flow- and task-run states back from the
+Prefect API."""
+import json
+import subprocess
 import time
+from contextlib import contextmanager
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId,
@@ -51,3 +55,38 @@ def _read_task_states(flow_run_id) -> tuple[dict[str, str], bool]:
         runs = [tr for tr in runs if tr.id not in wrappers]
         return ({tr.name: (tr.state.name if tr.state else None) for tr in runs},
                 all(tr.state is not None and tr.state.is_final() for tr in runs))
+
+
+@contextmanager
+def api_client(env: dict):
+    """A sync Prefect client for the server whose PREFECT_API_URL is in ``env``."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), \
+            get_client(sync_client=True) as client:
+        yield client
+
+
+def trigger_deployment(env: dict, deployment: str, params: dict, cwd) -> str:
+    """`prefect deployment run` as the README says; returns the flow run's id."""
+    out = subprocess.run(["prefect", "--no-prompt", "deployment", "run", deployment,
+                          "--params", json.dumps(params)], cwd=cwd, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    assert out.returncode == 0, out.stdout
+    return next(line.split("UUID:")[1].strip() for line in out.stdout.splitlines()
+                if "UUID:" in line)
+
+
+def wait_for_flow_run(env: dict, run_id: str, timeout: float, logs=()):
+    """The flow run once final (asserted Completed, with the tails of ``logs`` otherwise)."""
+    deadline = time.monotonic() + timeout
+    with api_client(env) as client:
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(run_id)
+            if run.state and run.state.is_final():
+                break
+            time.sleep(2)
+    tail = "\n".join(p.read_text(errors="replace")[-3000:] for p in logs if p.exists())
+    assert run.state.is_final(), f"flow run not finished after {timeout} s\n{tail}"
+    assert run.state.is_completed(), f"{run.state.name}: {run.state.message}\n{tail}"
+    return run

@@ -224,8 +224,11 @@ def _zero_groups(s):
     return "run", []
 
 
-def _remote_output_for_run(s):
-    s["cfg"]["output_dir"] = "memory://bucket/run"
+def _unreachable_store(s):
+    s["cfg"]["output_dir"] = "s3://no-such-bucket/run"
+    s["env"] = dict(s.get("env", {}), AWS_ENDPOINT_URL="http://127.0.0.1:9",  # nothing listens
+                    AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", AWS_MAX_ATTEMPTS="1",
+                    AWS_DEFAULT_REGION="us-east-1")
     return "run", []
 
 
@@ -278,8 +281,8 @@ CASES = [
                                                     "nosuchfs"]),
     ("output-dir-placeholder", _output_placeholder, ["output_dir", "{nope}", "{name}"]),
     ("zero-groups", _zero_groups, ["clustering.n_groups = 0", "at least 1"]),
-    ("remote-output-dir-for-run", _remote_output_for_run, ["memory://bucket/run",
-                                                           "needs a local directory"]),
+    ("unreachable-object-store", _unreachable_store, ["output_dir s3://no-such-bucket/run",
+                                                      "is not writable"]),
     ("template-attribute", _template_attribute, ["reviews", "{text.__class__}",
                                                  "record fields only"]),
     ("template-huge-width", _template_width, ["reviews", "format width or precision"]),

@@ -143,7 +143,7 @@ def test_mtl_ft_second_phase_starts_from_the_shared_weights(data_root, cache_dir
     weights = load_file(str(run.dir.local(run.dir.adapter_weights("all-tasks"))))
     lm = load_model(run.cfg, cache_dir)
     theta0 = adapter_vector(lm.model)
-    load_weights(lm.model, run.dir.local(shared.path))
+    load_weights(lm.model, run.dir.local(run.dir.at(shared.path)))
     loaded = adapter_vector(lm.model)
     assert not torch.equal(loaded, theta0)
     from ensemble_core.models import trainable_parameters
@@ -154,6 +154,6 @@ def test_mtl_ft_second_phase_starts_from_the_shared_weights(data_root, cache_dir
     run2 = Run(parse_config(raw))
     second = stages.train_group(run2, "mtl-rte", ["rte"], start=shared)
     lm2 = load_model(run.cfg, cache_dir)
-    load_weights(lm2.model, run.dir.local(second.path))
+    load_weights(lm2.model, run.dir.local(run.dir.at(second.path)))
     assert torch.allclose(adapter_vector(lm2.model), loaded, atol=1e-9)
     assert not torch.allclose(adapter_vector(lm2.model), theta0)

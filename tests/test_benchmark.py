@@ -31,7 +31,7 @@ def test_benchmark_over_two_seeds(tmp_path, data_root, cache_dir, capsys):
         assert run["seed"] == s
         assert set(metrics["tasks"]) == {"rte", "cb", "copa", "wic"}
     summary = res["summary"]  # the JSON's keys are sorted; "methods" keeps the table's order
-    assert res["methods"] == ["single", "per-task", "group", "ensemble"]
+    assert res["methods"] == ["single", "per-task", "group_adapter", "group", "ensemble"]
     assert set(summary) == set(res["methods"])
     seeds_acc = [json.loads((out / f"seed-{s}" / "metrics.json").read_text())["average"]
                  ["ensemble_accuracy"] for s in (0, 1)]

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,14 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO))
 from deployments import local_server, start, stop  # noqa: E402
+from prefect_utils import api_client, trigger_deployment, wait_for_flow_run  # noqa: E402
 
 pytestmark = pytest.mark.integration  # Prefect server, subprocesses (make test-fast skips)
 
 TINY = REPO / "configs" / "tiny.yaml"
 STAGES = {"gradient_features/gradient-features": "gpu", "affinity/affinity": "cpu",
           "group_adapters/group-adapters": "gpu",
-          "boosting_and_weights/boosting-and-weights": "gpu"}
+          "boosting_and_weights/boosting-and-weights": "gpu", "report/report": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +45,6 @@ def service(tmp_path_factory, data_root, cache_dir):
             stop(*workers)
 
 
-@contextmanager
-def _client(env):
-    """A sync Prefect client for the server in ``env``."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), \
-            get_client(sync_client=True) as client:
-        yield client
-
-
 def _run_and_wait(env, tmp, overrides, timeout=420):
     """Triggers the ensemble-lora deployment as the README says (`prefect deployment run`) and
     waits for the flow run to finish; returns it."""
@@ -64,30 +53,14 @@ def _run_and_wait(env, tmp, overrides, timeout=420):
 
 
 def _deployment_run(env, tmp, deployment, params, timeout=420):
-    out = subprocess.run(
-        ["prefect", "--no-prompt", "deployment", "run", deployment,
-         "--params", json.dumps(params)],
-        cwd=tmp, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        timeout=120)
-    assert out.returncode == 0, out.stdout
-    run_id = next(line.split("UUID:")[1].strip() for line in out.stdout.splitlines()
-                  if "UUID:" in line)
-    deadline = time.monotonic() + timeout
-    with _client(env) as client:
-        while time.monotonic() < deadline:
-            run = client.read_flow_run(run_id)
-            if run.state and run.state.is_final():
-                break
-            time.sleep(3)
-    logs = "\n".join((tmp / f"worker-{p}.log").read_text()[-3000:] for p in ("cpu", "gpu"))
-    assert run.state.is_final(), f"flow run not finished after {timeout} s\n{logs}"
-    assert run.state.is_completed(), f"{run.state.name}: {run.state.message}\n{logs}"
-    return run
+    run_id = trigger_deployment(env, deployment, params, tmp)
+    return wait_for_flow_run(env, run_id, timeout,
+                             [tmp / f"worker-{p}.log" for p in ("cpu", "gpu")])
 
 
 def test_deployments_schedule_and_pools(service):
     env, _ = service
-    with _client(env) as client:
+    with api_client(env) as client:
         dep = client.read_deployment_by_name("ensemble_lora/ensemble-lora")
         assert dep.work_pool_name == "gpu"
         assert dep.parameters == {"config": "configs/demo.yaml", "overrides": []}
@@ -153,7 +126,7 @@ def test_stages_on_work_pools(service):
                                    'runner.work_pools={"gpu": "gpu", "cpu": "cpu"}'])
     print(f"ensemble-lora with stages on work pools: {time.monotonic() - t0:.0f} s")
     assert (run_dir / "metrics.json").exists() and (run_dir / "report.md").exists()
-    with _client(env) as client:
+    with api_client(env) as client:
         for name, pool in STAGES.items():
             dep = client.read_deployment_by_name(name)
             [stage_run] = client.read_flow_runs(  # (sort, limit: see test_artifacts._artifacts)
@@ -168,7 +141,7 @@ def test_stages_on_work_pools(service):
     grads = json.loads((run_dir / "gradients" / "rte" / "manifest.json").read_text())
     assert grads["files"]["train"]["rows"] > 0
     assert len(list((run_dir / "adapters").glob("group-*"))) >= 2
-    with _client(env) as client:  # GPU tasks took and gave back slots of the `gpu` limit
+    with api_client(env) as client:  # GPU tasks took and gave back slots of the `gpu` limit
         assert client.read_global_concurrency_limit_by_name("gpu").active_slots == 0
 
 
@@ -195,7 +168,7 @@ def test_a_cancelled_deployment_run_stops_during_training(service):
     time.sleep(2)
     from prefect.states import Cancelling
 
-    with _client(env) as client:
+    with api_client(env) as client:
         client.set_flow_run_state(run_id, Cancelling(), force=True)
         sent = time.monotonic()
         while True:

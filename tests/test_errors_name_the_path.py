@@ -12,6 +12,8 @@ from ensemble_core.config import ConfigError
 class _FullDisk:
     """An fsspec file system whose writes fail as on a full disk."""
 
+    protocol = ("file", "local")
+
     def makedirs(self, path, exist_ok=False):
         pass
 

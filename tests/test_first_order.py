@@ -83,7 +83,7 @@ def test_check_estimates_end_to_end(data_root, cache_dir, tmp_path):
             np.mean([x.test_accuracy_relative_error for x in at]))
         assert s.true_finetune_flops > 0 and s.estimation_flops > 0
         assert s.flops_speedup == pytest.approx(s.true_finetune_flops / s.estimation_flops)
-    assert res.file.verified()
+    assert res.file.verified(run.dir.url)
     with pytest.raises(ValueError, match=r"dimension\(s\) \[24\] were not computed"):
         check_estimates(run, records, stages.plan_subsets(run.cfg), r=1, dims=[24])
 

@@ -1,6 +1,7 @@
 """Stage 2 under a real Prefect server: subset fan-out, affinity, SDP groups; cached re-run;
 the same fan-out on a real Dask LocalCluster reached through its address."""
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,10 +38,10 @@ def test_affinity_flow_groups_and_cache(prefect_server, run_cfg):
     state = affinity_flow(run_cfg, return_state=True)
     res = state.result()
     assert len(res.results) == 6  # all C(4, 2) pairs
-    groups = read_json(res.groups.groups.path)
+    groups = read_json(res.groups.groups.url(run_cfg["output_dir"]))
     tasks = sorted(t for g in groups["groups"] for t in g["tasks"])
     assert tasks == ["cb", "copa", "rte", "wic"] and groups["n_groups"] == 2
-    with open(res.groups.affinity.path) as f:
+    with open(res.groups.affinity.url(run_cfg["output_dir"])) as f:
         aff = Affinity.from_json(f.read())
     assert aff.names == ["rte", "cb", "copa", "wic"]
     assert (aff.counts[~np.eye(4, dtype=bool)] == 1).all()
@@ -64,7 +65,8 @@ def test_subset_fanout_on_dask_local_cluster(prefect_server, run_cfg, tmp_path):
                       dashboard_address=None) as cluster:
         cfg_dask = dict(cfg, runner={"kind": "dask", "address": cluster.scheduler_address},
                         output_dir=str(tmp_path / "dask-run-2"))
-        on_dask = run_affinity(cfg_dask, features=threads_records(threads, cfg))
+        on_dask = run_affinity(cfg_dask, features=threads_records(threads, cfg,
+                                                                  tmp_path / "dask-run-2"))
         with cluster.get_client() as client:
             worker_pids = set(client.run(os.getpid).values())
     # the subset tasks really ran in the cluster's worker processes, not in this one
@@ -78,7 +80,11 @@ def test_subset_fanout_on_dask_local_cluster(prefect_server, run_cfg, tmp_path):
     assert on_dask.groups.group_tasks == threads.groups.group_tasks
 
 
-def threads_records(result, cfg):
-    """Reuse the gradient files of the first run (the Dask run reads them by path)."""
+def threads_records(result, cfg, to: Path):
+    """Reuse the gradient files of the first run: copied into the Dask run's directory (the
+    records name them relative to the run directory)."""
+    import shutil
+
     from flows.gradient_features import gradient_features
+    shutil.copytree(Path(cfg["output_dir"]) / "gradients", to / "gradients")
     return gradient_features(cfg).features

@@ -29,9 +29,11 @@ def test_gradient_flow_runs_and_second_run_is_cached(prefect_server, data_root, 
     assert set(res1.features) == {"rte", "cb"}
     json.dumps(res1.to_json())  # a small JSON-able record
     rec = res1.features["cb"]
-    table = read_features(rec.validation.path)
+    run_dir = str(tmp_path / "run")
+    assert not rec.validation.path.startswith("/")  # relative to the run directory
+    table = read_features(rec.validation.url(run_dir))
     assert table.task == "cb" and table.d == 32 and table.n_examples == 6
-    manifest = read_json(rec.manifest.path)
+    manifest = read_json(rec.manifest.url(run_dir))
     assert rec.projection.d == 32 and rec.projection.p == manifest["p"]
     assert manifest["d"] == 32 and manifest["p"] > 32
     assert manifest["files"]["train"]["rows"] == 8 * 3  # CB has 3 choices
@@ -50,4 +52,4 @@ def test_gradient_flow_runs_and_second_run_is_cached(prefect_server, data_root, 
     cfg["estimation"] = dict(cfg["estimation"], projection_dim=16)
     state3 = gradient_features(cfg, return_state=True)
     assert task_states(state3.state_details.flow_run_id)["gradients[cb]"] == "Completed"
-    assert read_features(state3.result().features["cb"].train.path).d == 16
+    assert read_features(state3.result().features["cb"].train.url(run_dir)).d == 16

@@ -38,7 +38,8 @@ EXTRA = {"bottleneck": ["--set", "adapter.kind=bottleneck", "--set",
                         "adapter.reduction_factor=8"]}
 # compute fields that are wall-clock measurements (they differ between any two runs)
 TIMING_FIELDS = {"gradients_s", "estimation_s", "group_adapters_s", "boosting_s",
-                 "ensemble_pipeline_s", "baseline_s", "ratio", "peak_memory_bytes"}
+                 "ensemble_pipeline_s", "baseline_s", "ratio", "peak_memory_bytes",
+                 "scoring_s", "ratio_with_scoring"}
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -16,7 +16,7 @@ from ensemble_core.records import (FeaturesRecord, FileRef, GroupEnsemble, Membe
 from ensemble_core.run import LOCATION_FIELDS, Run, StageInputError
 from ensemble_core.rundir import RunDir, RunDirError
 
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 
 
 def _leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -116,7 +116,7 @@ def test_run_directory_layout_and_guard(tmp_path):
     for name in ["../x", "a/b", "", ".hidden", "x y"]:
         with pytest.raises(RunDirError, match="cannot be a file name"):
             rd.features(name, "train")
-    with pytest.raises(RunDirError, match="needs a local run directory"):
+    with pytest.raises(RunDirError, match="is not a local path"):
         RunDir("memory://bucket/run").local("memory://bucket/run/adapters/x")
 
 
@@ -196,7 +196,7 @@ def test_estimation_sample_is_seeded_recorded_and_bounded(data_root, cache_dir, 
         run.task_data("cb").splits["validation"]  # no cap on validation
     rec = stages.gradient_features(run, "cb")
     assert rec.train.examples == 5 and rec.train.rows == 15 and rec.validation.examples == 6
-    man = read_json(rec.manifest.path)
+    man = read_json(rec.manifest.url(run.dir.url))
     assert man["estimation_sample"]["train"]["ids"] == [e.example_id for e in sample]
     assert man["estimation_sample"]["train"]["from_n"] == 8 and "validation" not in \
         man["estimation_sample"]
@@ -308,3 +308,34 @@ def test_the_compute_ratio_counts_the_member_scoring():
     assert c.ratio_with_scoring == pytest.approx((6 + 1 + 22 + 2 + 4) / 20)
     assert c.flops_ratio == pytest.approx((60 + 220) / 200)
     assert c.flops_ratio_with_scoring == pytest.approx((60 + 220 + 40) / 200)
+
+
+def test_a_stage_code_version_covers_the_code_it_runs_only():
+    """Issue 31, item 3: a stage's cache key holds the version of its module and of every
+    library module it imports, transitively — stage 1 reaches the gradient code, not the
+    report (tests/test_object_storage.py edits a copy of the repository and reruns it)."""
+    from ensemble_core.runtime import _code_graph, _reachable, code_version
+
+    graph = _code_graph()
+    s1 = _reachable(graph, "ensemble_core.stages.stage1_features")
+    assert {"ensemble_core.gradients", "ensemble_core.projection", "ensemble_core.models",
+            "ensemble_core.stages.declaration"} <= s1
+    assert "ensemble_core.report" not in s1 and "ensemble_core.versions" not in s1
+    assert "ensemble_core.stages" not in s1  # the package's __init__ re-exports every stage
+    assert "ensemble_core.report" in _reachable(graph, "ensemble_core.stages.stage6_evaluation")
+    assert code_version("ensemble_core.stages.stage1_features") != code_version()
+
+
+def test_scoring_flops_do_not_depend_on_the_members_loaded_before(data_root, cache_dir):
+    """The scoring FLOPs count the base model's parameters, not the member adapters a
+    process happened to have loaded into its scoring model (that made metrics.json differ
+    between a run in one process and one over several workers)."""
+    from ensemble_core.config import load_config
+    from ensemble_core.models import load_model
+    from ensemble_core.stages.stage5_boosting import _base_parameters
+
+    cfg = load_config(str(REPO / "configs" / "tiny.yaml"), [f"data_root={data_root}"])
+    model = load_model(cfg, cache_dir).model
+    before = _base_parameters(model)
+    model.add_adapter("another-member", model.peft_config["default"])
+    assert _base_parameters(model) == before

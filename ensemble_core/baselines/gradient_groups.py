@@ -58,7 +58,8 @@ class GradientGroups(Baseline):
         from ..runtime import feature_table
 
         d = run.cfg.estimation.surrogate_dim
-        tables = {t: feature_table(features[t].train.path, features[t].train.sha256, d)
+        tables = {t: feature_table(run.dir.at(features[t].train.path), features[t].train.sha256,
+                                   d)
                   for t in run.task_names}
         solver = getattr(run.cfg.clustering, "solver", None)  # the SDP's, when it is the method
         return {f"gradient-{k}": g for k, g in enumerate(

@@ -36,6 +36,7 @@ class Stage:
     key_args: Callable[..., dict] | None = None  # the arguments that identify the inputs
     returns: type | None = None  # the records.Record it returns
     more_config: Callable[..., Sequence[str]] | None = None
+    module: str | None = None  # where the stage function is: its code version is that code
 
     def fields(self, cfg) -> tuple[str, ...]:
         """Every config field the stage's result depends on, for this config."""
@@ -49,8 +50,7 @@ class Stage:
         args = {k: v for k, v in args.items() if k != "progress"}
         tasks = sorted(set(self.reads(**args))) if self.reads else []
         chosen = self.key_args(**args) if self.key_args else args
-        return {"stage": f"{self.number}:{self.name}", "code": code_version(),
-                "run_dir": run.dir.url,
+        return {"stage": f"{self.number}:{self.name}", "code": code_version(self.module),
                 "config": {path: dotted(run.cfg, path) for path in self.fields(run.cfg)},
                 "data": {t: run.data_fingerprint(t) for t in tasks},
                 "args": _key_of(chosen)}
@@ -74,11 +74,10 @@ def stage(number: int, name: str, config: Sequence[str], uses: Sequence[str] = (
           returns: type | None = None, more_config: Callable | None = None):
     """Declare a stage function (see :class:`Stage`). The function is called with the run as
     the stage may see it (``Run.for_stage``); ``fn.stage`` is the declaration."""
-    spec = Stage(number, name, tuple(config), tuple(uses), reads, key_args, returns,
-                 more_config)
-    STAGES[name] = spec
-
     def wrap(fn):
+        spec = Stage(number, name, tuple(config), tuple(uses), reads, key_args, returns,
+                     more_config, fn.__module__)
+        STAGES[name] = spec
         sig = inspect.signature(fn)
 
         @functools.wraps(fn)
@@ -86,6 +85,7 @@ def stage(number: int, name: str, config: Sequence[str], uses: Sequence[str] = (
             bound = sig.bind(run, *a, **k)
             args = {n: v for n, v in bound.arguments.items() if n not in ("run", "progress")}
             tasks = spec.reads(**args) if spec.reads else ()
+            run.claimed()  # the first stage a process runs claims the directory
             view = run.for_stage(name, spec.fields(run.cfg) + spec.uses, tasks)
             return fn(view, *a, **k)
 

@@ -92,8 +92,8 @@ def gradient_features(run: Run, task: str, progress=None) -> FeaturesRecord:
                                      split=split, batch_size=cfg.estimation.batch_size,
                                      timings=tim, progress=progress)
             url = run.dir.features(task, split)
-            files[split] = SplitFeatures(url, write_features(url, table), int(len(table.choice)),
-                                         table.n_examples)
+            files[split] = SplitFeatures(run.dir.relative(url), write_features(url, table),
+                                         int(len(table.choice)), table.n_examples)
             timings[split] = dict(tim, total_s=time.perf_counter() - t0)
         theta_norm = float(adapter_vector(lm.model).norm())
         full_norm = base_norm(lm.model)

@@ -7,24 +7,29 @@ import socket
 import time
 from typing import Sequence
 
-from ..records import (FeaturesRecord, FileRef, SubsetBatch, SubsetEstimate, SurrogateFit,
+from ..records import (FeaturesRecord, SubsetBatch, SubsetEstimate, SubsetPlan, SurrogateFit,
                        TaskEstimate)
 from ..run import Run
 from ..runtime import check_stop, feature_table
 from .declaration import stage
-from .planning import subset_plan
+from .planning import plan_batches, previous_plan, subset_plan
 
 __all__ = ["save_subset_plan", "fit_subsets"]
 
 
 @stage(2, "plan", config=("seed", "estimation.n_subsets", "estimation.subset_size",
                           "estimation.min_pair_coverage", "estimation.subsets_per_task_run"),
-       key_args=lambda batches: {"batches": batches}, returns=FileRef)
-def save_subset_plan(run: Run, batches: Sequence[Sequence[Sequence[int]]]) -> FileRef:
-    """estimation/plan.json: the subsets in their batches (``planning.plan_batches``), with
-    the sampling settings, so the next run on this directory extends the plan instead of
-    drawing a new one."""
-    return run.dir.write_json(run.dir.subset_plan, subset_plan(run.cfg, batches))
+       returns=SubsetPlan)
+def save_subset_plan(run: Run, tasks: Sequence[str]) -> SubsetPlan:
+    """The subsets of stage 2 in their batches (``planning.plan_batches``): this directory's
+    plan (estimation/plan.json) extended to the configured ``tasks``, or a fresh one; written
+    back with the sampling settings, so the next run on this directory extends it instead of
+    drawing a new one. (The key holds the settings and the tasks; the plan read is the one
+    this stage wrote last, whose sha256 the cached record pins: a plan changed since is
+    read and extended again.)"""
+    batches = plan_batches(run.cfg, previous_plan(run.dir))
+    ref = run.dir.write_json(run.dir.subset_plan, subset_plan(run.cfg, batches))
+    return SubsetPlan(ref, [[list(s) for s in b] for b in batches])
 
 
 def _used(features: dict, subsets, names) -> dict:
@@ -50,8 +55,8 @@ def fit_subsets(run: Run, features: dict[str, FeaturesRecord], batch: int,
     d = e.surrogate_dim
     tables = {}
     for t, rec in _used(features, subsets, tasks).items():
-        tables[t] = (feature_table(rec.train.path, rec.train.sha256, d),
-                     feature_table(rec.validation.path, rec.validation.sha256, d))
+        tables[t] = (feature_table(run.dir.at(rec.train.path), rec.train.sha256, d),
+                     feature_table(run.dir.at(rec.validation.path), rec.validation.sha256, d))
         if tables[t][1].n_examples == 0:
             raise ValueError(f"task {t} has no validation rows")
     info = features[tasks[subsets[0][0]]].projection.at_dim(d)

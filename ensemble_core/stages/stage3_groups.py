@@ -14,18 +14,17 @@ __all__ = ["affinity_and_groups", "plan_baselines"]
 
 
 @stage(3, "groups", config=("estimation.metric", "clustering", "seed"),
-       key_args=lambda results, tasks, previous=None: {
-           "results": [(r.tasks, r.per_task) for r in results], "tasks": tasks,
-           "previous": previous}, returns=GroupsRecord)
+       key_args=lambda results, tasks: {
+           "results": [(r.tasks, r.per_task) for r in results], "tasks": tasks},
+       returns=GroupsRecord)
 def affinity_and_groups(run: Run, results: Sequence[SubsetEstimate],
-                        tasks: Sequence[str], previous: list[list[str]] | None = None
-                        ) -> GroupsRecord:
+                        tasks: Sequence[str]) -> GroupsRecord:
     """Task affinity T (eq. 1) from the subset results, then groups by ``clustering.method``
     (a registered clustering method: the SDP relaxation of Appendix A.1, or the spectral
     baseline); affinity.json and groups.json.
 
-    With ``clustering.incremental`` and the ``previous`` groups of this run directory (task
-    names), the previous groups are kept (less removed tasks) and each new task joins the
+    With ``clustering.incremental`` and the groups this run directory has (groups.json, which
+    this stage wrote last: a cached record pins its sha256), the previous groups are kept (less removed tasks) and each new task joins the
     group of highest affinity (``clustering.join_by_affinity``), unless that partition's SDP
     objective is more than ``clustering.regroup_below`` (a fraction) below the fresh
     grouping's (``clustering.partition_objective``); groups.json says which was used and both
@@ -41,6 +40,9 @@ def affinity_and_groups(run: Run, results: Sequence[SubsetEstimate],
     m = None if c.n_groups == "auto" else int(c.n_groups)
     chosen, info = clustering_method(c).group(aff.matrix, m, c, run.cfg.seed)
     chosen = [list(g) for g in chosen]
+    previous = None
+    if c.incremental and run.dir.exists(run.dir.groups):
+        previous = [g["tasks"] for g in run.dir.read_json(run.dir.groups)["groups"]]
     if c.incremental and previous:
         index = {t: i for i, t in enumerate(tasks)}
         kept = [[index[t] for t in g if t in index] for g in previous]

@@ -17,7 +17,7 @@ def adapter_record(run: Run, name: str, tasks, train=None) -> AdapterRecord:
     """The record of the adapter ``name`` as saved in the run directory."""
     from ..storage import file_sha256
 
-    return AdapterRecord(name, list(tasks), run.dir.adapter(name),
+    return AdapterRecord(name, list(tasks), run.dir.relative(run.dir.adapter(name)),
                          file_sha256(run.dir.adapter_weights(name)), train)
 
 
@@ -36,7 +36,7 @@ def train_group(run: Run, name: str, tasks: Sequence[str], start: AdapterRecord 
     cfg = run.cfg
     lm = load_model(cfg, cache_path(cfg))  # a fresh θ*: training changes it
     if start is not None:
-        load_weights(lm.model, run.dir.local(start.path))
+        load_weights(lm.model, run.dir.fetch(start.path, start.pins))
     # an epoch-0 validation only for a start other than θ* (MTL-FT's second phase): at θ*
     # every adapter scores what the base model scores (stage 5 scores θ* on every task's
     # validation split when it is a boosting member); the best epoch is chosen among the
@@ -45,8 +45,8 @@ def train_group(run: Run, name: str, tasks: Sequence[str], start: AdapterRecord 
                            run.examples(tasks, "validation"), cfg.training, cfg.model.max_length,
                            cfg.model.choice_mode, progress=progress,
                            validate_initial=start is not None)
-    save_adapter(lm.model, run.dir.local(run.dir.adapter(name)), result,
-                 base_fingerprint=lm.fingerprint["base"])
+    with run.dir.writing_dir(run.dir.adapter(name)) as out:
+        save_adapter(lm.model, out, result, base_fingerprint=lm.fingerprint["base"])
     return adapter_record(run, name, tasks, result.summary())
 
 
@@ -59,6 +59,6 @@ def save_theta_star(run: Run) -> AdapterRecord:
     from ..models import load_model
 
     lm = load_model(run.cfg, cache_path(run.cfg))
-    save_adapter(lm.model, run.dir.local(run.dir.adapter(THETA_STAR)), None,
-                 base_fingerprint=lm.fingerprint["base"])
+    with run.dir.writing_dir(run.dir.adapter(THETA_STAR)) as out:
+        save_adapter(lm.model, out, None, base_fingerprint=lm.fingerprint["base"])
     return adapter_record(run, THETA_STAR, [])

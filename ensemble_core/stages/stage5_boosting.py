@@ -11,10 +11,11 @@ from typing import Sequence
 import numpy as np
 
 from ..records import (AdapterRecord, BoostRecord, EnsembleRecord, FeaturesRecord, FileRef,
-                       GroupEnsemble, ScoresRecord)
+                       GroupEnsemble, GroupLosses, ScoresRecord)
 from ..run import Run
 from ..rundir import THETA_STAR
 from ..runtime import cache_path, feature_table, on_device
+from ..storage import join
 from .declaration import MODEL, stage
 from .planning import scores_of
 from .stage1_features import estimation_examples, scored_examples
@@ -39,7 +40,8 @@ def score_member(run: Run, adapter: AdapterRecord, task: str, splits: Sequence[s
 
     t0 = time.perf_counter()
     cfg = run.cfg
-    model, tok = member_model(cfg, run.dir.local(adapter.path), adapter.name, adapter.sha256)
+    model, tok = member_model(cfg, run.dir.fetch(adapter.path, adapter.pins), adapter.name,
+                              adapter.sha256)
     out: dict = {}
     counts: dict = {"tokens": 0}
     for split in splits:
@@ -59,31 +61,43 @@ def _base_parameters(model) -> int:
     of the base model alone (the scoring model holds every member's adapter)."""
     from ..training import forward_parameters
 
-    return forward_parameters(model.get_base_model() if hasattr(model, "get_base_model")
-                              else model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n = forward_parameters(base)
+    # less every member adapter loaded into it so far (how many depends on which members this
+    # process scored before: the count must not)
+    names = set(getattr(model, "peft_config", None) or ())
+    for name, p in base.named_parameters():
+        if any(f".{a}." in name or name.endswith(f".{a}") for a in names):
+            n -= p.numel()
+    return n
 
 
-def read_scores(records: dict[str, ScoresRecord]) -> dict:
+def read_scores(records: dict[str, ScoresRecord], run_dir) -> dict:
     """member -> task -> split -> score vectors, from the members' score files (every phase
-    of a member merged)."""
+    of a member merged) in ``run_dir`` (a ``rundir.RunDir``)."""
     from ..storage import read_json
 
     out: dict = {}
     for r in records.values():
-        for task, splits in read_json(r.file.path)["scores"].items():
+        for task, splits in read_json(run_dir.at(r.file.path))["scores"].items():
             out.setdefault(r.name, {}).setdefault(task, {}).update(splits)
     return out
 
 
+@stage(5, "losses", config=(),
+       key_args=lambda groups, features, scores: {
+           "groups": groups, "features": {t: features[t] for g in groups for t in g.tasks},
+           "scores": _members(groups, scores)}, returns=GroupLosses)
 def group_losses(run: Run, groups: Sequence[GroupEnsemble], features: dict[str, FeaturesRecord],
-                 scores: dict[str, ScoresRecord]) -> dict[str, float]:
-    """The exact training loss of every group's current ensemble."""
+                 scores: dict[str, ScoresRecord]) -> GroupLosses:
+    """The exact training loss of every group's current ensemble: what a boosting step
+    chooses its group by (Algorithm 2, ``boosting.choose_group``)."""
     from ..boosting import group_train_loss
 
-    member = read_scores(scores)
-    return {g.name: group_train_loss(member, g, [feature_table(features[t].train.path,
-                                                               features[t].train.sha256)
-                                                 for t in g.tasks]) for g in groups}
+    member = read_scores(scores, run.dir)
+    return GroupLosses({g.name: group_train_loss(
+        member, g, [feature_table(run.dir.at(features[t].train.path), features[t].train.sha256)
+                    for t in g.tasks]) for g in groups})
 
 
 @stage(5, "boost", config=MODEL + ("boosting.eta", "boosting.mode", "estimation.l2",
@@ -111,9 +125,10 @@ def boost_group(run: Run, group: GroupEnsemble, features: dict[str, FeaturesReco
     t0 = time.perf_counter()
     cfg = run.cfg
     d = cfg.estimation.surrogate_dim
-    tables = [feature_table(features[t].train.path, features[t].train.sha256, d)
+    tables = [feature_table(run.dir.at(features[t].train.path), features[t].train.sha256, d)
               for t in group.tasks]
-    member = read_scores(scores_of(scores, [m.name for m in group.members], group.tasks))
+    member = read_scores(scores_of(scores, [m.name for m in group.members], group.tasks),
+                         run.dir)
     lm = load_model(cfg, cache_path(cfg))
     train = [e for t in group.tasks for e in estimation_examples(run, t, "train")]
 
@@ -124,8 +139,8 @@ def boost_group(run: Run, group: GroupEnsemble, features: dict[str, FeaturesReco
     name = f"{group.name}-boost-{step}"
 
     def save(model) -> AdapterRecord:
-        save_adapter(model, run.dir.local(run.dir.adapter(name)), None,
-                     base_fingerprint=lm.fingerprint["base"])
+        with run.dir.writing_dir(run.dir.adapter(name)) as out:
+            save_adapter(model, out, None, base_fingerprint=lm.fingerprint["base"])
         return adapter_record(run, name, group.tasks)
 
     def train_on_sample(model, loss_fn):  # exact / adaboost: the sample the scores exist for
@@ -157,9 +172,10 @@ def _flat_boost(b: BoostRecord) -> dict:
 
 
 def _base_fingerprint(run: Run, adapter: str) -> dict:
-    from ..adapters import read_base_fingerprint
+    """The base model's fingerprint an adapter was saved with (its ``base_model.json``)."""
+    from ..adapters import BASE_MODEL_FILE
 
-    return read_base_fingerprint(run.dir.local(run.dir.adapter(adapter)))
+    return run.dir.read_json(join(run.dir.adapter(adapter), BASE_MODEL_FILE))
 
 
 def _members(groups, scores, *extra) -> dict:
@@ -182,7 +198,7 @@ def fit_weights(run: Run, groups: Sequence[GroupEnsemble],
                             write_ensemble_json)
     from ..storage import file_sha256, join
 
-    member = read_scores(scores)
+    member = read_scores(scores, run.dir)
     wc = run.cfg.weights
     group_of = {t: k for k, g in enumerate(groups) for t in g.tasks}
     gold = {t: [e.label for e in run.task_data(t).splits["validation"]] for t in run.task_names}
@@ -224,4 +240,5 @@ def fit_weights(run: Run, groups: Sequence[GroupEnsemble],
                               eta=cfg.boosting.eta, validation=validation,
                               weights_fit={"form": cfg.weights.form, "guard": cfg.weights.guard,
                                            "tasks": fits})
-    return EnsembleRecord(FileRef(run.dir.ensemble, sha), list(groups), weights)
+    return EnsembleRecord(FileRef(run.dir.relative(run.dir.ensemble), sha), list(groups),
+                          weights)

@@ -35,7 +35,7 @@ def evaluate(run: Run, ensemble: EnsembleRecord, scores: dict[str, ScoresRecord]
     from ..choices import flatten
     from ..ensemble import combine_probabilities, probabilities
 
-    member = read_scores(scores)
+    member = read_scores(scores, run.dir)
     groups = ensemble.groups
     group_of = {t: k for k, g in enumerate(groups) for t in g.tasks}
     per_task, predictions = {}, {}
@@ -87,7 +87,7 @@ def evaluate_baselines(run: Run, plan: BaselinePlan, adapters: AdaptersResult,
     from ..choices import flatten
     from ..ensemble import probabilities
 
-    member = read_scores(scores)
+    member = read_scores(scores, run.dir)
     methods = {SINGLE: {adapters.single.name: list(run.task_names)}, **plan.plans}
     results, predictions = {}, {}
     for method, members in methods.items():
@@ -112,7 +112,19 @@ def evaluate_baselines(run: Run, plan: BaselinePlan, adapters: AdaptersResult,
     return BaselinesRecord(ref, results)
 
 
-@stage(6, "finish", config=(), returns=ReportRecord)
+def _finish_key(features, groups, adapters, boosting, ensemble, evaluation, linearity, config,
+                config_sha256, baselines=None) -> dict:
+    """What the report and manifest depend on: the records, and the config less where things
+    are (``run.LOCATION_FIELDS``: a run directory copied elsewhere is served its report from
+    the cache; the manifest names the config the run was computed with)."""
+    from ..run import LOCATION_FIELDS
+
+    return {"records": [features, groups, adapters, boosting, ensemble, evaluation, linearity,
+                        baselines],
+            "config": {k: v for k, v in config.items() if k not in LOCATION_FIELDS}}
+
+
+@stage(6, "finish", config=(), key_args=_finish_key, returns=ReportRecord)
 def finish(run: Run, features: dict[str, FeaturesRecord], groups: GroupsRecord,
            adapters: AdaptersResult, boosting: Sequence[BoostRecord],
            ensemble: EnsembleRecord, evaluation: EvaluationRecord,
@@ -124,27 +136,27 @@ def finish(run: Run, features: dict[str, FeaturesRecord], groups: GroupsRecord,
     from ..affinity import Affinity
     from ..report import inline_heatmap, write_report
 
-    affinity = Affinity.from_json(run.dir.read_text(groups.affinity.path))
+    affinity = Affinity.from_json(run.dir.read_text(run.dir.at(groups.affinity.path)))
     report = write_report(run.dir, run.cfg.name, evaluation.metrics, affinity,
-                          run.dir.read_json(groups.groups.path), boosting, linearity,
+                          run.dir.read_json(run.dir.at(groups.groups.path)), boosting, linearity,
                           None if baselines is None else baselines.results, adapters)
     files = {}
     for rec in features.values():
         for split in GRADIENT_SPLITS:
             f = rec.split(split)
-            files[run.dir.relative(f.path)] = f.sha256
-    files[run.dir.relative(groups.affinity.path)] = groups.affinity.sha256
-    files[run.dir.relative(groups.groups.path)] = groups.groups.sha256
+            files[f.path] = f.sha256
+    files[groups.affinity.path] = groups.affinity.sha256
+    files[groups.groups.path] = groups.groups.sha256
     for a in [*adapters.all().values(), *(b.adapter for b in boosting)]:
         files[run.dir.relative(run.dir.adapter_weights(a.name))] = a.sha256
     for ref in [ensemble.file, evaluation.file, evaluation.predictions,
                 *([baselines.file] if baselines is not None else [])]:
-        files[run.dir.relative(ref.path)] = ref.sha256
-    files[run.dir.relative(report.file.path)] = report.file.sha256
+        files[ref.path] = ref.sha256
+    files[report.file.path] = report.file.sha256
     # the manifest vouches for the files as they are: a file changed since its record was
     # made (another run writing this directory) is an error, not a wrong manifest
     changed = [rel for rel, sha in files.items()
-               if not FileRef(run.dir.resolve(rel), sha).verified()]
+               if not FileRef(rel, sha).verified(run.dir.url)]
     if changed:
         raise RuntimeError(
             f"{len(changed)} output(s) of run directory {run.dir.url} changed while this run "
@@ -153,7 +165,7 @@ def finish(run: Run, features: dict[str, FeaturesRecord], groups: GroupsRecord,
     manifest = run.dir.write_json(run.dir.manifest, {
         "name": run.cfg.name, "config_sha256": config_sha256, "config": config,
         "code_version": code_version(), "files": files})
-    return ReportRecord(report.file, report.heatmap, manifest, inline_heatmap(report))
+    return ReportRecord(report.file, report.heatmap, manifest, inline_heatmap(report, run.dir))
 
 
 @stage(6, "publish", config=("evaluation.promote_tolerance",),
