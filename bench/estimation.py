@@ -178,7 +178,8 @@ def real_tables(model: str, d: int, data_root: str, out_dir: str, n_train: int, 
         else:
             rec = stages.gradient_features(run, name)
             run.dir.write_json(kept, rec.to_json())
-        tables.append((read_features(rec.train.path), read_features(rec.validation.path)))
+        tables.append((read_features(rec.train.url(run.dir.url)),
+                       read_features(rec.validation.url(run.dir.url))))
     print(f"   (stage 1 features of {len(tables)} real tasks ready in "
           f"{time.perf_counter() - t0:.0f} s: {model}, d = {d}, {n_train} train + {n_val} "
           f"validation examples per task)")
