@@ -63,24 +63,46 @@ def run_one(config: str, out: Path, seed: int, overrides: list[str], extra: list
     return time.perf_counter() - t0
 
 
-def summarize(run: Path) -> dict:
-    metrics = json.loads((run / "metrics.json").read_text())
-    groups = json.loads((run / "groups.json").read_text())
-    ens = json.loads((run / "ensemble.json").read_text())
+def summarize(metrics_file: Path, groups_file: Path, ensemble_file: Path) -> dict:
+    metrics = json.loads(metrics_file.read_text())
+    groups = json.loads(groups_file.read_text())
+    ens = json.loads(ensemble_file.read_text())
     tasks = metrics["tasks"]
     short = {t: m["ensemble_accuracy"] - m["group_accuracy"] for t, m in tasks.items()}
+    # issue 33's goal: no task more than 2 points below its own group's adapter (no boosting)
+    below = {t: m["ensemble_accuracy"] - m["group_adapter_accuracy"] for t, m in tasks.items()
+             if m.get("group_adapter_accuracy") is not None}
     a = metrics["average"]
     return {"ensemble": a["ensemble_accuracy"], "single": a["baseline_accuracy"],
             "group": a["group_accuracy"], "group_adapter": a.get("group_adapter_accuracy"),
             "majority": a["majority"], "difference": a["difference"],
             "ci": [a["difference_low"], a["difference_high"]],
             "worst_shortfall": min(short.values()), "worst_task": min(short, key=short.get),
+            "worst_vs_adapter": min(below.values()) if below else None,
+            "worst_vs_adapter_task": min(below, key=below.get) if below else None,
             "groups": [g["tasks"] for g in groups["groups"]],
             "stability": groups.get("stability"), "compute": metrics["compute"],
             "weights": {t: v["weights"] for t, v in ens["tasks"].items()},
-            "per_task": {t: {k: m[k] for k in ("ensemble_accuracy", "group_accuracy",
-                                               "baseline_accuracy", "majority")}
+            "per_task": {t: {k: m.get(k) for k in ("ensemble_accuracy", "group_accuracy",
+                                                   "group_adapter_accuracy",
+                                                   "baseline_accuracy", "majority")}
                          for t, m in tasks.items()}}
+
+
+def _tag(study: str, setting: str, seed) -> str:
+    return f"{study}-{setting}-seed{seed}".replace(" ", "_").replace("/", "_")
+
+
+def resummarize(out: Path, results: dict) -> None:
+    """Recompute every stored summary from the copies in ``<out>/results`` (so tables gain
+    columns added after a run), keeping each run's measured seconds."""
+    for study, settings in results.items():
+        for setting, by_seed in settings.items():
+            for seed, res in by_seed.items():
+                files = [out / "results" / f"{_tag(study, setting, seed)}-{f}"
+                         for f in ("metrics.json", "groups.json", "ensemble.json")]
+                if all(f.exists() for f in files):
+                    by_seed[seed] = dict(summarize(*files), seconds=res.get("seconds"))
 
 
 def mean_ci(values) -> tuple[float, float]:
@@ -95,18 +117,36 @@ def mean_ci(values) -> tuple[float, float]:
 
 
 def table(results: dict, study: str) -> str:
-    rows = ["| setting | ensemble | one adapter | own group (boosted) | own group adapter | "
-            "majority | ensemble − one adapter | worst task: ensemble − own group |",
-            "|---|---|---|---|---|---|---|---|"]
-    for setting, by_seed in results[study].items():
-        cells = []
-        for key in ("ensemble", "single", "group", "group_adapter", "majority"):
-            m, h = mean_ci([r[key] for r in by_seed.values()])
-            cells.append(f"{100 * m:.1f} ± {100 * h:.1f}" if h == h else f"{100 * m:.1f}")
-        m, h = mean_ci([r["difference"] for r in by_seed.values()])
-        cells.append(f"{100 * m:+.1f} ± {100 * h:.1f}" if h == h else f"{100 * m:+.1f}")
-        worst = min(by_seed.values(), key=lambda r: r["worst_shortfall"])
-        cells.append(f"{100 * worst['worst_shortfall']:+.1f} ({worst['worst_task']})")
+    """One row per setting: means over seeds with a 95% t half-width; the paired differences
+    (per seed, then over seeds) against one adapter and against each task's own group adapter
+    (no boosting); the worst task over all seeds against its own group adapter."""
+    rows = [("| setting | seeds | ensemble | one adapter | own group (boosted) | own group "
+             "adapter | majority | ensemble − one adapter | ensemble − own group adapter | "
+             "worst task: ensemble − own group adapter |"),
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    order = [k for k in STUDIES.get(study, {}) if k in results[study]]
+    order += [k for k in results[study] if k not in order]
+
+    def cell(values, signed=False):
+        m, h = mean_ci(values)
+        text = f"{100 * m:+.1f}" if signed else f"{100 * m:.1f}"
+        return f"{text} ± {100 * h:.1f}" if not np.isnan(h) else text
+
+    for setting in order:
+        by_seed = results[study][setting]
+        runs = list(by_seed.values())
+        cells = [str(len(runs))]
+        cells += [cell([r[k] for r in runs])
+                  for k in ("ensemble", "single", "group", "group_adapter", "majority")]
+        cells.append(cell([r["difference"] for r in runs], signed=True))
+        cells.append(cell([r["ensemble"] - r["group_adapter"] for r in runs
+                           if r.get("group_adapter") is not None], signed=True))
+        worst = [r for r in runs if r.get("worst_vs_adapter") is not None]
+        if worst:
+            w = min(worst, key=lambda r: r["worst_vs_adapter"])
+            cells.append(f"{100 * w['worst_vs_adapter']:+.1f} ({w['worst_vs_adapter_task']})")
+        else:
+            cells.append("—")
         rows.append(f"| {setting} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -118,12 +158,14 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--study", action="append", choices=sorted(STUDIES), required=True)
     p.add_argument("--set", action="append", default=[], help="overrides for every run")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: print the tables of the results stored in --out")
     args = p.parse_args()
     out = Path(args.out).resolve()
     (out / "results").mkdir(parents=True, exist_ok=True)
     store = out / "ablations.json"
     results = json.loads(store.read_text()) if store.exists() else {}
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [] if args.report else [int(s) for s in args.seeds.split(",")]
     for seed in seeds:  # seed by seed: the cache of one run directory serves its settings
         run = out / f"seed-{seed}"
         for study in args.study:
@@ -131,8 +173,9 @@ def main() -> int:
                 if str(seed) in results.get(study, {}).get(setting, {}):
                     continue
                 secs = run_one(args.config, run, seed, overrides, args.set, out / "runs.log")
-                res = dict(summarize(run), seconds=secs)
-                tag = f"{study}-{setting}-seed{seed}".replace(" ", "_").replace("/", "_")
+                res = dict(summarize(run / "metrics.json", run / "groups.json",
+                                     run / "ensemble.json"), seconds=secs)
+                tag = _tag(study, setting, seed)
                 for f in ("metrics.json", "groups.json", "ensemble.json"):
                     shutil.copy(run / f, out / "results" / f"{tag}-{f}")
                 results.setdefault(study, {}).setdefault(setting, {})[str(seed)] = res
@@ -140,6 +183,7 @@ def main() -> int:
                 print(f"{study} / {setting} / seed {seed}: ensemble "
                       f"{100 * res['ensemble']:.1f}, one adapter {100 * res['single']:.1f}, "
                       f"own group {100 * res['group']:.1f} ({secs:.0f} s)", flush=True)
+    resummarize(out, results)
     text = "\n\n".join(f"### {study}\n\n{table(results, study)}" for study in args.study)
     (out / "ablations.md").write_text(text + "\n")
     print(text)
