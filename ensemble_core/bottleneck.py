@@ -146,17 +146,34 @@ class BottleneckLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         pass
 
+    def _delta(self, name: str, y: torch.Tensor) -> torch.Tensor:
+        down, up = self.bottleneck_down[name], self.bottleneck_up[name]
+        z = self.bottleneck_dropout[name](self.bottleneck_act[name](down(y.to(down.weight.dtype))))
+        return up(z).to(y.dtype)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # ``adapter_names``: one adapter per row of x, as PEFT's mixed-adapter batches take it
+        # (ensemble_core/members.py: every member of an ensemble in one pass)
+        adapter_names = kwargs.pop("adapter_names", None)
         y = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return y
+        if adapter_names is not None:
+            if len(adapter_names) != len(y):
+                raise ValueError(f"{len(adapter_names)} adapter names for {len(y)} rows")
+            out = y
+            for name in dict.fromkeys(adapter_names):
+                if name not in self.bottleneck_down:  # "__base__", or not adapted here
+                    continue
+                rows = torch.tensor([i for i, a in enumerate(adapter_names) if a == name],
+                                    device=y.device)
+                out = out.index_add(0, rows, self._delta(name, y.index_select(0, rows)))
+            return out
         out = y
         for name in self.active_adapters:
             if name not in self.bottleneck_down:
                 continue
-            down, up = self.bottleneck_down[name], self.bottleneck_up[name]
-            z = self.bottleneck_dropout[name](self.bottleneck_act[name](down(y.to(down.weight.dtype))))
-            out = out + up(z).to(y.dtype)
+            out = out + self._delta(name, y)
         return out
 
     def __repr__(self) -> str:

@@ -50,7 +50,7 @@ from .boosting import combine_scores
 from .choices import flatten
 from .data import DataError, Example
 from .rundir import RunDir, RunDirError
-from .scoring import predict_scores
+from .scoring import ChoiceScorer, predict_scores
 
 log = logging.getLogger(__name__)
 
@@ -497,6 +497,10 @@ class EnsembleModel:
         self.run_dir = RunDir(str(run_dir))
         self.adapter_names = adapter_names  # adapter path (as in the spec) -> PEFT adapter name
         self.version: str | None = None  # the version loaded (None: a run without versions)
+        # score every member of the groups a task uses in one forward pass per batch
+        # (ensemble_core/members.py); False: one pass per member (the same outputs, to fp32
+        # rounding)
+        self.one_pass = True
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
@@ -602,17 +606,22 @@ class EnsembleModel:
                             groups: Sequence[int] | None = None) -> dict[int, list[np.ndarray]]:
         """p_g per example for the given groups (default: all): softmax of the group
         ensemble's score-space sum ``Σ scale · h_member``."""
-        cache: dict[str, list[np.ndarray]] = {}
+        from .members import score_members
+
+        groups = list(range(len(self.groups)) if groups is None else groups)
+        paths = list(dict.fromkeys(m["adapter"] for g in groups
+                                   for m in self.groups[g]["members"]))
+        if self.one_pass:  # every member in one pass over the base (ensemble_core/members.py)
+            scorer = ChoiceScorer(self.tokenizer, self.spec["max_length"], self._mode(task))
+            by_name = score_members(self.model, scorer, examples,
+                                    [self.adapter_names[p] for p in paths], batch_size)
+            cache = {p: by_name[self.adapter_names[p]] for p in paths}
+        else:
+            cache = {p: self.member_scores(task, examples, p, batch_size) for p in paths}
         out = {}
-        for g in (range(len(self.groups)) if groups is None else groups):
+        for g in groups:
             members = self.groups[g]["members"]
-            scores = []
-            for mem in members:
-                if mem["adapter"] not in cache:
-                    cache[mem["adapter"]] = self.member_scores(task, examples, mem["adapter"],
-                                                               batch_size)
-                scores.append(cache[mem["adapter"]])
-            out[g] = probabilities(combine_scores(scores,
+            out[g] = probabilities(combine_scores([cache[m["adapter"]] for m in members],
                                                   [float(m.get("scale", 1.0)) for m in members]))
         return out
 

@@ -165,6 +165,23 @@ def test_ensemble_predictions_equal_by_hand_combination(run, task):
     assert not np.allclose(probs[0], probs[1])
 
 
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_one_pass_serving_equals_member_by_member(run, batch_size):
+    """EnsembleModel scores every member of the used groups in one pass over the base
+    (ensemble_core/members.py, issue 34): the probabilities equal one pass per member."""
+    em = run["em"]
+    for task in ("rte", "cb", "copa"):
+        examples = run["data"][task].splits["validation"]
+        one = em.predict_proba(task, examples, batch_size)
+        em.one_pass = False
+        try:
+            apart = em.predict_proba(task, examples, batch_size)
+        finally:
+            em.one_pass = True
+        np.testing.assert_allclose(np.concatenate(one), np.concatenate(apart), rtol=0,
+                                   atol=1e-6)
+
+
 def test_raw_records_are_formatted_like_training(run, data_root):
     em, data = run["em"], run["data"]
     for task, file in (("copa", "superglue/COPA/dev32.jsonl"),
