@@ -80,3 +80,45 @@ def test_repeat_batch_and_routing_by_hand(data_root, tmp_path, cache_dir):
     with pytest.raises(ValueError, match="not loaded"):
         with routed(lm.model, ["nope"]):
             pass
+
+
+def test_one_pass_training_equals_sequential(data_root, tmp_path, cache_dir):
+    """Three adapters of different data sizes (so one runs out of steps before the others),
+    token and sequence tasks, gradient accumulation, validation and the best epoch: trained
+    in one pass, each ends with the weights, losses and best epoch of training it alone
+    (``training.train_adapter``) from the same start with the same batches."""
+    from ensemble_core.members import adapter_parameters, train_adapters
+    from ensemble_core.training import train_adapter
+
+    lm, scorer, _ = _model(data_root, tmp_path, cache_dir)
+    cfg = parse_config(tiny_config(data_root, tmp_path))
+    data = {t: load_task(cfg.task(t), data_root) for t in ("rte", "cb", "copa")}
+    split = lambda ts, s: [ex for t in ts for ex in data[t].splits[s]]  # noqa: E731
+    plans = {"default": (split(["rte", "cb"], "train"), split(["rte", "cb"], "validation")),
+             "a1": (split(["copa"], "train"), split(["copa"], "validation")),
+             "a2": (split(["cb"], "train")[:5], [])}
+    tcfg = cfg.training.model_copy(update={"learning_rate": 5e-2, "epochs": 3, "batch_size": 3,
+                                           "grad_accumulation": 2, "seed": 3,
+                                           "max_grad_norm": 0.5})
+    start = {a: [p.detach().clone() for p in adapter_parameters(lm.model, a)] for a in plans}
+    one = train_adapters(lm.model, lm.tokenizer, plans, tcfg, 128)
+    together = {a: [p.detach().clone() for p in adapter_parameters(lm.model, a)] for a in plans}
+    alone = {}
+    for a, (train, val) in plans.items():
+        with torch.no_grad():
+            for p, v in zip(adapter_parameters(lm.model, a), start[a]):
+                p.copy_(v)
+        lm.model.set_adapter(a)  # the only trainable adapter
+        alone[a] = train_adapter(lm.model, lm.tokenizer, train, val, tcfg, 128)
+        for p, q, s in zip(adapter_parameters(lm.model, a), together[a], start[a]):
+            assert float((p.detach() - s).abs().max()) > 1e-3  # it did move
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=2e-5)
+        r1, r2 = one[a], alone[a]
+        assert (r1.best_epoch, r1.n_steps, r1.tokens_seen, r1.examples_seen) == \
+            (r2.best_epoch, r2.n_steps, r2.tokens_seen, r2.examples_seen)
+        for h1, h2 in zip(r1.history, r2.history, strict=True):
+            for k in ("train_loss", "val_loss"):
+                assert (h1[k] is None) == (h2[k] is None)
+                if h1[k] is not None:
+                    assert h1[k] == pytest.approx(h2[k], rel=1e-5)
+    assert one["a2"].n_steps < one["default"].n_steps
