@@ -8,7 +8,7 @@ bfloat16"):
 
 Every score file of the run directory (scores/<member>/<task>[.test].json) is recomputed with
 the member's saved adapter on the same examples (``stages.scored_examples``), the base model
-loaded once and the adapters swapped, as ``stages.score_member`` does. Prints the seconds spent loading and in forward passes, the
+loaded once and the adapters swapped, as ``stages.score_members`` does member by member. Prints the seconds spent loading and in forward passes, the
 examples per second, and against the run's stored scores: how many predicted choices agree and
 the change of the score differences h_c − h_0 (what the weights and boosting read). With the
 run's own settings the scores must come back unchanged.

@@ -134,13 +134,16 @@ def boosting_and_weights(run, runner: Runner | None, adapters: AdaptersResult,
 
     def score_all(plans: dict[str, dict[str, list[str]]], phase: str = "fit"
                   ) -> dict[str, ScoresRecord]:
-        # one task run per member and task: a task added to the run is scored alone
-        calls = [(name, task, splits) for name, plan in plans.items()
-                 for task, splits in stages.by_task(plan).items()]
-        records = runner.map(stages.score_member,
-                             [(known[name], task, splits, phase) for name, task, splits in calls])
-        return {stages.scores_key(name, task, phase): rec
-                for (name, task, _), rec in zip(calls, records)}
+        # one task run per task, its members scored together (stages.score_members); a
+        # member's scores of a task that did not change are read back, not computed
+        per_task: dict[str, dict[str, list[str]]] = {}
+        for name, plan in plans.items():
+            for task, splits in stages.by_task(plan).items():
+                per_task.setdefault(task, {})[name] = splits
+        records = runner.map(stages.score_members,
+                             [([known[n] for n in members], {task: members}, phase)
+                              for task, members in per_task.items()])
+        return {k: r for rec in records for k, r in rec.records.items()}
 
     steps_wanted = run.cfg.boosting.steps
     scores = score_all(stages.score_plans(run.task_names, groups, steps_wanted,

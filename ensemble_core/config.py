@@ -136,6 +136,10 @@ class EstimationConfig(_Strict):
     # memory). The features do not depend on it.
     projection_cache_gb: float | None = Field(None, ge=0.0)
     batch_size: int = Field(16, ge=1, le=1 << 16)
+    # stage 5: a batch of every member of a task in one forward over the base (true), one
+    # forward per member (false), or in one on a GPU only (auto; on a CPU it is no faster:
+    # BENCHMARKS.md, "All members in one pass"). The scores are the same either way.
+    one_pass: bool | Literal["auto"] = "auto"
     linearity_check: bool = True
     linearity_examples: int = Field(16, ge=1, le=100_000)
     # stage 2

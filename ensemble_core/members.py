@@ -117,9 +117,13 @@ def repeat_batch(batch: EncodedBatch, copies: int) -> EncodedBatch:
     return concat_batches([batch] * copies)
 
 
+STACK_TOKENS = 4 * SCORING_TOKENS  # padded tokens of one stacked forward with ``alone``
+
+
 def score_members(model, scorer: ChoiceScorer, examples: Sequence[Example],
                   adapters: Sequence[str], batch_size: int, counts: dict | None = None,
-                  max_tokens: int = SCORING_TOKENS) -> dict[str, list[np.ndarray]]:
+                  max_tokens: int = SCORING_TOKENS, *, alone: bool = False
+                  ) -> dict[str, list[np.ndarray]]:
     """h_c(s) of every example under each of ``adapters`` (names of adapters loaded in the
     PeftModel ``model``; :data:`BASE` for the base model alone), in input order — what
     ``scoring.score_examples`` gives with each adapter active, from one forward pass per batch
@@ -129,6 +133,12 @@ def score_members(model, scorer: ChoiceScorer, examples: Sequence[Example],
     that is already busy at that size (a CPU: BENCHMARKS.md, "All members in one pass") the
     stacked forward is no slower per token; what it saves is the passes below that size (batch
     1 serving: M rows in one forward instead of M forwards of one row).
+
+    ``alone=True`` keeps each member's batches those of scoring it alone (``batch_size``
+    examples, ``max_tokens`` tokens each) and stacks as many members as fit
+    :data:`STACK_TOKENS`: a member's scores then do not depend on which members it is scored
+    with (stage 5 reads scores computed in different runs side by side; on a CPU they are
+    bit-identical to member-by-member scoring).
     ``counts["tokens"]``, when given, grows by the non-padding tokens forwarded (every copy:
     the work is per member)."""
     if batch_size < 1:
@@ -143,21 +153,27 @@ def score_members(model, scorer: ChoiceScorer, examples: Sequence[Example],
     model.eval()
     try:
         with torch.inference_mode():
-            for idx, mode in _eval_batches(scorer, examples, max(1, batch_size // M),
-                                           max(1, max_tokens // M)):
+            per, tokens = ((batch_size, max_tokens) if alone else
+                           (max(1, batch_size // M), max(1, max_tokens // M)))
+            for idx, mode in _eval_batches(scorer, examples, per, tokens):
                 check_stop()
                 one = scorer.encode([examples[i] for i in idx], mode=mode)
-                batch = repeat_batch(one, M).to(device)
-                if counts is not None:
-                    counts["tokens"] = counts.get("tokens", 0) + int(batch.attention_mask.sum())
                 n_seq = one.input_ids.shape[0]
-                with routed(model, [a for a in adapters for _ in range(n_seq)]):
-                    scores = choice_outputs(model, batch).float().cpu().numpy()
-                offs = np.concatenate([[0], np.cumsum(batch.n_choices)])
-                for k, a in enumerate(adapters):
-                    for j, i in enumerate(idx):
-                        r = k * len(idx) + j
-                        out[a][i] = scores[offs[r]:offs[r + 1]].copy()
+                size = one.input_ids.numel()
+                step = max(1, STACK_TOKENS // max(size, 1)) if alone else M
+                for c in range(0, M, step):  # members stacked per forward
+                    chunk = adapters[c:c + step]
+                    batch = repeat_batch(one, len(chunk)).to(device)
+                    if counts is not None:
+                        counts["tokens"] = (counts.get("tokens", 0)
+                                            + int(batch.attention_mask.sum()))
+                    with routed(model, [a for a in chunk for _ in range(n_seq)]):
+                        scores = choice_outputs(model, batch).float().cpu().numpy()
+                    offs = np.concatenate([[0], np.cumsum(batch.n_choices)])
+                    for k, a in enumerate(chunk):
+                        for j, i in enumerate(idx):
+                            r = k * len(idx) + j
+                            out[a][i] = scores[offs[r]:offs[r + 1]].copy()
     finally:
         model.train(was_training)
     return out

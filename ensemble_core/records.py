@@ -27,7 +27,7 @@ __all__ = [
     "Progress", "Record", "FileRef", "ProjectionInfo", "SplitFeatures", "FeaturesRecord",
     "LinearityPoint", "LinearityRecord", "TaskEstimate", "SurrogateFit", "SubsetEstimate",
     "SubsetPlan", "SubsetBatch", "GroupsRecord", "BaselinePlan", "TrainResult", "AdapterRecord",
-    "ScoresRecord", "Member", "GroupLosses", "FinishResult",
+    "ScoresRecord", "TaskScores", "Member", "GroupLosses", "FinishResult",
     "GroupEnsemble", "BoostRecord", "EnsembleRecord", "TaskMetrics", "Averages", "Compute",
     "Metrics", "EvaluationRecord", "BaselineResult", "BaselinesRecord", "ReportRecord",
     "VersionRecord", "FeaturesResult",
@@ -398,12 +398,19 @@ class ScoresRecord(Record):
     file: FileRef
     seconds: float
     phase: str = "fit"
-    task: str = ""  # stage 5 scores a member one task at a time (stages.score_member)
+    task: str = ""  # stage 5 scores one task at a time (stages.score_members)
     flops: float = 0.0  # forward FLOPs: 2N a non-padding token (records.TrainResult)
 
     def key(self):
         return {"name": self.name, "phase": self.phase, "task": self.task,
                 "sha256": self.file.sha256}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskScores(Record):
+    """The scores of one stage-5 scoring run (``stages.score_members``): one ScoresRecord per
+    member and task, keyed by ``stages.scores_key``."""
+    records: dict[str, ScoresRecord]
 
 
 @dataclasses.dataclass(frozen=True)

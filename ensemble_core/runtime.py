@@ -175,6 +175,18 @@ def member_model(cfg, adapter_dir, name: str, sha256: str):
         return model, entry["tokenizer"]
 
 
+def members_model(cfg, adapters):
+    """The base model (``member_model``) with every adapter of ``adapters`` — (directory,
+    name, sha256) each — loaded, the tokenizer, and name -> the adapter's name in the model
+    (stage 5 scores them together: ``members.score_members``). Callers hold
+    :data:`DEVICE_LOCK`."""
+    names, model, tok = {}, None, None
+    for adapter_dir, name, sha256 in adapters:
+        model, tok = member_model(cfg, adapter_dir, name, sha256)
+        names[name] = model.active_adapter
+    return model, tok, names
+
+
 def projector(p: int, d: int, seed: int, block_rows: int, cache_gb: float | None, device):
     """One :class:`projection.GaussianProjector` (and its cache of P's blocks) per process and
     setting, shared by the tasks of stage 1."""

@@ -117,13 +117,27 @@ def save_theta_star(run: Run) -> dict:
 
 # -- stage 5: boosting and weights ----------------------------------------------------------
 
-@task(name="score_member", tags=["gpu"], cache_policy=keyed(stages.score_member),
-      task_run_name="scores-{phase}[{adapter.name}/{task}]", **JSON)
-def score_member(run: Run, adapter: AdapterRecord, task: str, splits: list[str],
-                 phase: str = "fit") -> dict:
-    """Scores h_c(s) of one member adapter on ``splits`` of one task."""
+def _scores_run_name() -> str:
+    """scores-<phase>[<task>] (its members together), scores-<phase>[<member>/<task>] when one
+    member is scored (a boosting adapter), several tasks joined by '+'."""
+    from prefect.runtime import task_run
+
+    p = task_run.parameters
+    plan = p["plan"]
+    members = {m for by_member in plan.values() for m in by_member}
+    what = "+".join(plan)
+    if len(members) == 1:
+        what = f"{next(iter(members))}/{what}"
+    return f"scores-{p.get('phase', 'fit')}[{what}]"
+
+
+@task(name="score_members", tags=["gpu"], cache_policy=keyed(stages.score_members),
+      task_run_name=_scores_run_name, **JSON)
+def score_members(run: Run, adapters: list[AdapterRecord], plan: dict[str, dict[str, list[str]]],
+                  phase: str = "fit") -> dict:
+    """Scores h_c(s) of member adapters on the splits of tasks (task -> member -> splits)."""
     with gpu_slot():
-        return stages.score_member(run, adapter, task, splits, phase).to_json()
+        return stages.score_members(run, adapters, plan, phase).to_json()
 
 
 @task(name="group_losses", tags=["cpu"], cache_policy=keyed(stages.group_losses),
@@ -196,7 +210,7 @@ TASKS = {stages.gradient_features: compute_gradients, stages.linearity: linearit
          stages.save_subset_plan: save_subset_plan, stages.fit_subsets: fit_subsets,
          stages.affinity_and_groups: affinity_and_groups,
          stages.plan_baselines: plan_baselines, stages.train_group: train_group,
-         stages.save_theta_star: save_theta_star, stages.score_member: score_member,
+         stages.save_theta_star: save_theta_star, stages.score_members: score_members,
          stages.group_losses: group_losses, stages.boost_group: boost_group, stages.record_boosting: record_boosting,
          stages.fit_weights: fit_weights, stages.evaluate: evaluate,
          stages.evaluate_baselines: evaluate_baselines, stages.finish: finish,

@@ -49,10 +49,10 @@ def boosting_setup(data_root, cache_dir, tmp_path_factory):
     features = {t: stages.gradient_features(run, t) for t in tasks}
     adapter = stages.train_group(run, "group-0", tasks)
     theta = stages.save_theta_star(run)
-    scores = {**{f"group-0/{t}": stages.score_member(run, adapter, t, ["train", "validation"])
-                 for t in tasks},
-              **{f"theta-star/{t}": stages.score_member(run, theta, t, ["validation"])
-                 for t in tasks}}
+    plan = {t: {"group-0": ["train", "validation"], "theta-star": ["validation"]}
+            for t in tasks}
+    scores = stages.score_members(run, [adapter, theta], plan).records
+    assert sorted(scores) == sorted(f"{m}/{t}" for m in ("group-0", "theta-star") for t in tasks)
     return raw, features, scores, GroupEnsemble("group-0", tasks, [Member("group-0", 1.0)])
 
 

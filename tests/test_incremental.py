@@ -32,7 +32,7 @@ def _config(data_root, cache_dir, out, tasks):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_root, cache_dir):
     out = tmp_path_factory.mktemp("incremental") / "run"
-    states, groups = {}, {}
+    states, groups, written = {}, {}, {}
     with prefect_test_harness(server_startup_timeout=120):
         for name, tasks in (("three", ["rte", "cb", "copa"]),
                             ("four", ["rte", "cb", "copa", "wic"]),
@@ -41,9 +41,12 @@ def runs(tmp_path_factory, data_root, cache_dir):
             assert state.is_completed(), state
             states[name] = task_states(state.state_details.flow_run_id)
             groups[name] = json.loads((out / "groups.json").read_text())
+            # when each member's scores of each task were last written
+            written[name] = {str(p.relative_to(out / "scores")): p.stat().st_mtime_ns
+                             for p in (out / "scores").rglob("*.json")}
             if name == "three":
                 plan = json.loads((out / "estimation" / "plan.json").read_text())
-    return out, states, groups, plan
+    return out, states, groups, plan, written
 
 
 def _group_of(groups, task):
@@ -51,7 +54,7 @@ def _group_of(groups, task):
 
 
 def test_adding_a_task_computes_only_what_depends_on_it(runs):
-    _, states, groups, plan = runs
+    _, states, groups, plan, written = runs
     s = states["four"]
     assert s["gradients[wic]"] == "Completed"
     for t in ("rte", "cb", "copa"):
@@ -73,14 +76,19 @@ def test_adding_a_task_computes_only_what_depends_on_it(runs):
     assert s[f"train[group-{1 - joined}]"] == "Cached"
     assert s["train[all-tasks]"] == "Completed"  # the baseline's tasks changed
     assert s["theta-star"] == "Cached"
-    # stage 5 scores a member one task at a time: the members that did not change are scored
-    # on the new task only
+    # stage 5 scores a task's members together, one task run per task (every old task's run
+    # includes the joined group, whose adapter changed), and reads back a member's scores of
+    # a task whose inputs did not change: the members that did not change are scored on the
+    # new task only
     other = f"group-{1 - joined}"
+    before, after = written["three"], written["four"]
     for t in ("rte", "cb", "copa"):
-        assert s[f"scores-fit[{other}/{t}]"] == "Cached", (t, s)
-        assert s[f"scores-fit[theta-star/{t}]"] == "Cached", (t, s)
-    assert s[f"scores-fit[{other}/wic]"] == "Completed"
-    assert s[f"scores-fit[group-{joined}/rte]"] == "Completed"  # its adapter changed
+        assert s[f"scores-fit[{t}]"] == "Completed", (t, s)
+        assert after[f"{other}/{t}.json"] == before[f"{other}/{t}.json"], t
+        assert after[f"theta-star/{t}.json"] == before[f"theta-star/{t}.json"], t
+        assert after[f"group-{joined}/{t}.json"] != before[f"group-{joined}/{t}.json"], t
+    assert s["scores-fit[wic]"] == "Completed"
+    assert f"{other}/wic.json" in after and f"{other}/wic.json" not in before
     # a boosting step reads only its group's scores: on the group that did not change it is
     # the same step as before
     boosted = [k for k in s if k.startswith("boost[")]
@@ -91,7 +99,7 @@ def test_adding_a_task_computes_only_what_depends_on_it(runs):
 
 
 def test_removing_a_task_computes_no_gradients(runs):
-    _, states, _, _ = runs
+    _, states, _, _, _ = runs
     s = states["without-cb"]
     grads = {k: v for k, v in s.items() if k.startswith("gradients[")}
     assert set(grads) == {"gradients[rte]", "gradients[copa]", "gradients[wic]"}

@@ -122,3 +122,62 @@ def test_one_pass_training_equals_sequential(data_root, tmp_path, cache_dir):
                 if h1[k] is not None:
                     assert h1[k] == pytest.approx(h2[k], rel=1e-5)
     assert one["a2"].n_steps < one["default"].n_steps
+
+
+def test_stage5_scores_members_together_and_reads_back_what_did_not_change(
+        data_root, tmp_path, cache_dir):
+    """stages.score_members (one task run per task, issue 34): the scores of a task's members
+    in one pass equal scoring them one by one (bit for bit on a CPU: each member's batches are
+    its own); a member whose inputs did not change is read back, not written again; changing
+    one member's plan rewrites that member's file only."""
+    import json
+    import os
+
+    from ensemble_core import stages
+    from ensemble_core.run import Run
+
+    raw = tiny_config(data_root, tmp_path / "run", cache_dir=str(cache_dir))
+    raw["training"] = {"epochs": 1, "batch_size": 4, "learning_rate": 1e-2}
+    run = Run.open(parse_config(raw))
+    adapter = stages.train_group(run, "group-0", ["rte", "copa"])
+    theta = stages.save_theta_star(run)
+    plan = {t: {"group-0": ["train", "validation"], "theta-star": ["validation"]}
+            for t in ("rte", "copa")}
+    files = {f"{m}/{t}": run.dir.scores(m, "fit", t) for t in plan for m in plan[t]}
+
+    def read():
+        return {k: json.loads(open(f).read())["scores"] for k, f in files.items()}
+
+    apart = stages.score_members(run, [adapter, theta], plan)  # auto: one by one on a CPU
+    stored = read()
+    for f in files.values():
+        os.remove(f)
+    raw1 = json.loads(json.dumps(raw))
+    raw1["estimation"]["one_pass"] = True
+    one_run = Run(parse_config(raw1))
+    together = stages.score_members(one_run, [adapter, theta], plan)
+    assert read() == stored  # bit for bit
+    key = lambda recs: {k: r.key() for k, r in recs.items()}  # noqa: E731  (not seconds)
+    assert key(together.records) == key(apart.records)
+    # nothing changed: every file read back, none written
+    mtimes = {k: os.stat(f).st_mtime_ns for k, f in files.items()}
+    again = stages.score_members(one_run, [adapter, theta], plan)
+    assert again.records == together.records
+    assert {k: os.stat(f).st_mtime_ns for k, f in files.items()} == mtimes
+    # theta-star now also on rte's train sample: only its rte file is written again
+    plan["rte"]["theta-star"] = ["train", "validation"]
+    changed = stages.score_members(one_run, [adapter, theta], plan)
+    now = {k: os.stat(f).st_mtime_ns for k, f in files.items()}
+    assert [k for k in files if now[k] != mtimes[k]] == ["theta-star/rte"]
+    assert set(json.loads(open(files["theta-star/rte"]).read())["scores"]["rte"]) == \
+        {"train", "validation"}
+    assert changed.records["theta-star/rte"] != together.records["theta-star/rte"]
+    # a file that is not what the stage wrote is computed again (not trusted): cut short, or
+    # one space longer (the same JSON, other bytes)
+    for tamper in (lambda b: b[:20], lambda b: b + b" "):
+        data = open(files["group-0/copa"], "rb").read()
+        with open(files["group-0/copa"], "wb") as f:
+            f.write(tamper(data))
+        fixed = stages.score_members(one_run, [adapter, theta], plan)
+        assert fixed.records["group-0/copa"].key() == together.records["group-0/copa"].key()
+        assert open(files["group-0/copa"], "rb").read() == data

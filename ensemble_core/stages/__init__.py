@@ -4,7 +4,7 @@
     2. subset regressions    save_subset_plan, fit_subsets                   stage2_subsets
     3. affinity and groups   affinity_and_groups, plan_baselines             stage3_groups
     4. group adapters        train_group, save_theta_star                    stage4_adapters
-    5. boosting and weights  score_member, boost_group, record_boosting,     stage5_boosting
+    5. boosting and weights  score_members, boost_group, record_boosting,     stage5_boosting
                              fit_weights
     6. evaluation            evaluate, evaluate_baselines, finish,           stage6_evaluation
                              publish_version
@@ -24,7 +24,7 @@ from .stage2_subsets import fit_subsets, save_subset_plan
 from .stage3_groups import affinity_and_groups, plan_baselines
 from .stage4_adapters import adapter_record, save_theta_star, train_group
 from .stage5_boosting import (boost_group, fit_weights, group_losses, read_scores,
-                              record_boosting, score_member)
+                              record_boosting, score_members)
 from .stage6_evaluation import evaluate, evaluate_baselines, finish, publish_version
 
 __all__ = ["MODEL", "PLANNING", "PROJECTION", "STAGES", "Stage", "stage", "boost_score_plan",
@@ -33,5 +33,5 @@ __all__ = ["MODEL", "PLANNING", "PROJECTION", "STAGES", "Stage", "stage", "boost
            "test_plans", "estimation_examples", "gradient_features", "linearity",
            "scored_examples", "fit_subsets", "save_subset_plan", "affinity_and_groups",
            "plan_baselines", "adapter_record", "save_theta_star", "train_group", "boost_group",
-           "fit_weights", "group_losses", "read_scores", "record_boosting", "score_member",
+           "fit_weights", "group_losses", "read_scores", "record_boosting", "score_members",
            "evaluate", "evaluate_baselines", "finish", "publish_version"]

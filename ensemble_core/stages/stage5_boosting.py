@@ -11,49 +11,154 @@ from typing import Sequence
 import numpy as np
 
 from ..records import (AdapterRecord, BoostRecord, EnsembleRecord, FeaturesRecord, FileRef,
-                       GroupEnsemble, GroupLosses, ScoresRecord)
+                       GroupEnsemble, GroupLosses, ScoresRecord, TaskScores)
 from ..run import Run
 from ..rundir import THETA_STAR
 from ..runtime import cache_path, feature_table, on_device
 from ..storage import join
 from .declaration import MODEL, stage
-from .planning import scores_of
+from .planning import scores_key, scores_of
 from .stage1_features import estimation_examples, scored_examples
 from .stage4_adapters import adapter_record
 
-__all__ = ["score_member", "read_scores", "group_losses", "boost_group", "record_boosting",
+__all__ = ["score_members", "read_scores", "group_losses", "boost_group", "record_boosting",
            "fit_weights"]
 
 
-@stage(5, "scores", config=("model", "estimation.batch_size", "seed", "estimation.max_examples"),
-       reads=lambda adapter, task, splits, phase="fit": [task], returns=ScoresRecord)
-@on_device(release=False)
-def score_member(run: Run, adapter: AdapterRecord, task: str, splits: Sequence[str],
-                 phase: str = "fit") -> ScoresRecord:
-    """Scores h_c(s) of one member adapter on ``splits`` of one task:
-    scores/<member>/<task>.json (<task>.test.json for the test phase),
-    ``{"scores": {task: {split: [[h_c of example 0], ...]}}}``. "train" means the examples
-    stage 1 computed features of (``estimation_examples``), which is what boosting reads.
-    Which member is scored where: :func:`score_plans`, :func:`test_plans`, :func:`by_task`."""
-    from ..runtime import member_model
-    from ..scoring import predict_scores
+def _scores_key(adapters, plan, phase="fit"):
+    """What a scoring run's result depends on, per member: its adapter record and, per task,
+    the splits it is scored on (the declared config and the tasks' data join it)."""
+    return {"adapters": sorted((a for a in adapters), key=lambda a: a.name),
+            "plan": {t: {m: list(s) for m, s in sorted(by_member.items())}
+                     for t, by_member in plan.items()}, "phase": phase}
 
-    t0 = time.perf_counter()
+
+@stage(5, "scores", config=("model", "estimation.batch_size", "seed", "estimation.max_examples"),
+       uses=("estimation.one_pass",),
+       reads=lambda adapters, plan, phase="fit": list(plan), key_args=_scores_key,
+       returns=TaskScores)
+@on_device(release=False)
+def score_members(run: Run, adapters: Sequence[AdapterRecord], plan: dict,
+                  phase: str = "fit") -> TaskScores:
+    """Scores h_c(s) of member adapters on tasks: ``plan`` is task -> member -> splits, each
+    member's scores of one task in scores/<member>/<task>.json (<task>.test.json for the test
+    phase), ``{"scores": {task: {split: [[h_c of example 0], ...]}}}``. "train" means the
+    examples stage 1 computed features of (``estimation_examples``), which is what boosting
+    reads. Which member is scored where: :func:`score_plans`, :func:`test_plans`,
+    :func:`by_task`.
+
+    The members of one task are scored together: each batch is encoded once and, with
+    ``estimation.one_pass`` (``auto``: on a GPU), goes through the base once for all of them
+    (``members.score_members``; each member's batches are those of scoring it alone, so its
+    scores do not depend on which members it was scored with); otherwise one pass per member.
+    A member's scores of a task already in the run directory under the same key (this
+    stage's inputs for that member and task alone: config, data, adapter, splits) are read,
+    not computed again, so adding a task or changing one member rescores only what changed."""
+    from ..members import score_members as one_pass, score_members_apart
+    from ..runtime import members_model
+    from ..scoring import ChoiceScorer
+
     cfg = run.cfg
-    model, tok = member_model(cfg, run.dir.fetch(adapter.path, adapter.pins), adapter.name,
-                              adapter.sha256)
-    out: dict = {}
-    counts: dict = {"tokens": 0}
-    for split in splits:
-        scores = predict_scores(model, tok, scored_examples(run, task, split),
-                                cfg.model.max_length, cfg.estimation.batch_size,
-                                cfg.model.choice_mode, counts)
-        out[split] = [s.astype(float).tolist() for s in scores]
-    ref = run.dir.write_json(run.dir.scores(adapter.name, phase, task),
-                             {"adapter": adapter.name, "adapter_sha256": adapter.sha256,
-                              "phase": phase, "task": task, "scores": {task: out}})
-    return ScoresRecord(adapter.name, ref, time.perf_counter() - t0, phase, task,
-                        flops=2.0 * _base_parameters(model) * counts["tokens"])
+    by_name = {a.name: a for a in adapters}
+    model, tok, names = members_model(cfg, [(run.dir.fetch(a.path, a.pins), a.name, a.sha256)
+                                            for a in adapters])
+    scorer = ChoiceScorer(tok, cfg.model.max_length, cfg.model.choice_mode)
+    together = _one_pass(cfg.estimation.one_pass, model)
+    per_base = _base_parameters(model)
+    records: dict[str, ScoresRecord] = {}
+    for task, by_member in plan.items():
+        todo = {}
+        for m, splits in by_member.items():
+            key = _member_key(run, by_name[m], task, splits, phase)
+            rec = _stored_scores(run, m, task, phase, key)
+            if rec is None:
+                todo[m] = (list(splits), key)
+            else:
+                records[scores_key(m, task, phase)] = rec
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        out: dict = {m: {} for m in todo}
+        tokens = {m: 0 for m in todo}
+        for split in dict.fromkeys(sp for splits, _ in todo.values() for sp in splits):
+            members = [m for m, (splits, _) in todo.items() if split in splits]
+            examples = scored_examples(run, task, split)
+            counts: dict = {"tokens": 0}
+            fn = one_pass if together else score_members_apart
+            scores = fn(model, scorer, examples, [names[m] for m in members],
+                        cfg.estimation.batch_size, counts, **({"alone": True} if together
+                                                               else {}))
+            for m in members:
+                out[m][split] = [s.astype(float).tolist() for s in scores[names[m]]]
+                tokens[m] += counts["tokens"] // len(members)
+        seconds = (time.perf_counter() - t0) / len(todo)
+        for m, (splits, key) in todo.items():
+            flops = 2.0 * per_base * tokens[m]
+            url = run.dir.scores(m, phase, task)
+            # what it cost, beside the scores (their file stays the same bytes however long
+            # the pass took): a run that reads the scores back reports the original work
+            run.dir.write_json(url + ".cost", {"key": key, "seconds": seconds, "flops": flops})
+            ref = run.dir.write_json(url, {"adapter": m, "adapter_sha256": by_name[m].sha256,
+                                           "phase": phase, "task": task, "key": key,
+                                           "scores": {task: {sp: out[m][sp] for sp in splits}}})
+            records[scores_key(m, task, phase)] = ScoresRecord(m, ref, seconds, phase, task,
+                                                               flops=flops)
+    return TaskScores(records)
+
+
+def _one_pass(setting: str, model) -> bool:
+    """``estimation.one_pass``: ``auto`` scores the members of a batch in one pass on a GPU,
+    where a pass over a small batch leaves the device idle; on a CPU the stacked forward does
+    the same FLOPs no faster (BENCHMARKS.md, "All members in one pass")."""
+    from ..scoring import model_device
+
+    if setting == "auto":
+        return model_device(model).type != "cpu"
+    return bool(setting)
+
+
+def _member_key(run: Run, adapter: AdapterRecord, task: str, splits, phase: str) -> str:
+    """This stage's inputs for one member on one task (as if scored alone), hashed: what its
+    scores file must carry to be read instead of computed."""
+    import hashlib
+    import json
+
+    from .declaration import STAGES
+
+    inputs = STAGES["scores"].inputs(run, adapters=[adapter],
+                                     plan={task: {adapter.name: list(splits)}}, phase=phase)
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _stored_scores(run: Run, member: str, task: str, phase: str, key: str):
+    """The ScoresRecord of a scores file already written under ``key``, or None (missing,
+    unreadable, or of other inputs)."""
+    import hashlib
+    import json
+
+    from ..storage import dumps_json, exists, read_bytes
+
+    url = run.dir.scores(member, phase, task)
+    try:
+        if not exists(url):
+            return None
+        data = read_bytes(url)
+        doc = json.loads(data)
+    except (OSError, ValueError):
+        return None
+    # exactly the bytes this stage writes (a file changed in any way, even by a space that
+    # leaves the JSON the same, is computed again: its sha256 is what later stages key on)
+    if not isinstance(doc, dict) or doc.get("key") != key or dumps_json(doc) != data:
+        return None
+    ref = FileRef(run.dir.relative(url), hashlib.sha256(data).hexdigest())
+    try:
+        cost = json.loads(read_bytes(url + ".cost"))
+        if not isinstance(cost, dict) or cost.get("key") != key:
+            raise ValueError("another key")
+        seconds, flops = float(cost["seconds"]), float(cost["flops"])
+    except (OSError, ValueError, KeyError, TypeError):
+        seconds, flops = 0.0, 0.0  # the scores are sound; only their cost is unknown
+    return ScoresRecord(member, ref, seconds, phase, task, flops=flops)
 
 
 def _base_parameters(model) -> int:
