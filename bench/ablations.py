@@ -20,6 +20,8 @@ Studies (settings are `--set` overrides):
   boosting  first-order (ours) and the paper's target (boosting.mode: paper)
   m         the number of groups, 2..6 (the paper's ablation; clustering.n_groups)
   b         boosting steps, 1..4 (the paper's ablation)
+  precision the base model's forward passes in float32 and in bfloat16 (model.dtype; issue
+            34: its effect on the groups, weights and test accuracy before anyone uses it)
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ STUDIES = {
                  "the paper's target": ["boosting.mode=paper"]},
     "m": {f"m = {m}": [f"clustering.n_groups={m}"] for m in range(2, 7)},
     "b": {f"b = {b}": [f"boosting.steps={b}"] for b in range(1, 5)},
+    "precision": {"float32": ["model.dtype=float32"], "bfloat16": ["model.dtype=bfloat16"]},
 }
 
 

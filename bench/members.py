@@ -4,8 +4,10 @@ tasks' test examples, max_length 48):
 
   scoring   stage 5's work: the demo's five members (three group adapters, the boosting
             adapter and θ*) on N test examples of every task, ``members.score_members`` (one
-            forward per batch for all five) against ``members.score_members_apart`` (one pass
-            per member, what stage 5 did), at the demo's ``estimation.batch_size``
+            forward per batch for all five; stage 5's way, ``alone``: each member its own
+            batches; and the served ensemble's, the stacked forward no larger than one
+            member's batch) against ``members.score_members_apart`` (one pass per member),
+            at the demo's ``estimation.batch_size``
   serving   ``EnsembleModel.predict`` at batch 1 (latency, median over R requests) and at batch
             32 (records/second): the demo-shaped ensemble (3 groups, group 0 boosted: five
             members, every task weighting all three groups) in one pass and member by member,
@@ -16,7 +18,9 @@ tasks' test examples, max_length 48):
             same batches), peak RSS of each, and the largest weight difference between them
 
 The adapters have random weights (each far from the others: the work is the same as trained
-ones'). ``--dtype bfloat16`` runs every column in bf16 (model.dtype). The last line reads
+ones'). ``--dtype bfloat16`` runs every column in bf16 (model.dtype); ``--precision`` adds
+the members scored in fp32 and in bf16 side by side (time, predicted choice agreement, the
+largest score difference). The last line reads
 
   members: scoring <r>x, serving <r>x, training <r>x
 
@@ -91,11 +95,16 @@ def bench_scoring(cfg, lm, data, n: int, repeats: int) -> dict:
     bs = cfg.estimation.batch_size
     apart_s, apart = _timed(lambda: score_members_apart(lm.model, scorer, examples, MEMBERS,
                                                         bs), repeats)
-    one_s, one = _timed(lambda: score_members(lm.model, scorer, examples, MEMBERS, bs),
+    # stage 5's one pass: each member keeps its own batches, the members stacked
+    one_s, one = _timed(lambda: score_members(lm.model, scorer, examples, MEMBERS, bs,
+                                              alone=True), repeats)
+    # the served ensemble's: the stacked forward no larger than one member's batch
+    small_s, _ = _timed(lambda: score_members(lm.model, scorer, examples, MEMBERS, bs),
                         repeats)
     diff = max(float(np.abs(x - y).max()) for m in MEMBERS for x, y in zip(one[m], apart[m]))
     return {"examples": len(examples), "members": len(MEMBERS), "batch_size": bs,
             "member_by_member_s": apart_s, "one_pass_s": one_s, "ratio": one_s / apart_s,
+            "one_pass_serving_batches_s": small_s, "ratio_serving_batches": small_s / apart_s,
             "max_abs_difference": diff}
 
 
@@ -142,6 +151,39 @@ def bench_serving(cfg, lm, data, requests: int) -> dict:
     out["ratio_member_by_member"] = (out["ensemble_member_by_member"]["p50_ms"]
                                      / out["one_adapter"]["p50_ms"])
     return out
+
+
+def bench_precision(cfg, lm, data, n: int) -> dict:
+    """The five members scored member by member in fp32 and in bf16 (the same weights, the
+    base loaded with model.dtype bfloat16): seconds, how often the predicted choice agrees,
+    and the largest score difference."""
+    from ensemble_core.adapter_kinds import adapter_kind
+
+    bcfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "bfloat16"})})
+    blm = load_model(bcfg, Path(cfg.cache_dir))
+    for name in MEMBERS[:-1]:
+        blm.model.add_adapter(name, adapter_kind(cfg.adapter).peft_config(cfg.adapter))
+    src = dict(lm.model.named_parameters())
+    with torch.no_grad():
+        for k, p in blm.model.named_parameters():
+            if any(f".{a}." in k for a in MEMBERS):
+                p.copy_(src[k].to(p.dtype))
+    examples = [ex for t in data for ex in data[t].splits["test"][:n]]
+    out = {}
+    for label, model, tok in (("float32", lm.model, lm.tokenizer),
+                              ("bfloat16", blm.model, blm.tokenizer)):
+        scorer = ChoiceScorer(tok, cfg.model.max_length, cfg.model.choice_mode)
+        sec, scores = _timed(lambda: score_members_apart(model, scorer, examples, MEMBERS,
+                                                         cfg.estimation.batch_size), 1)
+        out[label] = {"seconds": sec, "scores": scores}
+    f, b = out["float32"]["scores"], out["bfloat16"]["scores"]
+    agree = [int(np.argmax(x) == np.argmax(y)) for m in MEMBERS for x, y in zip(f[m], b[m])]
+    diff = max(float(np.abs(x - y).max()) for m in MEMBERS for x, y in zip(f[m], b[m]))
+    del blm
+    return {"examples": len(examples), "float32_s": out["float32"]["seconds"],
+            "bfloat16_s": out["bfloat16"]["seconds"],
+            "ratio": out["bfloat16"]["seconds"] / out["float32"]["seconds"],
+            "prediction_agreement": float(np.mean(agree)), "max_abs_difference": diff}
 
 
 GROUPS = {"group-0": ("sst2", "cola"), "group-1": ("mrpc", "rte", "boolq"),
@@ -224,6 +266,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=1, help="training epochs (training column)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--precision", action="store_true",
+                    help="also score in bf16 against fp32 (where the CPU or GPU has bf16)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -234,7 +278,9 @@ def main(argv=None) -> int:
     s = res["scoring"] = bench_scoring(cfg, lm, data, a.examples, a.repeats)
     print(f"scoring  {s['examples']} examples x {s['members']} members: member by member "
           f"{s['member_by_member_s']:.2f} s, one pass {s['one_pass_s']:.2f} s "
-          f"({s['ratio']:.2f}x; max |difference| {s['max_abs_difference']:.1e})", flush=True)
+          f"({s['ratio']:.2f}x; max |difference| {s['max_abs_difference']:.1e}); one pass in "
+          f"the served ensemble's batches {s['one_pass_serving_batches_s']:.2f} s "
+          f"({s['ratio_serving_batches']:.2f}x)", flush=True)
     v = res["serving"] = bench_serving(cfg, lm, data, a.requests)
     for k in ("one_adapter", "ensemble_one_pass", "ensemble_member_by_member"):
         print(f"serving  {k:<26} batch 1: p50 {v[k]['p50_ms']:.1f} ms, p95 "
@@ -248,6 +294,12 @@ def main(argv=None) -> int:
                   f"RSS {t[k]['peak_rss_gib']:.2f} GiB", flush=True)
         print(f"training one pass / sequential {t['ratio']:.2f}x; largest weight difference "
               f"{t['max_weight_difference']:.1e}", flush=True)
+    if a.precision:
+        pr = res["precision"] = bench_precision(cfg, lm, data, a.examples)
+        print(f"precision {pr['examples']} examples x 5 members, member by member: fp32 "
+              f"{pr['float32_s']:.1f} s, bf16 {pr['bfloat16_s']:.1f} s ({pr['ratio']:.2f}x); "
+              f"predicted choice agrees on {100 * pr['prediction_agreement']:.1f}%, max "
+              f"|score difference| {pr['max_abs_difference']:.3f}", flush=True)
     res["peak_rss_gib"] = _rss_gib()
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2))

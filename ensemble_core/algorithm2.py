@@ -99,7 +99,10 @@ def group_adapters(run, runner: Runner | None, groups: GroupsRecord,
     first += [(name, tasks) for method, members in baselines.plans.items()
               if method not in baselines.after_single for name, tasks in members.items()]
     theta = runner.call(stages.save_theta_star)
-    trained = dict(zip([name for name, _ in first], runner.map(stages.train_group, first)))
+    if run.cfg.training.one_pass and len(first) > 1:  # all of them in one task run
+        trained = {r.name: r for r in runner.call(stages.train_groups, first).records}
+    else:
+        trained = dict(zip([name for name, _ in first], runner.map(stages.train_group, first)))
     single = trained[BASELINE]
     after = [(name, tasks, single) for method in baselines.after_single
              for name, tasks in baselines.plans[method].items()]

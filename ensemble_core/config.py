@@ -240,6 +240,10 @@ class TrainingConfig(_Strict):
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float | None = Field(1.0, gt=0.0)  # gradient clipping (None: none)
     seed: int = Field(0, ge=0, le=SEED_MAX)
+    # stage 4: train the group adapters, the single adapter and the baselines' (those that
+    # start from θ*) together, one forward and backward over the base per step for all of
+    # them (docs/design.md, "All members in one pass"); each as it would be trained alone
+    one_pass: bool = False
 
 
 class BoostingConfig(_Strict):

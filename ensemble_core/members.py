@@ -216,8 +216,9 @@ def train_adapters(model, tokenizer, plans: dict, tcfg, max_length: int,
     step's batches of all adapters go through the base in one forward and one backward pass,
     every row routed to its own adapter (:func:`routed`). With the same batches the weights
     equal those of training one after another to fp32 rounding (tests/test_members.py); LoRA
-    dropout draws other masks (equal only without dropout). Returns name -> TrainResult (the
-    wall time, peak memory and validation passes are the joint run's)."""
+    dropout draws other masks (equal only without dropout). Returns name -> TrainResult: the
+    joint run's wall time shared out by tokens trained (so the adapters' times add up to it),
+    its peak memory."""
     from .models import base_norm
     from .records import TrainResult
     from .scoring import choice_outputs, gold_rows
@@ -343,13 +344,16 @@ def train_adapters(model, tokenizer, plans: dict, tcfg, max_length: int,
         model.train(was_training)
     wall = time.perf_counter() - t_start
     n_forward, full = forward_parameters(model), base_norm(model)
+    all_tokens = max(sum(st[a]["tokens"] for a in names), 1)
     out = {}
     for a in names:
         s = st[a]
         theta = torch.cat([p.detach().float().reshape(-1).cpu() for p in params[a]])
         moved, own = float((theta - s["start"]).norm()), float(s["start"].norm())
         out[a] = TrainResult(
-            best_epoch=s["best"][0], history=s["history"], wall_seconds=wall,
+            # the joint wall time, each adapter its share by tokens (the shares add up to it)
+            best_epoch=s["best"][0], history=s["history"],
+            wall_seconds=wall * s["tokens"] / all_tokens,
             n_steps=s["steps"], tokens_seen=s["tokens"],
             flops_estimate=6.0 * n_forward * s["tokens"],
             peak_memory_bytes=_peak_memory(device),

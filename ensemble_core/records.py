@@ -27,7 +27,7 @@ __all__ = [
     "Progress", "Record", "FileRef", "ProjectionInfo", "SplitFeatures", "FeaturesRecord",
     "LinearityPoint", "LinearityRecord", "TaskEstimate", "SurrogateFit", "SubsetEstimate",
     "SubsetPlan", "SubsetBatch", "GroupsRecord", "BaselinePlan", "TrainResult", "AdapterRecord",
-    "ScoresRecord", "TaskScores", "Member", "GroupLosses", "FinishResult",
+    "ScoresRecord", "TaskScores", "AdapterRecords", "Member", "GroupLosses", "FinishResult",
     "GroupEnsemble", "BoostRecord", "EnsembleRecord", "TaskMetrics", "Averages", "Compute",
     "Metrics", "EvaluationRecord", "BaselineResult", "BaselinesRecord", "ReportRecord",
     "VersionRecord", "FeaturesResult",
@@ -404,6 +404,12 @@ class ScoresRecord(Record):
     def key(self):
         return {"name": self.name, "phase": self.phase, "task": self.task,
                 "sha256": self.file.sha256}
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterRecords(Record):
+    """Adapters trained together (``stages.train_groups``), in the order asked for."""
+    records: list[AdapterRecord]
 
 
 @dataclasses.dataclass(frozen=True)

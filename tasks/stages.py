@@ -108,6 +108,15 @@ def train_group(run: Run, name: str, tasks: list[str], start: AdapterRecord | No
     return rec.to_json()
 
 
+@task(name="train_groups", tags=["gpu"], cache_policy=keyed(stages.train_groups),
+      task_run_name="train-together", **JSON, **RETRY)
+def train_groups(run: Run, plans: list[tuple[str, list[str]]]) -> dict:
+    """Fine-tune several adapters together, one pass over the base per step for all of them
+    (``training.one_pass``)."""
+    with gpu_slot():
+        return stages.train_groups(run, plans).to_json()
+
+
 @task(name="save_theta_star", tags=["gpu"], cache_policy=keyed(stages.save_theta_star),
       task_run_name="theta-star", **JSON)
 def save_theta_star(run: Run) -> dict:
@@ -210,6 +219,7 @@ TASKS = {stages.gradient_features: compute_gradients, stages.linearity: linearit
          stages.save_subset_plan: save_subset_plan, stages.fit_subsets: fit_subsets,
          stages.affinity_and_groups: affinity_and_groups,
          stages.plan_baselines: plan_baselines, stages.train_group: train_group,
+         stages.train_groups: train_groups,
          stages.save_theta_star: save_theta_star, stages.score_members: score_members,
          stages.group_losses: group_losses, stages.boost_group: boost_group, stages.record_boosting: record_boosting,
          stages.fit_weights: fit_weights, stages.evaluate: evaluate,

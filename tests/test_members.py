@@ -4,6 +4,8 @@ with that adapter active) on the tiny random Llama, in token and sequence mode, 
 the bottleneck kind, the base model alone as a member."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -181,3 +183,35 @@ def test_stage5_scores_members_together_and_reads_back_what_did_not_change(
         fixed = stages.score_members(one_run, [adapter, theta], plan)
         assert fixed.records["group-0/copa"].key() == together.records["group-0/copa"].key()
         assert open(files["group-0/copa"], "rb").read() == data
+
+
+def test_stage4_trains_the_groups_together_as_alone(data_root, tmp_path, cache_dir):
+    """training.one_pass (stages.train_groups, issue 34 item 2): the group adapters and the
+    single adapter trained together from θ* in one task run are saved as ordinary adapters
+    whose weights equal those trained one by one (stages.train_group), with the same best
+    epoch and steps."""
+    from safetensors.torch import load_file
+
+    from ensemble_core import stages
+    from ensemble_core.run import Run
+
+    raw = tiny_config(data_root, tmp_path / "run", cache_dir=str(cache_dir))
+    raw["training"] = {"epochs": 2, "batch_size": 4, "learning_rate": 2e-2, "seed": 1}
+    plans = [("group-0", ["rte", "cb"]), ("group-1", ["copa"]),
+             ("all-tasks", ["rte", "cb", "copa"])]
+    run = Run.open(parse_config(raw))
+    alone = {name: stages.train_group(run, name, tasks) for name, tasks in plans}
+    weights = {name: load_file(str(run.dir.adapter_weights(name))) for name, _ in plans}
+    raw1 = json.loads(json.dumps(raw))
+    raw1["training"]["one_pass"] = True
+    together = stages.train_groups(Run(parse_config(raw1)), plans).records
+    assert [r.name for r in together] == [n for n, _ in plans]
+    for rec in together:
+        w = load_file(str(run.dir.adapter_weights(rec.name)))
+        assert sorted(w) == sorted(weights[rec.name])
+        for k in w:
+            torch.testing.assert_close(w[k], weights[rec.name][k], rtol=1e-4, atol=2e-5)
+        a, b = rec.train, alone[rec.name].train
+        assert (a.best_epoch, a.n_steps, a.tokens_seen) == (b.best_epoch, b.n_steps,
+                                                             b.tokens_seen)
+        assert rec.tasks == alone[rec.name].tasks

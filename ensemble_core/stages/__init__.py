@@ -3,7 +3,7 @@
     1. gradient features     gradient_features, linearity                    stage1_features
     2. subset regressions    save_subset_plan, fit_subsets                   stage2_subsets
     3. affinity and groups   affinity_and_groups, plan_baselines             stage3_groups
-    4. group adapters        train_group, save_theta_star                    stage4_adapters
+    4. group adapters        train_group(s), save_theta_star                 stage4_adapters
     5. boosting and weights  score_members, boost_group, record_boosting,     stage5_boosting
                              fit_weights
     6. evaluation            evaluate, evaluate_baselines, finish,           stage6_evaluation
@@ -22,7 +22,7 @@ from .planning import (boost_score_plan, by_task, compute_summary, plan_batches,
 from .stage1_features import estimation_examples, gradient_features, linearity, scored_examples
 from .stage2_subsets import fit_subsets, save_subset_plan
 from .stage3_groups import affinity_and_groups, plan_baselines
-from .stage4_adapters import adapter_record, save_theta_star, train_group
+from .stage4_adapters import adapter_record, save_theta_star, train_group, train_groups
 from .stage5_boosting import (boost_group, fit_weights, group_losses, read_scores,
                               record_boosting, score_members)
 from .stage6_evaluation import evaluate, evaluate_baselines, finish, publish_version
@@ -32,6 +32,7 @@ __all__ = ["MODEL", "PLANNING", "PROJECTION", "STAGES", "Stage", "stage", "boost
            "score_plans", "scores_key", "scores_of", "subset_batches", "subset_plan",
            "test_plans", "estimation_examples", "gradient_features", "linearity",
            "scored_examples", "fit_subsets", "save_subset_plan", "affinity_and_groups",
-           "plan_baselines", "adapter_record", "save_theta_star", "train_group", "boost_group",
+           "plan_baselines", "adapter_record", "save_theta_star", "train_group", "train_groups",
+           "boost_group",
            "fit_weights", "group_losses", "read_scores", "record_boosting", "score_members",
            "evaluate", "evaluate_baselines", "finish", "publish_version"]

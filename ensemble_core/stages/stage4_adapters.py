@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..records import AdapterRecord
+from ..records import AdapterRecord, AdapterRecords
 from ..run import Run
 from ..rundir import THETA_STAR
 from ..runtime import cache_path, on_device
 from .declaration import MODEL, stage
 
-__all__ = ["train_group", "save_theta_star", "adapter_record"]
+__all__ = ["train_group", "train_groups", "save_theta_star", "adapter_record"]
 
 
 def adapter_record(run: Run, name: str, tasks, train=None) -> AdapterRecord:
@@ -48,6 +48,47 @@ def train_group(run: Run, name: str, tasks: Sequence[str], start: AdapterRecord 
     with run.dir.writing_dir(run.dir.adapter(name)) as out:
         save_adapter(lm.model, out, result, base_fingerprint=lm.fingerprint["base"])
     return adapter_record(run, name, tasks, result.summary())
+
+
+@stage(4, "train-together", config=MODEL + ("training",),
+       reads=lambda plans: [t for _, tasks in plans for t in tasks], returns=AdapterRecords)
+@on_device
+def train_groups(run: Run, plans: Sequence[tuple[str, Sequence[str]]]) -> AdapterRecords:
+    """``training.one_pass``: the adapters of ``plans`` ((name, tasks) each: the groups, the
+    single adapter, the baselines' that start from θ*) trained together from θ*, each step's
+    batches of all of them in one forward and backward pass over the base
+    (``members.train_adapters``; docs/design.md, "All members in one pass"). Each adapter is
+    trained as :func:`train_group` trains it alone — its own batches, optimizer, schedule and
+    best epoch — and saved the same way; the weights equal to fp32 rounding."""
+    import torch
+
+    from ..adapter_kinds import adapter_kind
+    from ..adapters import save_adapter
+    from ..members import adapter_parameters, train_adapters
+    from ..models import load_model
+
+    cfg = run.cfg
+    lm = load_model(cfg, cache_path(cfg))  # a fresh θ* ("default"), copied into each adapter
+    theta = [p.detach().clone() for p in adapter_parameters(lm.model, "default")]
+    names = {}
+    for k, (name, _) in enumerate(plans):
+        names[name] = f"train-{k}"  # PEFT adapter names (a run's names may hold dots)
+        lm.model.add_adapter(names[name], adapter_kind(cfg.adapter).peft_config(cfg.adapter))
+        with torch.no_grad():
+            for p, v in zip(adapter_parameters(lm.model, names[name]), theta, strict=True):
+                p.copy_(v)
+    results = train_adapters(
+        lm.model, lm.tokenizer,
+        {names[n]: (run.examples(tasks, "train"), run.examples(tasks, "validation"))
+         for n, tasks in plans}, cfg.training, cfg.model.max_length, cfg.model.choice_mode,
+        validate_initial=False)
+    out = []
+    for name, tasks in plans:
+        with run.dir.writing_dir(run.dir.adapter(name)) as d:
+            save_adapter(lm.model, d, results[names[name]], adapter_name=names[name],
+                         base_fingerprint=lm.fingerprint["base"])
+        out.append(adapter_record(run, name, tasks, results[names[name]].summary()))
+    return AdapterRecords(out)
 
 
 @stage(4, "theta-star", config=MODEL, returns=AdapterRecord)
