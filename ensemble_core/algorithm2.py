@@ -137,15 +137,21 @@ def boosting_and_weights(run, runner: Runner | None, adapters: AdaptersResult,
 
     def score_all(plans: dict[str, dict[str, list[str]]], phase: str = "fit"
                   ) -> dict[str, ScoresRecord]:
-        # one task run per task, its members scored together (stages.score_members); a
-        # member's scores of a task that did not change are read back, not computed
+        # at most runner.scoring_runs task runs, each a run of consecutive tasks with their
+        # members scored together (stages.score_members); a member's scores of a task that
+        # did not change are read back, not computed
         per_task: dict[str, dict[str, list[str]]] = {}
         for name, plan in plans.items():
             for task, splits in stages.by_task(plan).items():
                 per_task.setdefault(task, {})[name] = splits
-        records = runner.map(stages.score_members,
-                             [([known[n] for n in members], {task: members}, phase)
-                              for task, members in per_task.items()])
+        order = list(per_task)
+        size = max(1, -(-len(order) // run.cfg.runner.scoring_runs))
+        calls = []
+        for i in range(0, len(order), size):
+            chunk = {t: per_task[t] for t in order[i:i + size]}
+            names = sorted({n for members in chunk.values() for n in members})
+            calls.append(([known[n] for n in names], chunk, phase))
+        records = runner.map(stages.score_members, calls)
         return {k: r for rec in records for k, r in rec.records.items()}
 
     steps_wanted = run.cfg.boosting.steps

@@ -310,6 +310,11 @@ class RunnerConfig(_Strict):
     # locks: ensemble_core/coordination.py); None: ENSEMBLE_LORA_REDIS_URL, else files in a
     # local run directory (one machine)
     redis_url: str | None = None
+    # stage 5 scores each phase (before the weights, each boosting adapter, the test split) in
+    # at most this many task runs, the tasks split evenly in order: more spread the scoring
+    # over more GPU workers, fewer cost less orchestration with many tasks (BENCHMARKS.md,
+    # "Many datasets"). What is computed does not depend on it.
+    scoring_runs: int = Field(4, ge=1, le=100_000)
 
 
 class RunConfig(_Strict):

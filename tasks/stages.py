@@ -128,13 +128,14 @@ def save_theta_star(run: Run) -> dict:
 
 def _scores_run_name() -> str:
     """scores-<phase>[<task>] (its members together), scores-<phase>[<member>/<task>] when one
-    member is scored (a boosting adapter), several tasks joined by '+'."""
+    member is scored (a boosting adapter); several tasks: the first and how many more."""
     from prefect.runtime import task_run
 
     p = task_run.parameters
     plan = p["plan"]
     members = {m for by_member in plan.values() for m in by_member}
-    what = "+".join(plan)
+    first = next(iter(plan))
+    what = first if len(plan) == 1 else f"{first}+{len(plan) - 1}"
     if len(members) == 1:
         what = f"{next(iter(members))}/{what}"
     return f"scores-{p.get('phase', 'fit')}[{what}]"
