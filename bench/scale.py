@@ -29,6 +29,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -175,8 +176,6 @@ def main(argv=None) -> int:
         res = {}
         for mode in ("plain", "prefect"):
             d = root / mode
-            import shutil
-
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
             cfg, clusters = config(n, d, a.boosting_steps)

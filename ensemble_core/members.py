@@ -17,7 +17,6 @@ with the number of members either way (BENCHMARKS.md, "All members in one pass")
 """
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
 from typing import Sequence
@@ -28,7 +27,8 @@ import torch
 from .data import Example
 from .runtime import check_stop
 from .scoring import (SCORING_TOKENS, ChoiceScorer, EncodedBatch, _eval_batches,
-                      choice_outputs, model_device)
+                      choice_outputs, model_device, scores_loss)
+from .training import check_loss, check_weights
 
 __all__ = ["BASE", "routed", "concat_batches", "repeat_batch", "score_members",
            "score_members_apart", "train_adapters"]
@@ -221,9 +221,7 @@ def train_adapters(model, tokenizer, plans: dict, tcfg, max_length: int,
     its peak memory."""
     from .models import base_norm
     from .records import TrainResult
-    from .scoring import choice_outputs, gold_rows
-    from .choices import segment_log_softmax
-    from .training import (TrainingError, _config_dict, _epoch_batches, _peak_memory,
+    from .training import (_config_dict, _epoch_batches, _peak_memory,
                            _task_modes, forward_parameters, lr_schedule, summarize,
                            total_steps)
 
@@ -303,19 +301,14 @@ def train_adapters(model, tokenizer, plans: dict, tcfg, max_length: int,
                     st[a]["opt"].zero_grad(set_to_none=True)
                 for j in range(acc):
                     _joint_backward(model, scorer, st, steps_of, step, k, j, device, epoch,
-                                    choice_outputs, segment_log_softmax, gold_rows,
-                                    TrainingError, tcfg)
+                                    tcfg)
                 for a in step:
                     s = st[a]
                     if tcfg.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params[a], tcfg.max_grad_norm)
                     s["opt"].step()
                     s["sched"].step()
-                    if not bool(torch.stack([torch.isfinite(p).all() for p in params[a]]).all()):
-                        raise TrainingError(
-                            f"adapter {a}: training diverged: adapter weights are not finite "
-                            f"after step {s['steps'] + 1} (epoch {epoch}); lower "
-                            f"training.learning_rate (now {tcfg.learning_rate})")
+                    check_weights(params[a], epoch, s["steps"] + 1, tcfg, f"adapter {a}: ")
                     s["steps"] += 1
                     s["epoch_steps"] += 1
             for a in live:
@@ -371,8 +364,7 @@ def _capped(s: dict, tcfg) -> bool:
     return tcfg.max_steps is not None and s["steps"] >= tcfg.max_steps
 
 
-def _joint_backward(model, scorer, st, steps_of, step, k, j, device, epoch, choice_outputs,
-                    segment_log_softmax, gold_rows, TrainingError, tcfg) -> None:
+def _joint_backward(model, scorer, st, steps_of, step, k, j, device, epoch, tcfg) -> None:
     """The j-th batch of optimizer step k of every adapter in ``step``: one forward per choice
     mode over all of them (each row routed to its adapter), each adapter's mean loss divided by
     its step's number of batches (as ``training._train_epoch``), one backward."""
@@ -397,14 +389,9 @@ def _joint_backward(model, scorer, st, steps_of, step, k, j, device, epoch, choi
         for a, task, exs, enc, n_batches in mine:
             z = scores[at:at + enc.n_rows]
             at += enc.n_rows
-            logp = segment_log_softmax(z, enc.n_choices)
-            loss = -logp[gold_rows(exs).to(logp.device)].mean()
+            loss = scores_loss(z, enc.n_choices, exs)
             lv = float(loss.detach())
-            if not math.isfinite(lv):
-                raise TrainingError(
-                    f"adapter {a}: training diverged: the loss is {lv} in epoch {epoch} (step "
-                    f"{st[a]['steps'] + 1}, task {task!r}); lower training.learning_rate (now "
-                    f"{tcfg.learning_rate}) or keep training.max_grad_norm")
+            check_loss(lv, epoch, st[a]["steps"] + 1, task, tcfg, f"adapter {a}: ")
             s = st[a]
             s["loss_sum"] += lv * len(exs)
             s["loss_n"] += len(exs)

@@ -291,8 +291,12 @@ def gold_rows(examples: Sequence[Example]) -> torch.Tensor:
 
 def choice_loss(model, batch: EncodedBatch, examples: Sequence[Example]) -> torch.Tensor:
     """Mean cross-entropy over examples of the softmax over each example's choices."""
-    scores = choice_outputs(model, batch)
-    logp = segment_log_softmax(scores, batch.n_choices)
+    return scores_loss(choice_outputs(model, batch), batch.n_choices, examples)
+
+
+def scores_loss(scores: torch.Tensor, n_choices, examples: Sequence[Example]) -> torch.Tensor:
+    """:func:`choice_loss` of given row scores (``n_choices`` per example)."""
+    logp = segment_log_softmax(scores, n_choices)
     return -logp[gold_rows(examples).to(logp.device)].mean()
 
 

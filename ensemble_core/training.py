@@ -316,11 +316,7 @@ def _train_epoch(model, params, opt, sched, scorer, examples, modes, batches, tc
             loss = loss_fn(model, batch, exs)
             (loss / len(group)).backward()
             lv = float(loss.detach())
-            if not math.isfinite(lv):
-                raise TrainingError(
-                    f"training diverged: the loss is {lv} in epoch {epoch} (step "
-                    f"{count.steps + 1}, task {task!r}); lower training.learning_rate "
-                    f"(now {tcfg.learning_rate}) or keep training.max_grad_norm")
+            check_loss(lv, epoch, count.steps + 1, task, tcfg)
             loss_sum += lv * len(exs)
             loss_n += len(exs)
             count.tokens += int(batch.attention_mask.sum())
@@ -329,17 +325,31 @@ def _train_epoch(model, params, opt, sched, scorer, examples, modes, batches, tc
             torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
         opt.step()
         sched.step()
-        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-            raise TrainingError(
-                f"training diverged: adapter weights are not finite after step "
-                f"{count.steps + 1} (epoch {epoch}); lower training.learning_rate "
-                f"(now {tcfg.learning_rate})")
+        check_weights(params, epoch, count.steps + 1, tcfg)
         count.steps += 1
         epoch_steps += 1
         if tcfg.max_steps is not None and count.steps >= tcfg.max_steps:
             break
     opt.zero_grad(set_to_none=True)
     return loss_sum / max(loss_n, 1), epoch_steps
+
+
+def check_loss(lv: float, epoch: int, step: int, task: str, tcfg, who: str = "") -> None:
+    """TrainingError when a batch's loss is not finite (``who``: the adapter, when several
+    train at once)."""
+    if not math.isfinite(lv):
+        raise TrainingError(
+            f"{who}training diverged: the loss is {lv} in epoch {epoch} (step {step}, task "
+            f"{task!r}); lower training.learning_rate (now {tcfg.learning_rate}) or keep "
+            "training.max_grad_norm")
+
+
+def check_weights(params, epoch: int, step: int, tcfg, who: str = "") -> None:
+    """TrainingError when an optimizer step left a weight that is not finite."""
+    if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        raise TrainingError(
+            f"{who}training diverged: adapter weights are not finite after step {step} "
+            f"(epoch {epoch}); lower training.learning_rate (now {tcfg.learning_rate})")
 
 
 def _config_dict(tcfg) -> dict:
