@@ -20,7 +20,8 @@ subsets of 10 for 500 tasks). The last line for each n reads exactly
 
   scale n=<n>: wall <s> s, overhead <pct>%, task runs <count>, ARI <ari>
 
-Usage:  python bench/scale.py [--n 10,50,200] [--out DIR] [--boosting-steps 1]
+Usage:  python bench/scale.py [--n 10,50,200] [--out DIR (default: a temporary directory)]
+                              [--boosting-steps 1]
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -160,7 +162,7 @@ def _flow_name(client, flow_run) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", default="10,50,200")
-    ap.add_argument("--out", default="/tmp/ensemble-lora-scale")
+    ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "ensemble-lora-scale"))
     ap.add_argument("--boosting-steps", type=int, default=1)
     ap.add_argument("--child", nargs=3, metavar=("MODE", "CONFIG", "RESULT"),
                     help=argparse.SUPPRESS)
