@@ -55,8 +55,17 @@ def gradient_features(run, runner: Runner | None = None) -> FeaturesResult:
     """Stage 1: the outputs and projected gradients at θ* of every task, and the first-order
     check on the first task (Table 5 / Figure 2)."""
     runner = runner or Runner(run)
-    records = runner.map(stages.gradient_features, [(t,) for t in run.task_names])
-    features = {t: rec for t, rec in zip(run.task_names, records)}
+    tasks, packs = run.task_names, run.cfg.runner.feature_runs
+    if packs and len(tasks) > packs:
+        # at most runner.feature_runs task runs of consecutive tasks (each task computed as
+        # alone, and read back when only the packing changed)
+        size = -(-len(tasks) // packs)
+        done = runner.map(stages.gradient_features_pack,
+                          [(tasks[i:i + size],) for i in range(0, len(tasks), size)])
+        records = [r for pack in done for r in pack.records]
+    else:
+        records = runner.map(stages.gradient_features, [(t,) for t in tasks])
+    features = {t: rec for t, rec in zip(tasks, records)}
     linearity = None
     if run.cfg.estimation.linearity_check:
         linearity = runner.call(stages.linearity, run.task_names[0])

@@ -315,6 +315,11 @@ class RunnerConfig(_Strict):
     # over more GPU workers, fewer cost less orchestration with many tasks (BENCHMARKS.md,
     # "Many datasets"). What is computed does not depend on it.
     scoring_runs: int = Field(4, ge=1, le=100_000)
+    # stage 1 computes the features in at most this many task runs, the tasks split evenly in
+    # order (several small datasets in one run: issue 32); 0: one task run per task. What is
+    # computed does not depend on it, and a task's features are read back, not recomputed,
+    # when the packing changes (tasks added or removed).
+    feature_runs: int = Field(8, ge=0, le=100_000)
 
 
 class RunConfig(_Strict):

@@ -25,6 +25,7 @@ from typing import Callable
 
 __all__ = [
     "Progress", "Record", "FileRef", "ProjectionInfo", "SplitFeatures", "FeaturesRecord",
+    "FeaturesPack",
     "LinearityPoint", "LinearityRecord", "TaskEstimate", "SurrogateFit", "SubsetEstimate",
     "SubsetPlan", "SubsetBatch", "GroupsRecord", "BaselinePlan", "TrainResult", "AdapterRecord",
     "ScoresRecord", "TaskScores", "AdapterRecords", "Member", "GroupLosses", "FinishResult",
@@ -206,6 +207,12 @@ class FeaturesRecord(Record):
     def key(self):
         return {"task": self.task, "train": self.train.sha256,
                 "validation": self.validation.sha256, "projection": self.projection.to_json()}
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturesPack(Record):
+    """Stage 1 for several tasks in one task run (``stages.gradient_features_pack``)."""
+    records: list[FeaturesRecord]
 
 
 @dataclasses.dataclass(frozen=True)

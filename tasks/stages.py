@@ -40,6 +40,28 @@ def compute_gradients(run: Run, task: str) -> dict:
     return rec.to_json()
 
 
+def _pack_run_name() -> str:
+    """gradients[<first task>+<how many more>]"""
+    from prefect.runtime import task_run
+
+    tasks = task_run.parameters["tasks"]
+    return f"gradients[{tasks[0]}+{len(tasks) - 1}]"
+
+
+@task(name="compute_gradients_pack", tags=["gpu"],
+      cache_policy=keyed(stages.gradient_features_pack), retry_delay_seconds=5,
+      task_run_name=_pack_run_name, **JSON, **RETRY)
+def compute_gradients_pack(run: Run, tasks: list[str]) -> dict:
+    """Stage 1 for several small tasks in one task run (``runner.feature_runs``)."""
+    progress = ProgressReporter(f"gradients[{tasks[0]}+{len(tasks) - 1}]",
+                                artifact_key=f"gradients-{tasks[0].lower()}-pack")
+    with gpu_slot():
+        rec = stages.gradient_features_pack(
+            run, tasks, progress=lambda done, total, task: progress(done, total, task))
+    progress.finish()
+    return rec.to_json()
+
+
 def _linearity_run_name() -> str:
     """linearity[<task>] at the paper's distances; linearity-trained[<task>] at the distances
     the adapters moved (stage 4)."""
@@ -216,7 +238,8 @@ def publish_version(run: Run, ensemble: EnsembleRecord, config: dict) -> dict:
 
 
 # the task of each stage function (tasks.runner.TaskRunner)
-TASKS = {stages.gradient_features: compute_gradients, stages.linearity: linearity_check,
+TASKS = {stages.gradient_features: compute_gradients,
+         stages.gradient_features_pack: compute_gradients_pack, stages.linearity: linearity_check,
          stages.save_subset_plan: save_subset_plan, stages.fit_subsets: fit_subsets,
          stages.affinity_and_groups: affinity_and_groups,
          stages.plan_baselines: plan_baselines, stages.train_group: train_group,

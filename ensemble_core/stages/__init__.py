@@ -19,7 +19,8 @@ from .declaration import MODEL, PLANNING, PROJECTION, STAGES, Stage, stage
 from .planning import (boost_score_plan, by_task, compute_summary, plan_batches, plan_subsets,
                        previous_plan, score_plans, scores_key, scores_of, subset_batches,
                        subset_plan, test_plans)
-from .stage1_features import estimation_examples, gradient_features, linearity, scored_examples
+from .stage1_features import (estimation_examples, gradient_features, gradient_features_pack,
+                              linearity, scored_examples)
 from .stage2_subsets import fit_subsets, save_subset_plan
 from .stage3_groups import affinity_and_groups, plan_baselines
 from .stage4_adapters import adapter_record, save_theta_star, train_group, train_groups
@@ -30,7 +31,8 @@ from .stage6_evaluation import evaluate, evaluate_baselines, finish, publish_ver
 __all__ = ["MODEL", "PLANNING", "PROJECTION", "STAGES", "Stage", "stage", "boost_score_plan",
            "by_task", "compute_summary", "plan_batches", "plan_subsets", "previous_plan",
            "score_plans", "scores_key", "scores_of", "subset_batches", "subset_plan",
-           "test_plans", "estimation_examples", "gradient_features", "linearity",
+           "test_plans", "estimation_examples", "gradient_features", "gradient_features_pack",
+           "linearity",
            "scored_examples", "fit_subsets", "save_subset_plan", "affinity_and_groups",
            "plan_baselines", "adapter_record", "save_theta_star", "train_group", "train_groups",
            "boost_group",

@@ -8,13 +8,15 @@ from typing import Sequence
 
 import numpy as np
 
-from ..records import FeaturesRecord, LinearityPoint, LinearityRecord, ProjectionInfo, SplitFeatures
+from ..records import (FeaturesPack, FeaturesRecord, LinearityPoint, LinearityRecord,
+                       ProjectionInfo, SplitFeatures)
 from ..run import Run
 from ..rundir import GRADIENT_SPLITS
 from ..runtime import DEVICE_LOCK, code_version, projector, release_memory, theta_star_model
 from .declaration import MODEL, PROJECTION, stage
 
-__all__ = ["estimation_examples", "scored_examples", "gradient_features", "linearity"]
+__all__ = ["estimation_examples", "scored_examples", "gradient_features",
+           "gradient_features_pack", "linearity"]
 
 
 def estimation_examples(run: Run, task: str, split: str):
@@ -65,6 +67,84 @@ def gradient_features(run: Run, task: str, progress=None) -> FeaturesRecord:
     """Outputs h_c(s) and the projected gradients of the score differences
     g̃ = Pᵀ∇(h_c(s) − h_0(s)) at θ* of one task's train and validation examples (or their
     estimation sample) as Parquet (``features``), and the task's manifest."""
+    return _task_features(run, task, progress)
+
+
+@stage(1, "gradients-pack", config=MODEL + PROJECTION + ("estimation.batch_size",
+                                                          "estimation.max_examples"),
+       uses=("estimation.projection_cache_gb",), reads=lambda tasks: list(tasks),
+       returns=FeaturesPack)
+def gradient_features_pack(run: Run, tasks: Sequence[str], progress=None) -> FeaturesPack:
+    """Stage 1 for several tasks in one call (issue 32: small datasets packed into one task
+    run, ``runner.feature_runs``): each task exactly as :func:`gradient_features` computes it
+    alone. A task whose manifest in the run directory carries the same key (the inputs of
+    ``gradient_features`` for that task alone: config, data, code) and whose feature files
+    still hold the bytes it names is read back, not computed, so adding a task to a run
+    computes only the new one, however the tasks are packed. ``progress(done, total, task)``
+    counts examples over all the pack's tasks."""
+    sizes = {t: sum(len(estimation_examples(run, t, s)) for s in GRADIENT_SPLITS) for t in tasks}
+    total, before = sum(sizes.values()), 0
+    records = []
+    for t in tasks:
+        rec = _stored_features(run, t, _task_key(run, t))
+        if rec is None:
+            offset = {"train": before,
+                      "validation": before + len(estimation_examples(run, t, "train"))}
+            rec = _task_features(run, t, None if progress is None else (
+                lambda done, _n, split, t=t, o=offset: progress(o[split] + done, total, t)))
+        before += sizes[t]
+        records.append(rec)
+    return FeaturesPack(records)
+
+
+def _task_key(run: Run, task: str) -> str:
+    """``gradient_features``' inputs for one task (its cache key's content), hashed: what a
+    manifest must carry to be read back by :func:`gradient_features_pack`."""
+    import json
+
+    from .declaration import STAGES
+
+    inputs = STAGES["gradients"].inputs(run, task=task)
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _stored_features(run: Run, task: str, key: str) -> FeaturesRecord | None:
+    """The FeaturesRecord of a task's manifest written under ``key`` whose feature files hold
+    the bytes it names, or None (missing, unreadable, another key, a file changed)."""
+    import json
+
+    from ..records import FileRef
+    from ..storage import dumps_json, exists, read_bytes
+
+    url = run.dir.features_manifest(task)
+    try:
+        if not exists(url):
+            return None
+        data = read_bytes(url)
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or doc.get("key") != key or dumps_json(doc) != data:
+            return None
+        files = {}
+        for split in GRADIENT_SPLITS:
+            f = doc["files"][split]
+            # a path of the run directory, as this stage writes it (never one from outside)
+            if f["path"] != run.dir.relative(run.dir.features(task, split)):
+                return None
+            if hashlib.sha256(read_bytes(run.dir.features(task, split))).hexdigest() \
+                    != f["sha256"]:
+                return None
+            files[split] = SplitFeatures(f["path"], f["sha256"], int(f["rows"]),
+                                         int(f["examples"]))
+        info = ProjectionInfo.from_json(doc["projection_info"])
+        seconds, flops = float(doc["seconds"]), float(doc["flops"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    man = FileRef(run.dir.relative(url), hashlib.sha256(data).hexdigest())
+    return FeaturesRecord(task, man, files["train"], files["validation"], info,
+                          seconds=seconds, flops=flops)
+
+
+def _task_features(run: Run, task: str, progress=None) -> FeaturesRecord:
     from ..features import FEATURES_FORMAT, GRAD_MEANING, write_features
     from ..gradients import extract_features
     from ..models import adapter_vector, base_norm
@@ -119,6 +199,9 @@ def gradient_features(run: Run, task: str, progress=None) -> FeaturesRecord:
         "files": {s: {"path": f.path, "sha256": f.sha256, "rows": f.rows,
                       "examples": f.examples} for s, f in files.items()},
         "timings": timings, "code_version": code_version(),
+        # what gradient_features_pack reads back: this task's inputs, hashed, and its record
+        "key": _task_key(run, task), "projection_info": info.to_json(),
+        "seconds": seconds, "flops": flops,
     }
     # written last: its presence marks the task complete
     man = run.dir.write_json(run.dir.features_manifest(task), manifest)
