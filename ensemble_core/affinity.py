@@ -88,7 +88,7 @@ def _value(result, metric: str) -> float:
 
 
 def task_affinity(subset_results: Iterable, task_names: Sequence[str],
-                  metric: str = "loss") -> Affinity:
+                  metric: str = "loss", uncovered: str = "error") -> Affinity:
     """Eq. (1): average the per-task surrogate results over the subsets containing each pair.
 
     ``subset_results``: list of ``(subset, per_task)`` where ``subset`` holds task indices into
@@ -96,7 +96,15 @@ def task_affinity(subset_results: Iterable, task_names: Sequence[str],
     ``records.TaskEstimate``) of every task of the subset, keyed by task name or by index;
     ``records.SubsetEstimate`` records work too.
     For ``metric="loss"`` the affinity is −loss, so larger always means "helps".
+
+    ``uncovered``: what a pair of tasks no sampled subset holds together gets. ``"error"``
+    raises; ``"neutral"`` sets T_ij = T_ii (no evidence either way: the clustering sees
+    T_ij − T_ii = 0, ``clustering.centered_affinity``), which is what the paper's federated
+    setting needs — 2,000 subsets of 10 cover at most 90,000 of the 124,750 pairs of 500 tasks
+    (§4; ``estimation.min_pair_coverage: 0``). ``counts[i, j] = 0`` marks the imputed pairs.
     """
+    if uncovered not in ("error", "neutral"):
+        raise ValueError(f"uncovered must be 'error' or 'neutral', got {uncovered!r}")
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
     names = [str(x) for x in task_names]
@@ -140,6 +148,8 @@ def task_affinity(subset_results: Iterable, task_names: Sequence[str],
         total[np.ix_(idx, idx)] += f[:, None]
         counts[np.ix_(idx, idx)] += 1
     zero = np.argwhere(counts == 0)
+    if uncovered == "neutral":  # only a task in no subset at all is an error
+        zero = zero[zero[:, 0] == zero[:, 1]]
     if len(zero):
         i, j = (int(v) for v in zero[0])
         if i == j:
@@ -147,7 +157,10 @@ def task_affinity(subset_results: Iterable, task_names: Sequence[str],
         raise ValueError(f"tasks {names[i]!r} and {names[j]!r} (indices {i}, {j}) were never "
                          f"sampled together; {len(zero) // 2} pairs uncovered — sample more "
                          "subsets (sampling.sample_subsets min_pair_coverage)")
-    matrix = total / counts  # eq. (1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        matrix = total / counts  # eq. (1)
+    gap = counts == 0  # (only with uncovered="neutral") T_ij = T_ii
+    matrix[gap] = np.broadcast_to(np.diag(matrix)[:, None], matrix.shape)[gap]
     tiny = 1e-12 * max(1.0, float(np.max(np.abs(matrix))))  # averaging rounds off ~1 ulp
     if np.ptp(matrix) <= tiny:
         raise ValueError(f"task affinity is constant ({matrix[0, 0]!r} everywhere): the subset "

@@ -295,3 +295,20 @@ def test_rounding_with_c_at_least_one_puts_every_task_in_one_group(c):
     with pytest.raises(ConfigError, match="'clustering.threshold_c'"):
         parse_config({"tasks": [{"name": "rte", "builtin": "superglue/rte"}],
                       "clustering": {"threshold_c": 0.5}})
+
+
+def test_uncovered_pairs_are_neutral_when_asked():
+    """estimation.min_pair_coverage 0 (the paper's federated scale): a pair no subset holds
+    gets T_ij = T_ii (no evidence either way); by default it is an error naming the pair."""
+    from ensemble_core.affinity import task_affinity
+
+    results = [((0, 1), {0: {"loss": 1.0}, 1: {"loss": 2.0}}),
+               ((1, 2), {1: {"loss": 4.0}, 2: {"loss": 3.0}})]
+    with pytest.raises(ValueError, match="'a' and 'c'"):
+        task_affinity(results, ["a", "b", "c"])
+    aff = task_affinity(results, ["a", "b", "c"], uncovered="neutral")
+    # by hand: T = −loss averaged over the subsets holding both; a–c never together
+    assert aff.matrix.tolist() == [[-1.0, -1.0, -1.0], [-2.0, -3.0, -4.0], [-3.0, -3.0, -3.0]]
+    assert aff.counts[0, 2] == aff.counts[2, 0] == 0
+    with pytest.raises(ValueError, match="in no sampled subset"):
+        task_affinity(results, ["a", "b", "c", "d"], uncovered="neutral")

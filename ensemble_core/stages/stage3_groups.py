@@ -13,7 +13,8 @@ from .declaration import stage
 __all__ = ["affinity_and_groups", "plan_baselines"]
 
 
-@stage(3, "groups", config=("estimation.metric", "clustering", "seed"),
+@stage(3, "groups", config=("estimation.metric", "estimation.min_pair_coverage", "clustering",
+                             "seed"),
        key_args=lambda results, tasks: {
            "results": [(r.tasks, r.per_task) for r in results], "tasks": tasks},
        returns=GroupsRecord)
@@ -34,8 +35,11 @@ def affinity_and_groups(run: Run, results: Sequence[SubsetEstimate],
                               partition_objective)
 
     t0 = time.perf_counter()
+    # estimation.min_pair_coverage 0 (the paper's federated scale: fewer subsets than
+    # covering every pair takes) leaves pairs no subset holds; they get no evidence either way
+    uncovered = "neutral" if run.cfg.estimation.min_pair_coverage == 0 else "error"
     aff = task_affinity([(r.subset, r.per_task) for r in results], list(tasks),
-                        metric=run.cfg.estimation.metric)
+                        metric=run.cfg.estimation.metric, uncovered=uncovered)
     c = run.cfg.clustering
     m = None if c.n_groups == "auto" else int(c.n_groups)
     chosen, info = clustering_method(c).group(aff.matrix, m, c, run.cfg.seed)
@@ -66,7 +70,10 @@ def affinity_and_groups(run: Run, results: Sequence[SubsetEstimate],
     groups = groups_to_json(chosen, list(tasks))
     groups.update(info)
     groups["stability"] = _stability(results, list(tasks), groups, run.cfg.estimation.metric,
-                                     c, run.cfg.seed)
+                                     c, run.cfg.seed, uncovered)
+    gaps = int(sum(int(v == 0) for row in aff.counts for v in row)) // 2
+    if gaps:  # pairs of tasks no subset held together (T_ij = T_ii)
+        groups["uncovered_pairs"] = gaps
     aff_ref = run.dir.write_bytes(run.dir.affinity, aff.to_json().encode())
     groups_ref = run.dir.write_json(run.dir.groups, groups)
     return GroupsRecord(aff_ref, groups_ref, [g["tasks"] for g in groups["groups"]],
@@ -101,7 +108,7 @@ def plan_baselines(run: Run, groups: GroupsRecord,
 
 
 def _stability(results: Sequence[SubsetEstimate], tasks: list[str], groups: dict, metric: str,
-               c, seed: int) -> dict | None:
+               c, seed: int, uncovered: str = "error") -> dict | None:
     """How stable the grouping is under the sampling of the subsets: the k subset estimates
     resampled with replacement ``clustering.stability_draws`` times (seeded), the affinity
     (eq. 1) and the groups found again by the same method with the same number of groups,
@@ -123,7 +130,7 @@ def _stability(results: Sequence[SubsetEstimate], tasks: list[str], groups: dict
     for _ in range(c.stability_draws):
         draw = [items[i] for i in rng.integers(0, len(items), len(items))]
         try:
-            aff = task_affinity(draw, tasks, metric=metric)
+            aff = task_affinity(draw, tasks, metric=metric, uncovered=uncovered)
             found, _ = clustering_method(c).group(aff.matrix, len(chosen), c, seed)
         except (ValueError, RuntimeError):
             continue
