@@ -23,7 +23,12 @@ exactly
   scale n=<n>: wall <s> s, overhead <pct>%, task runs <count>, ARI <ari>
 
 Usage:  python bench/scale.py [--n 10,50,200] [--out DIR (default: a temporary directory)]
-                              [--boosting-steps 1]
+                              [--boosting-steps 1] [--paper-subsets] [--stability-draws K]
+                              [--modes plain,prefect]
+
+``--paper-subsets`` samples as the paper's federated setting (4n subsets of 10: 2,000 for
+500 tasks, most pairs never together, ``min_pair_coverage: 0``), for the stretch run at
+n = 500.
 """
 from __future__ import annotations
 
@@ -54,7 +59,8 @@ SIZES = {"train": 64, "validation": 12, "test": 12}
 SUBSET_SIZE, COVERAGE = 4, 3
 
 
-def config(n: int, root: Path, steps: int) -> tuple[dict, list[int]]:
+def config(n: int, root: Path, steps: int, paper: bool = False,
+           stability: int | None = None) -> tuple[dict, list[int]]:
     import yaml
 
     from ensemble_core.synthetic import write_tasks
@@ -70,6 +76,12 @@ def config(n: int, root: Path, steps: int) -> tuple[dict, list[int]]:
     cfg["estimation"].update(n_subsets=k, subset_size=size,
                              projection_dim=128, max_adapter_distance=10.0,
                              subsets_per_task_run=max(10, math.ceil(k / n)))
+    if paper:  # the paper's federated sampling: 2,000 subsets of 10 for 500 tasks (4n)
+        k = 4 * n
+        cfg["estimation"].update(n_subsets=k, subset_size=min(10, n), min_pair_coverage=0,
+                                 subsets_per_task_run=max(10, math.ceil(k / n)))
+    if stability is not None:
+        cfg["clustering"]["stability_draws"] = stability
     cfg["clustering"]["n_groups"] = clusters_n
     cfg["boosting"]["steps"] = steps
     cache = os.environ.get("ENSEMBLE_LORA_CACHE")
@@ -180,6 +192,11 @@ def main(argv=None) -> int:
     ap.add_argument("--n", default="10,50,200")
     ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "ensemble-lora-scale"))
     ap.add_argument("--boosting-steps", type=int, default=1)
+    ap.add_argument("--paper-subsets", action="store_true",
+                    help="the paper's federated sampling: 4n subsets of 10, pairs not covered")
+    ap.add_argument("--stability-draws", type=int, default=None,
+                    help="clustering.stability_draws (default: the config's, 20)")
+    ap.add_argument("--modes", default="plain,prefect")
     ap.add_argument("--child", nargs=3, metavar=("MODE", "CONFIG", "RESULT"),
                     help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -192,11 +209,11 @@ def main(argv=None) -> int:
     for n in [int(x) for x in a.n.split(",")]:
         root = Path(a.out) / f"n{n}"
         res = {}
-        for mode in ("plain", "prefect"):
+        for mode in a.modes.split(","):
             d = root / mode
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
-            cfg, clusters = config(n, d, a.boosting_steps)
+            cfg, clusters = config(n, d, a.boosting_steps, a.paper_subsets, a.stability_draws)
             (d / "config.json").write_text(json.dumps(cfg))
             t0 = time.perf_counter()
             proc = subprocess.run([sys.executable, __file__, "--child", mode,
@@ -211,12 +228,13 @@ def main(argv=None) -> int:
             found = {t: k for k, g in enumerate(res[mode]["groups"]) for t in g}
             res[mode]["ari"] = adjusted_rand(clusters,
                                              [found[t["name"]] for t in cfg["tasks"]])
-        p, q = res["prefect"], res["plain"]
+        p, q = res["prefect"], res.get("plain")
         overhead = p["overhead"]
         m = cfg["clustering"]["n_groups"]
+        plain = (f"plain {q['wall']:.1f} s (peak RSS {q['peak_rss_gib']:.2f} GiB, ARI "
+                 f"{q['ari']:.2f}); " if q else "")
         print(f"n={n}, m={m}, subsets {cfg['estimation']['n_subsets']} of "
-              f"{cfg['estimation']['subset_size']}: plain {q['wall']:.1f} s "
-              f"(peak RSS {q['peak_rss_gib']:.2f} GiB, ARI {q['ari']:.2f}); Prefect "
+              f"{cfg['estimation']['subset_size']}: {plain}Prefect "
               f"{p['wall']:.1f} s (peak RSS {p['peak_rss_gib']:.2f} GiB); task runs "
               f"{p['task_runs']} (3(n + m) = {3 * (n + m)})", flush=True)
         for name, sec in p.get("stages", {}).items():

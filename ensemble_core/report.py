@@ -49,10 +49,16 @@ def heatmap_png(aff: Affinity) -> bytes:
     import matplotlib.pyplot as plt
 
     n = aff.n_tasks
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n), dpi=110)
+    # 0.6 inch a task up to 14 inches: a figure that grew with n took 5.6 GB to draw at
+    # n = 200 and would not fit at 500 (issue 32, BENCHMARKS.md "Many datasets")
+    side = min(0.6 * n, 14.0)
+    fig, ax = plt.subplots(figsize=(1.0 + side, 0.8 + side), dpi=110)
     im = ax.imshow(aff.matrix, cmap="viridis")
-    ax.set_xticks(range(n), aff.names, rotation=45, ha="right")
-    ax.set_yticks(range(n), aff.names)
+    step = max(1, -(-n // 40))  # at most 40 task names an axis
+    ticks = list(range(0, n, step))
+    ax.set_xticks(ticks, [aff.names[i] for i in ticks], rotation=45, ha="right",
+                  fontsize=10 if step == 1 else 7)
+    ax.set_yticks(ticks, [aff.names[i] for i in ticks], fontsize=10 if step == 1 else 7)
     ax.set_title(f"task affinity T (eq. 1, {'−loss' if aff.metric == 'loss' else 'accuracy'})")
     fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
