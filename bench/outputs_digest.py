@@ -4,7 +4,7 @@ refactor that must not change behaviour; docs/design.md, "Extending"):
     python bench/outputs_digest.py RUN_DIR > a.json
     python bench/outputs_digest.py OTHER_RUN_DIR | diff a.json -
 
-sha256 (16 hex) of metrics.json less its timings (the compute section's seconds, ratio and
+sha256 (16 hex) of metrics.json less its timings (the compute section's seconds, ratios and
 peak memory), groups.json, affinity.json, ensemble.json, predictions.json, baselines.json's
 accuracies and answers, every adapter's adapter_config.json and adapter_model.safetensors,
 every stage-1 Parquet file, and every score file's scores.
@@ -29,7 +29,8 @@ def digests(root: Path) -> dict[str, str]:
     out = {}
     metrics = json.loads((root / "metrics.json").read_text())
     metrics["compute"] = {k: v for k, v in metrics["compute"].items()
-                          if not (k.endswith("_s") or k in ("ratio", "peak_memory_bytes"))}
+                          if not (k.endswith("_s") or k.startswith("ratio")
+                                  or k == "peak_memory_bytes")}
     out["metrics.json (less timings)"] = _h(_canonical(metrics))
     for name in ("groups.json", "affinity.json", "ensemble.json", "predictions.json"):
         if (root / name).exists():
