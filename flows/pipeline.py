@@ -10,6 +10,8 @@ returns to the next, and every read and write of the run directory happens in a 
 subflow, on the pool that owns it (docs/design.md, "Object storage and several machines")."""
 from __future__ import annotations
 
+import re
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -101,6 +103,27 @@ def ensemble_lora(config, overrides: list[str] | None = None) -> PipelineResult:
 
 
 def _stage(cfg, name: str, fn, **params):
+    """:func:`_stage_run`, with what to do when the Prefect server refuses the subflow's
+    parameters: the config and the records passed between stage groups grow with the number
+    of tasks (about 1.2 KB a task for stage 2's), over the server's default 512 KB at about
+    400 tasks (BENCHMARKS.md, "Many datasets, continued")."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    try:
+        return _stage_run(cfg, name, fn, **params)
+    except PrefectHTTPStatusError as e:
+        if "parameters must be less than" not in str(e):
+            raise
+        found = re.search(r"Flow run parameters must be less than [^)]*\)", str(e))
+        raise RuntimeError(
+            f"stage group {name}: the Prefect server refused its flow run's parameters (the "
+            f"config and the records of {len(cfg.tasks)} tasks): "
+            f"{found.group(0) if found else e}. Raise the server's "
+            "PREFECT_SERVER_API_MAX_PARAMETER_SIZE (server.api.max_parameter_size; 0: no "
+            "limit) and restart it") from None
+
+
+def _stage_run(cfg, name: str, fn, **params):
     """One stage group of the pipeline: ``fn`` (its subflow) in this process, or a run of its
     deployment ``<flow name>/<name>`` (prefect.yaml) waited for, when the deployment's kind —
     its ``gpu`` or ``cpu`` tag in prefect.yaml — has a pool in the config's

@@ -101,3 +101,28 @@ def test_the_flow_finds_the_planted_groups_within_the_task_run_bound(tmp_path, c
     packs = [name for name in states if name.startswith("gradients[")]
     assert len(packs) == 6 and "gradients[task-00+1]" in packs, packs  # 12 tasks, 8 runs at most
     assert len(states) <= 3 * (n + m), sorted(states)
+
+
+@pytest.mark.integration  # a Prefect server (make test-fast skips)
+def test_a_refused_subflow_says_which_server_setting(tmp_path, cache_dir, data_root,
+                                                      monkeypatch):
+    """Many tasks make the subflows' parameters (config and records) larger than the Prefect
+    server accepts (512 KB by default; about 400 tasks): the run stops with an error naming
+    the stage group and the server setting to raise, not a bare HTTP 422."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import ensemble_lora
+
+    monkeypatch.setenv("PREFECT_SERVER_API_MAX_PARAMETER_SIZE", "1500")
+    with prefect_test_harness(server_startup_timeout=120):
+        state = ensemble_lora(str(REPO / "configs" / "tiny.yaml"),
+                              [f"output_dir={tmp_path / 'run'}", f"data_root={data_root}",
+                               f"cache_dir={cache_dir}"], return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RuntimeError) as err:
+        state.result()
+    message = str(err.value)
+    assert "stage group gradient-features" in message and "4 tasks" in message
+    assert "PREFECT_SERVER_API_MAX_PARAMETER_SIZE" in message
+    assert "must be less than 1,500 bytes" in message
+    assert not (tmp_path / "run" / "gradients").exists()  # refused before any work
