@@ -205,6 +205,24 @@ def read_bytes(url: str) -> bytes:
         return f.read()
 
 
+def read_keyed_json(url: str, key: str) -> tuple[dict, bytes] | None:
+    """A JSON object written by ``write_json`` that carries ``key`` (its ``"key"`` field) and
+    is exactly the bytes ``dumps_json`` gives it (a file changed in any way, even by a space
+    that leaves the JSON the same, is not it), with those bytes; None when the file is
+    missing, unreadable, of another key or changed. Stages read back per-item results with it
+    (stage 1's manifests, stage 5's scores)."""
+    try:
+        if not exists(url):
+            return None
+        data = read_bytes(url)
+        doc = json.loads(data)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("key") != key or dumps_json(doc) != data:
+        return None
+    return doc, data
+
+
 def read_json(url: str):
     return json.loads(read_bytes(url))
 

@@ -82,17 +82,17 @@ def gradient_features_pack(run: Run, tasks: Sequence[str], progress=None) -> Fea
     still hold the bytes it names is read back, not computed, so adding a task to a run
     computes only the new one, however the tasks are packed. ``progress(done, total, task)``
     counts examples over all the pack's tasks."""
-    sizes = {t: sum(len(estimation_examples(run, t, s)) for s in GRADIENT_SPLITS) for t in tasks}
-    total, before = sum(sizes.values()), 0
+    sizes = {t: {s: len(estimation_examples(run, t, s)) for s in GRADIENT_SPLITS}
+             for t in tasks}
+    total, before = sum(sum(n.values()) for n in sizes.values()), 0
     records = []
     for t in tasks:
         rec = _stored_features(run, t, _task_key(run, t))
         if rec is None:
-            offset = {"train": before,
-                      "validation": before + len(estimation_examples(run, t, "train"))}
+            offset = {"train": before, "validation": before + sizes[t]["train"]}
             rec = _task_features(run, t, None if progress is None else (
                 lambda done, _n, split, t=t, o=offset: progress(o[split] + done, total, t)))
-        before += sizes[t]
+        before += sum(sizes[t].values())
         records.append(rec)
     return FeaturesPack(records)
 
@@ -111,37 +111,31 @@ def _task_key(run: Run, task: str) -> str:
 def _stored_features(run: Run, task: str, key: str) -> FeaturesRecord | None:
     """The FeaturesRecord of a task's manifest written under ``key`` whose feature files hold
     the bytes it names, or None (missing, unreadable, another key, a file changed)."""
-    import json
-
     from ..records import FileRef
-    from ..storage import dumps_json, exists, read_bytes
+    from ..storage import read_keyed_json
 
     url = run.dir.features_manifest(task)
+    found = read_keyed_json(url, key)
+    if found is None:
+        return None
+    doc, data = found
     try:
-        if not exists(url):
-            return None
-        data = read_bytes(url)
-        doc = json.loads(data)
-        if not isinstance(doc, dict) or doc.get("key") != key or dumps_json(doc) != data:
-            return None
         files = {}
         for split in GRADIENT_SPLITS:
             f = doc["files"][split]
             # a path of the run directory, as this stage writes it (never one from outside)
             if f["path"] != run.dir.relative(run.dir.features(task, split)):
                 return None
-            if hashlib.sha256(read_bytes(run.dir.features(task, split))).hexdigest() \
-                    != f["sha256"]:
-                return None
             files[split] = SplitFeatures(f["path"], f["sha256"], int(f["rows"]),
                                          int(f["examples"]))
-        info = ProjectionInfo.from_json(doc["projection_info"])
-        seconds, flops = float(doc["seconds"]), float(doc["flops"])
-    except (OSError, ValueError, KeyError, TypeError):
+        rec = FeaturesRecord(task, FileRef(run.dir.relative(url),
+                                           hashlib.sha256(data).hexdigest()),
+                             files["train"], files["validation"],
+                             ProjectionInfo.from_json(doc["projection_info"]),
+                             seconds=float(doc["seconds"]), flops=float(doc["flops"]))
+    except (ValueError, KeyError, TypeError):
         return None
-    man = FileRef(run.dir.relative(url), hashlib.sha256(data).hexdigest())
-    return FeaturesRecord(task, man, files["train"], files["validation"], info,
-                          seconds=seconds, flops=flops)
+    return rec if rec.verified(run.dir.url) else None
 
 
 def _task_features(run: Run, task: str, progress=None) -> FeaturesRecord:

@@ -136,21 +136,15 @@ def _stored_scores(run: Run, member: str, task: str, phase: str, key: str):
     import hashlib
     import json
 
-    from ..storage import dumps_json, exists, read_bytes
+    from ..storage import read_bytes, read_keyed_json
 
     url = run.dir.scores(member, phase, task)
-    try:
-        if not exists(url):
-            return None
-        data = read_bytes(url)
-        doc = json.loads(data)
-    except (OSError, ValueError):
+    # exactly the bytes this stage writes (a file changed in any way is computed again: its
+    # sha256 is what later stages key on)
+    found = read_keyed_json(url, key)
+    if found is None:
         return None
-    # exactly the bytes this stage writes (a file changed in any way, even by a space that
-    # leaves the JSON the same, is computed again: its sha256 is what later stages key on)
-    if not isinstance(doc, dict) or doc.get("key") != key or dumps_json(doc) != data:
-        return None
-    ref = FileRef(run.dir.relative(url), hashlib.sha256(data).hexdigest())
+    ref = FileRef(run.dir.relative(url), hashlib.sha256(found[1]).hexdigest())
     try:
         cost = json.loads(read_bytes(url + ".cost"))
         if not isinstance(cost, dict) or cost.get("key") != key:
